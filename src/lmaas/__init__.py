@@ -1,0 +1,2 @@
+"""lmaas: large models as a service."""
+__version__ = "0.1.0"

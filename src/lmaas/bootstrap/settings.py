@@ -1,0 +1,65 @@
+"""The one configuration root (H7): read once from the environment (``LMAAS_`` prefix, ``__`` for
+nesting) and from CLI flags, then frozen. No other module reads ``os.environ``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    host: str = "127.0.0.1"
+    """Interface to bind; loopback by default so nothing is exposed by accident."""
+    port: int = Field(default=8000, ge=0, le=65535)
+    """TCP port (0 picks a free one)."""
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    """Request bodies over this size are refused with 413 before they are parsed."""
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    """On SIGTERM, how long in-flight requests may take to finish before the process exits."""
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    """End-to-end deadline of one inference request (504 past it)."""
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    worker_start_timeout_s: float = Field(default=300.0, gt=0)
+    """How long a worker may take to load its model before it is declared failed."""
+    restart_backoff_initial_s: float = Field(default=0.5, gt=0)
+    """First delay before restarting a crashed worker; doubles on each crash in a row."""
+    restart_backoff_max_s: float = Field(default=30.0, gt=0)
+    """Ceiling of the restart delay."""
+    max_restarts: int = Field(default=10, ge=0)
+    """Crashes in a row after which a worker stays FAILED."""
+    max_queued_requests: int = Field(default=256, ge=1)
+    """In-flight requests per model beyond which new ones get 503 + Retry-After."""
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    """How often workers report their queue depth."""
+    device: str = "auto"
+    """``auto``, ``cpu`` or ``cuda``."""
+    dtype: str = "auto"
+    """``auto``, ``float32``, ``bfloat16`` or ``float16``."""
+
+
+class Settings(BaseSettings):
+    """Root of lmaas configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LMAAS_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".lmaas")
+    """Model store and metadata DB live here."""
+    database_url: str | None = None
+    """SQLAlchemy URL of the metadata DB; default ``sqlite:///<home>/lmaas.db``."""
+    offline: bool = False
+    """Never try to reach a model hub."""
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'lmaas.db'}"

@@ -1,0 +1,169 @@
+"""Messages between the gateway and worker processes (msgspec, sent over ZeroMQ).
+
+The gateway sends :data:`ToWorker` messages; a worker answers with :data:`FromWorker` messages.
+Generated text goes back in bulk: one :class:`StepOutput` per engine step carries the new text of
+every running sequence, so the gateway wakes once per step, not once per token.
+
+None of these types speaks a wire protocol (OpenAI, KServe v2): the API handlers translate.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+# ---------------------------------------------------------------- worker start-up
+
+
+class FileDigest(msgspec.Struct, frozen=True):
+    """One artifact of a model version, as its manifest records it (path relative to the dir)."""
+
+    path: str
+    size_bytes: int
+    sha256: str
+
+
+class WorkerSpec(msgspec.Struct, frozen=True):
+    """Everything a worker process needs to load and serve one model version."""
+
+    model_name: str
+    model_version: str
+    task: str
+    format: str
+    model_dir: str
+    files: list[FileDigest]
+    requests_endpoint: str
+    """ZeroMQ endpoint the worker connects a PULL socket to (gateway → worker)."""
+    results_endpoint: str
+    """ZeroMQ endpoint the worker connects a PUSH socket to (worker → gateway)."""
+    dtype: str = "auto"
+    """``auto`` picks bf16 on CPUs with avx512_bf16/AMX, fp16/bf16 on CUDA, else fp32."""
+    device: str = "auto"
+    context_length: int | None = None
+    max_batch_size: int = 32
+    verify_checksums: bool = True
+    options: dict[str, str] = msgspec.field(default_factory=dict)
+    """Free-form serving options from the manifest (``serving`` section)."""
+
+
+# ---------------------------------------------------------------- requests (gateway → worker)
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+class SamplingParams(msgspec.Struct, frozen=True):
+    """Decoding parameters, already validated by the API layer."""
+
+    max_tokens: int | None = None
+    """None: up to the end of the context."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    seed: int | None = None
+    stop: list[str] = msgspec.field(default_factory=list)
+    stop_token_ids: list[int] = msgspec.field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+
+class GenerateRequest(msgspec.Struct, frozen=True, tag="generate"):
+    """Generate text. Exactly one of ``messages``, ``prompt`` or ``prompt_token_ids`` is set."""
+
+    request_id: str
+    sampling: SamplingParams
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    add_generation_prompt: bool = True
+
+
+class EmbedRequest(msgspec.Struct, frozen=True, tag="embed"):
+    """Embed each input: texts or pre-tokenized id lists."""
+
+    request_id: str
+    texts: list[str] | None = None
+    token_ids: list[list[int]] | None = None
+    dimensions: int | None = None
+
+
+class AbortRequest(msgspec.Struct, frozen=True, tag="abort"):
+    request_id: str
+
+
+class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
+    pass
+
+
+ToWorker = GenerateRequest | EmbedRequest | AbortRequest | Shutdown
+
+
+# ---------------------------------------------------------------- results (worker → gateway)
+
+
+class ModelInfo(msgspec.Struct, frozen=True):
+    """What a loaded model tells the gateway about itself."""
+
+    context_length: int
+    dtype: str
+    device: str
+    embedding_dim: int | None = None
+    matryoshka_dims: list[int] | None = None
+    max_input_tokens: int | None = None
+
+
+class WorkerReady(msgspec.Struct, frozen=True, tag="ready"):
+    pid: int
+    info: ModelInfo
+
+
+class WorkerFailed(msgspec.Struct, frozen=True, tag="failed"):
+    """The model could not be loaded; the supervisor decides whether to retry."""
+
+    code: str
+    message: str
+    retryable: bool = True
+
+
+class SeqDelta(msgspec.Struct, frozen=True, array_like=True):
+    """The new output of one sequence in one step."""
+
+    request_id: str
+    text: str
+    num_new_tokens: int
+    finish_reason: str | None = None
+    """``stop`` or ``length`` on the last delta of a sequence, else None."""
+    prompt_tokens: int = 0
+    """Set on the first delta of a sequence."""
+
+
+class StepOutput(msgspec.Struct, frozen=True, tag="step"):
+    deltas: list[SeqDelta]
+
+
+class EmbedResult(msgspec.Struct, frozen=True, tag="embedded"):
+    request_id: str
+    data: bytes
+    """float32 little-endian, row-major ``[num_inputs, dim]``."""
+    num_inputs: int
+    dim: int
+    prompt_tokens: int
+
+
+class RequestError(msgspec.Struct, frozen=True, tag="error"):
+    """A request failed; ``code`` is an :class:`lmaas.core.errors.LmaasError` code."""
+
+    request_id: str
+    code: str
+    message: str
+    param: str | None = None
+
+
+class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat"):
+    num_running: int
+    num_waiting: int
+
+
+FromWorker = WorkerReady | WorkerFailed | StepOutput | EmbedResult | RequestError | Heartbeat
