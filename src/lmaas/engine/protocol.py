@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-
 from typing import Protocol
 
 from lmaas.core.messages import EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, SeqDelta

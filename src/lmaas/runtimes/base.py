@@ -14,7 +14,7 @@ Errors a caller should see are raised as :class:`lmaas.core.errors.LmaasError` (
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from lmaas.core.messages import (
     EmbedRequest,
@@ -43,6 +43,7 @@ class Runner(Protocol):
         ...
 
 
+@runtime_checkable
 class GenerationRunner(Runner, Protocol):
     def add_request(self, request: GenerateRequest) -> None:
         """Admit a request. Raises: InvalidRequestError (e.g. prompt + max_tokens over context)."""
@@ -61,6 +62,7 @@ class GenerationRunner(Runner, Protocol):
         ...
 
 
+@runtime_checkable
 class EmbeddingRunner(Runner, Protocol):
     def embed(self, requests: Sequence[EmbedRequest]) -> list[EmbedResult | RequestError]:
         """Embed a batch of requests; one result (or error) per request, in order."""

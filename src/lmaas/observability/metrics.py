@@ -1,0 +1,108 @@
+"""Prometheus metrics of one gateway process, in a registry the caller owns (no globals, H5)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from lmaas.core.types import ModelState
+
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 30.0)
+
+
+class Metrics:
+    """The gateway's metrics, registered in their own :class:`CollectorRegistry`.
+
+    Args:
+        namespace: Prefix of every metric name (``lmaas_http_requests_total``...).
+    """
+
+    def __init__(self, namespace: str = "lmaas") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.http_requests = Counter(
+            "http_requests_total",
+            "HTTP requests by route template, model and status code.",
+            ["route", "model", "status"],
+            namespace=namespace,
+            registry=reg,
+        )
+        self.http_duration = Histogram(
+            "http_request_duration_seconds",
+            "Time from request start to the end of the response, streams included.",
+            ["route"],
+            namespace=namespace,
+            buckets=_LATENCY_BUCKETS_S,
+            registry=reg,
+        )
+        self.ttft = Histogram(
+            "time_to_first_token_seconds",
+            "Time from request start to the first generated token.",
+            ["model"],
+            namespace=namespace,
+            buckets=_TTFT_BUCKETS_S,
+            registry=reg,
+        )
+        self.prompt_tokens = Counter(
+            "prompt_tokens", "Prompt tokens processed.", ["model"], namespace=namespace, registry=reg
+        )
+        self.generation_tokens = Counter(
+            "generation_tokens", "Tokens generated.", ["model"], namespace=namespace, registry=reg
+        )
+        self.worker_state = Gauge(
+            "worker_state",
+            "1 for the current state of each model's worker, 0 for the others.",
+            ["model", "state"],
+            namespace=namespace,
+            registry=reg,
+        )
+        self.in_flight = Gauge(
+            "requests_in_flight",
+            "Inference requests being served.",
+            ["model"],
+            namespace=namespace,
+            registry=reg,
+        )
+
+    def observe_http(self, route: str, model: str, status: int, duration_s: float) -> None:
+        """Count one finished HTTP request and record its latency."""
+        self.http_requests.labels(route, model, str(status)).inc()
+        self.http_duration.labels(route).observe(duration_s)
+
+    def observe_ttft(self, model: str, seconds: float) -> None:
+        """Record the time to the first token of one generation."""
+        self.ttft.labels(model).observe(seconds)
+
+    def add_tokens(self, model: str, *, prompt_tokens: int = 0, generation_tokens: int = 0) -> None:
+        """Count prompt and generated tokens of one request (or one part of it)."""
+        if prompt_tokens:
+            self.prompt_tokens.labels(model).inc(prompt_tokens)
+        if generation_tokens:
+            self.generation_tokens.labels(model).inc(generation_tokens)
+
+    def set_worker_state(self, model: str, state: ModelState | str) -> None:
+        """Mark ``state`` as the current state of ``model``'s worker (one-hot over states)."""
+        current = str(state)
+        for known in ModelState:
+            self.worker_state.labels(model, known.value).set(1 if known.value == current else 0)
+        if current not in {s.value for s in ModelState}:
+            self.worker_state.labels(model, current).set(1)
+
+    def request_started(self, model: str) -> None:
+        """One more inference request in flight for ``model``."""
+        self.in_flight.labels(model).inc()
+
+    def request_finished(self, model: str) -> None:
+        """One inference request of ``model`` is done (successfully or not)."""
+        self.in_flight.labels(model).dec()
+
+    def render(self) -> tuple[bytes, str]:
+        """The registry in Prometheus text format, with its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

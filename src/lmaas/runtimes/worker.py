@@ -1,0 +1,220 @@
+"""Worker process main: loads one model version and serves it over ZeroMQ.
+
+Started by the gateway's supervisor as ``python -m lmaas.runtimes.worker SPEC_FILE``. The loop:
+read every pending request, run one engine step (or one embedding batch), send the results back
+in one message, repeat. It reports ``WorkerReady`` once loaded, ``WorkerFailed`` if loading
+fails, and a ``Heartbeat`` every interval; it exits when told to, or when its parent dies.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from lmaas.core.errors import ChecksumMismatchError, LmaasError, ModelLoadError
+from lmaas.core.hashing import sha256_file
+from lmaas.core.messages import (
+    AbortRequest,
+    EmbedRequest,
+    FromWorker,
+    GenerateRequest,
+    Heartbeat,
+    RequestError,
+    Shutdown,
+    StepOutput,
+    ToWorker,
+    WorkerFailed,
+    WorkerReady,
+    WorkerSpec,
+)
+from lmaas.runtimes.base import EmbeddingRunner, GenerationRunner, Runner
+
+_log = logging.getLogger("lmaas.worker")
+_HEARTBEAT_S = 1.0
+
+
+def verify_files(spec: WorkerSpec) -> None:
+    """Re-hash every artifact. Raises: ChecksumMismatchError naming the file and both digests."""
+    root = Path(spec.model_dir)
+    for entry in spec.files:
+        path = root / entry.path
+        if not path.is_file():
+            raise ChecksumMismatchError(f"model file {entry.path} is missing from {root}")
+        actual = sha256_file(path)
+        if actual != entry.sha256:
+            raise ChecksumMismatchError(
+                f"model file {entry.path} does not match its manifest: sha256 {actual} "
+                f"!= recorded {entry.sha256}; refusing to load {spec.model_name}:"
+                f"{spec.model_version}"
+            )
+
+
+class WorkerLoop:
+    """Owns the sockets and the runner; one instance per process."""
+
+    def __init__(self, spec: WorkerSpec, runner: Runner, context: zmq.Context[zmq.Socket[bytes]]):
+        self._spec = spec
+        self._requests = context.socket(zmq.PULL)
+        self._requests.connect(spec.requests_endpoint)
+        self._results = context.socket(zmq.PUSH)
+        self._results.setsockopt(zmq.LINGER, 2000)
+        self._results.connect(spec.results_endpoint)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(ToWorker)
+        self._parent_pid = os.getppid()
+        self._pending_embeds: list[EmbedRequest] = []
+        self._stop = False
+        # Decided once: the loop checks these on every iteration.
+        self._gen = runner if isinstance(runner, GenerationRunner) else None
+        self._emb = runner if isinstance(runner, EmbeddingRunner) else None
+
+    def send(self, message: FromWorker) -> None:
+        self._results.send(self._encoder.encode(message))
+
+    def run(self) -> None:
+        next_heartbeat = 0.0
+        while not self._stop:
+            busy = self._has_work()
+            self._receive(timeout_ms=0 if busy else int(_HEARTBEAT_S * 1000))
+            self._run_once()
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                if os.getppid() != self._parent_pid:
+                    _log.warning("parent process is gone; worker exits")
+                    return
+                self.send(Heartbeat(num_running=self._num_running(), num_waiting=0))
+                next_heartbeat = now + _HEARTBEAT_S
+
+    def close(self) -> None:
+        self._requests.close(linger=0)
+        self._results.close()
+
+    def _has_work(self) -> bool:
+        if self._pending_embeds:
+            return True
+        return self._gen is not None and self._gen.has_work()
+
+    def _num_running(self) -> int:
+        return self._gen.num_running() if self._gen is not None else 0
+
+    def _receive(self, timeout_ms: int) -> None:
+        if not self._requests.poll(timeout_ms):
+            return
+        while True:
+            try:
+                raw = self._requests.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._dispatch(self._decoder.decode(raw))
+
+    def _dispatch(self, message: ToWorker) -> None:
+        if isinstance(message, GenerateRequest):
+            self._add_generate(message)
+        elif isinstance(message, EmbedRequest):
+            self._pending_embeds.append(message)
+        elif isinstance(message, AbortRequest):
+            if self._gen is not None:
+                self._gen.abort(message.request_id)
+            self._pending_embeds = [
+                r for r in self._pending_embeds if r.request_id != message.request_id
+            ]
+        elif isinstance(message, Shutdown):
+            self._stop = True
+
+    def _add_generate(self, request: GenerateRequest) -> None:
+        if self._gen is None:
+            self.send(_refusal(request.request_id, "this model does not generate text"))
+            return
+        try:
+            self._gen.add_request(request)
+        except LmaasError as exc:
+            self.send(RequestError(request.request_id, exc.code, exc.message, exc.param))
+
+    def _run_once(self) -> None:
+        if self._pending_embeds:
+            batch, self._pending_embeds = self._pending_embeds, []
+            if self._emb is not None:
+                for result in self._emb.embed(batch):
+                    self.send(result)
+            else:
+                for request in batch:
+                    self.send(_refusal(request.request_id, "this model does not embed text"))
+        if self._gen is not None and self._gen.has_work():
+            deltas = self._gen.step()
+            if deltas:
+                self.send(StepOutput(deltas=deltas))
+
+
+def _refusal(request_id: str, message: str) -> RequestError:
+    return RequestError(request_id, "invalid_request", message, "model")
+
+
+def _load(spec: WorkerSpec) -> Runner:
+    if spec.verify_checksums:
+        verify_files(spec)
+    custom = spec.options.get("runner")
+    if custom:
+        return _custom_runner(custom, spec)
+    from lmaas.runtimes.catalog import create_runner
+
+    return create_runner(spec)
+
+
+def _custom_runner(target: str, spec: WorkerSpec) -> Runner:
+    """Build a runner from ``module:factory``: bring-your-own runners (and test fakes)."""
+    module_name, _, attr = target.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(f"runner {target!r} cannot be imported: {exc}") from exc
+    runner: Runner = factory(spec)
+    return runner
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s"
+    )
+    spec = msgspec.json.decode(Path(args[0]).read_bytes(), type=WorkerSpec)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    results = context.socket(zmq.PUSH)
+    results.setsockopt(zmq.LINGER, 2000)
+    results.connect(spec.results_endpoint)
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        runner = _load(spec)
+        info = runner.load()
+        runner.warmup()
+    except LmaasError as exc:
+        # Loading is deterministic: the same files fail the same way, so no retry.
+        results.send(encoder.encode(WorkerFailed(exc.code, exc.message, retryable=False)))
+        results.close()
+        return 3
+    except Exception as exc:
+        _log.exception("loading %s failed", spec.model_name)
+        failed = WorkerFailed(ModelLoadError.code, f"{type(exc).__name__}: {exc}", False)
+        results.send(encoder.encode(failed))
+        results.close()
+        return 3
+    results.close()
+    loop = WorkerLoop(spec, runner, context)
+    loop.send(WorkerReady(pid=os.getpid(), info=info))
+    _log.info("serving %s:%s (%s)", spec.model_name, spec.model_version, info.device)
+    try:
+        loop.run()
+    finally:
+        loop.close()
+        context.term()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
