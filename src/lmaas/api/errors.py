@@ -129,6 +129,9 @@ def _validation_message(exc: RequestValidationError) -> WireError:
         reason = first.get("ctx", {}).get("error", "invalid JSON")
         return WireError(400, f"malformed JSON body: {reason}", "invalid_request_error")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if not loc and first.get("type") in ("model_attributes_type", "dict_type"):
+        message = "the request body must be a JSON object (Content-Type: application/json)"
+        return WireError(400, message, "invalid_request_error")
     param = ".".join(loc) or None
     msg = str(first.get("msg", "invalid value"))
     text = f"invalid value for '{param}': {msg}" if param else msg

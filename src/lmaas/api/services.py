@@ -7,6 +7,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from starlette.requests import Request
+
 from lmaas.engine.protocol import EngineClient
 from lmaas.observability.metrics import Metrics
 
@@ -63,3 +65,10 @@ class ApiServices:
     is_draining: Callable[[], bool] = _never_draining
     version: str = "0.0.0"
     lifespan: Lifespan | None = None
+
+
+def services_of(request: Request) -> ApiServices:
+    """The services :func:`lmaas.api.create_app` stored on the app."""
+    services = request.app.state.lmaas_services
+    assert isinstance(services, ApiServices)
+    return services

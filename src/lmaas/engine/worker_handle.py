@@ -14,7 +14,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,7 +153,7 @@ class WorkerHandle:
 
     # ------------------------------------------------------------------ requests
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[SeqDelta]:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[SeqDelta, None]:
         """Stream the deltas of one request; closing early aborts it in the worker."""
         queue = self._admit(request.request_id)
         finished = False

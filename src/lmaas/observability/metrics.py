@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -26,50 +28,34 @@ class Metrics:
 
     def __init__(self, namespace: str = "lmaas") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        reg = self.registry
-        self.http_requests = Counter(
+        counter = partial(Counter, namespace=namespace, registry=self.registry)
+        histogram = partial(Histogram, namespace=namespace, registry=self.registry)
+        gauge = partial(Gauge, namespace=namespace, registry=self.registry)
+        self.http_requests = counter(
             "http_requests_total",
             "HTTP requests by route template, model and status code.",
             ["route", "model", "status"],
-            namespace=namespace,
-            registry=reg,
         )
-        self.http_duration = Histogram(
+        self.http_duration = histogram(
             "http_request_duration_seconds",
             "Time from request start to the end of the response, streams included.",
             ["route"],
-            namespace=namespace,
             buckets=_LATENCY_BUCKETS_S,
-            registry=reg,
         )
-        self.ttft = Histogram(
+        self.ttft = histogram(
             "time_to_first_token_seconds",
             "Time from request start to the first generated token.",
             ["model"],
-            namespace=namespace,
             buckets=_TTFT_BUCKETS_S,
-            registry=reg,
         )
-        self.prompt_tokens = Counter(
-            "prompt_tokens", "Prompt tokens processed.", ["model"], namespace=namespace, registry=reg
-        )
-        self.generation_tokens = Counter(
-            "generation_tokens", "Tokens generated.", ["model"], namespace=namespace, registry=reg
-        )
-        self.worker_state = Gauge(
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.", ["model"])
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.", ["model"])
+        self.worker_state = gauge(
             "worker_state",
             "1 for the current state of each model's worker, 0 for the others.",
             ["model", "state"],
-            namespace=namespace,
-            registry=reg,
         )
-        self.in_flight = Gauge(
-            "requests_in_flight",
-            "Inference requests being served.",
-            ["model"],
-            namespace=namespace,
-            registry=reg,
-        )
+        self.in_flight = gauge("requests_in_flight", "Inference requests being served.", ["model"])
 
     def observe_http(self, route: str, model: str, status: int, duration_s: float) -> None:
         """Count one finished HTTP request and record its latency."""

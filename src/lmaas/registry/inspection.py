@@ -77,7 +77,7 @@ def _task_from_architecture(arch: str, config: dict[str, Any], model_dir: Path) 
     model_type = str(config.get("model_type", "")).lower()
     if arch.endswith(("ForSpeechSeq2Seq", "ForCTC")) or arch == "WhisperForConditionalGeneration":
         return Task.SPEECH_TO_TEXT
-    if arch.endswith("ForConditionalGeneration") or arch.endswith("WithLMHeadModel"):
+    if arch.endswith(("ForConditionalGeneration", "WithLMHeadModel", "MTModel")):
         if config.get("is_encoder_decoder") or model_type in SEQ2SEQ_MODEL_TYPES:
             return Task.SEQ2SEQ
         return None

@@ -148,6 +148,12 @@ class ServingDefaults(BaseModel):
     """``auto``, ``float32``, ``bfloat16`` or ``float16``."""
     matryoshka_dims: list[int] | None = None
     """Embedding sizes the model was trained to be truncated to (``dimensions`` parameter)."""
+    options: dict[str, str] = Field(default_factory=dict)
+    """Free-form runtime options, passed to the worker as ``WorkerSpec.options``.
+
+    The import sets ``trust_remote_code: "true"`` when it was allowed to accept the model's own
+    Python code (``--trust-remote-code``).
+    """
 
 
 class Manifest(BaseModel):
@@ -199,7 +205,9 @@ class Manifest(BaseModel):
 
     def file_digests(self) -> list[FileDigest]:
         """Return the files as the worker IPC type :class:`~lmaas.core.messages.FileDigest`."""
-        return [FileDigest(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256) for f in self.files]
+        return [
+            FileDigest(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256) for f in self.files
+        ]
 
     def to_yaml(self) -> str:
         """Serialize to YAML (the ``lmaas.yaml`` text)."""

@@ -212,4 +212,3 @@ def _version_row(manifest: Manifest) -> ModelVersionRow:
         size_bytes=manifest.size_bytes,
         created_at=manifest.created_at,
     )
-

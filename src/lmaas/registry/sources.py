@@ -15,10 +15,15 @@ from pathlib import Path
 
 import httpx
 
-from lmaas.core.errors import InvalidRequestError, OfflineError, UnsafeModelError
+from lmaas.core.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    OfflineError,
+    UnsafeModelError,
+)
 from lmaas.core.types import ModelFormat, Task, is_valid_name
 from lmaas.registry.inspection import ModelFacts, inspect_model_dir, read_json
-from lmaas.registry.manifest import MANIFEST_FILENAME
+from lmaas.registry.manifest import MANIFEST_FILENAME, check_relative_path
 
 logger = logging.getLogger(__name__)
 
@@ -101,24 +106,36 @@ def download_from_hub(
 
     Raises:
         OfflineError: Offline, huggingface_hub missing, or the hub unreachable.
+        ModelNotFoundError: The hub has no such repository (or it is private or gated).
     """
     if offline:
         raise OfflineError(_offline_message(repo_id, "lmaas is running offline"))
     if importlib.util.find_spec("huggingface_hub") is None:
-        raise OfflineError(_offline_message(repo_id, "the huggingface_hub package is not installed"))
-    import huggingface_hub  # optional dependency: imported only for hub sources
+        raise OfflineError(
+            _offline_message(repo_id, "the huggingface_hub package is not installed")
+        )
+    # Optional dependency: imported only for hub sources.
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
 
-    base = endpoint or huggingface_hub.constants.ENDPOINT
+    base = endpoint or constants.ENDPOINT
     try:
         httpx.head(base, timeout=HUB_PROBE_TIMEOUT_S)
     except httpx.HTTPError as exc:
         raise OfflineError(_offline_message(repo_id, f"{base} is unreachable ({exc})")) from exc
     ignore = None if allow_pickle else [f"*{suffix}" for suffix in PICKLE_SUFFIXES]
     try:
-        huggingface_hub.snapshot_download(
-            repo_id, local_dir=dest, ignore_patterns=ignore, etag_timeout=HUB_PROBE_TIMEOUT_S,
+        snapshot_download(
+            repo_id,
+            local_dir=dest,
+            ignore_patterns=ignore,
+            etag_timeout=HUB_PROBE_TIMEOUT_S,
             endpoint=endpoint,
         )
+    except RepositoryNotFoundError as exc:
+        raise ModelNotFoundError(
+            f"{repo_id!r} is not on the hub, or is private or gated", param="source"
+        ) from exc
     except Exception as exc:  # the hub client raises many types; all mean "could not fetch"
         raise OfflineError(_offline_message(repo_id, str(exc))) from exc
     return dest
@@ -135,6 +152,10 @@ def _walk(root: Path) -> list[SourceFile]:
         if path.is_symlink() and path.is_dir():
             continue  # never follow directory links out of the source (or into a loop)
         if path.is_file():
+            try:
+                check_relative_path(relative.as_posix())
+            except ValueError as exc:
+                raise InvalidRequestError(f"cannot import {root.name}: {exc}") from exc
             found.append(SourceFile(path, relative.as_posix(), path.stat().st_size))
     return found
 

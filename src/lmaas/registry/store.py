@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +19,9 @@ from pathlib import Path
 from lmaas.core.errors import ConflictError, InvalidRequestError, ModelNotFoundError
 from lmaas.core.types import is_valid_name
 from lmaas.registry.manifest import MANIFEST_FILENAME, FileEntry, Manifest, check_relative_path
+
+STALE_STAGING_AGE_S = 24 * 3600.0
+"""Staging directories older than this belong to imports that died; they are swept on open."""
 
 _CHUNK_BYTES = 1 << 20
 _TMP_DIRNAME = ".tmp"
@@ -120,6 +124,19 @@ class ModelStore:
             return []
         return [p.name for p in base.iterdir() if p.is_dir() and is_valid_name(p.name)]
 
+    def sweep_staging(self, max_age_s: float = STALE_STAGING_AGE_S) -> None:
+        """Remove staging directories left by imports that died more than ``max_age_s`` ago."""
+        tmp_root = self._root / _TMP_DIRNAME
+        if not tmp_root.is_dir():
+            return
+        cutoff = time.time() - max_age_s
+        for entry in tmp_root.iterdir():
+            try:
+                if entry.is_dir() and not entry.is_symlink() and entry.stat().st_mtime < cutoff:
+                    shutil.rmtree(entry, ignore_errors=True)
+            except OSError:
+                continue  # removed by a concurrent sweep
+
     @contextmanager
     def staging(self) -> Iterator[Path]:
         """Yield a fresh staging directory, removed on exit unless it was published."""
@@ -152,6 +169,14 @@ class ModelStore:
             raise ConflictError(f"model version {manifest.ref} already exists on disk") from exc
         _fsync_dir(final.parent)
         return final
+
+    def unpublish(self, manifest: Manifest, stage: Path) -> None:
+        """Move a just-published version back to its staging directory (to retry elsewhere)."""
+        final = self.version_dir(manifest.name, manifest.version)
+        final.rename(self._inside(stage))
+        parent = final.parent
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
 
     def delete(self, name: str, version: str) -> None:
         """Remove a version directory: renamed into staging first, so removal looks atomic."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -86,3 +87,14 @@ def configure_threads(num_threads: int | None = None) -> int:
     if torch.get_num_threads() != num_threads:
         torch.set_num_threads(num_threads)
     return num_threads
+
+
+def num_threads_option(options: Mapping[str, str]) -> int | None:
+    """The ``num_threads`` serving option, if set. Raises: ModelLoadError when not an integer."""
+    value = options.get("num_threads")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ModelLoadError(f"serving option num_threads={value!r} is not an integer") from exc

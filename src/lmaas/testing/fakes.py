@@ -9,6 +9,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lmaas.core.errors import (
     InvalidRequestError,
@@ -18,7 +19,7 @@ from lmaas.core.errors import (
 )
 from lmaas.core.messages import EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, SeqDelta
 from lmaas.core.types import ModelState, Task
-from lmaas.engine.protocol import ServedModel
+from lmaas.engine.protocol import EngineClient, ServedModel
 
 
 @dataclass(slots=True)
@@ -35,7 +36,7 @@ class FakeModelSpec:
 
 
 def default_fake_models() -> list[FakeModelSpec]:
-    """``fake-chat`` (chat), ``fake-completion`` (completion) and ``fake-embed`` (embedding, dim 8)."""
+    """``fake-chat`` (chat), ``fake-completion`` and ``fake-embed`` (embedding, dim 8)."""
     return [
         FakeModelSpec("fake-chat", Task.CHAT),
         FakeModelSpec("fake-completion", Task.COMPLETION),
@@ -62,7 +63,9 @@ def fake_embedding(text: str, dim: int) -> list[float]:
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
     while len(digest) < dim * 2:
         digest += hashlib.sha256(digest).digest()
-    raw = [(int.from_bytes(digest[2 * i : 2 * i + 2], "little") / 32767.5) - 1.0 for i in range(dim)]
+    raw = [
+        (int.from_bytes(digest[2 * i : 2 * i + 2], "little") / 32767.5) - 1.0 for i in range(dim)
+    ]
     norm = math.sqrt(sum(v * v for v in raw)) or 1.0
     return [v / norm for v in raw]
 
@@ -79,6 +82,7 @@ class FakeEngineClient:
         token_delay_s: Sleep before each generated token (to test streaming and disconnects).
         fail_after_tokens: Raise :class:`WorkerCrashedError` after this many tokens of a stream.
         draining: Start in the draining state (``is_ready()`` is False).
+        error: Raised at the start of every ``generate`` / ``embed`` (to test error mapping).
     """
 
     def __init__(
@@ -88,12 +92,14 @@ class FakeEngineClient:
         token_delay_s: float = 0.0,
         fail_after_tokens: int | None = None,
         draining: bool = False,
+        error: Exception | None = None,
     ) -> None:
         specs = list(models) if models is not None else default_fake_models()
         self.models: dict[str, FakeModelSpec] = {m.name: m for m in specs}
         self.token_delay_s = token_delay_s
         self.fail_after_tokens = fail_after_tokens
         self.draining = draining
+        self.error = error
         self.num_generate_calls = 0
         self.num_embed_calls = 0
         self.num_completed = 0
@@ -125,11 +131,11 @@ class FakeEngineClient:
         return self._served(spec)
 
     def is_ready(self) -> bool:
-        return not self.draining and all(
-            m.state is ModelState.READY for m in self.models.values()
-        )
+        return not self.draining and all(m.state is ModelState.READY for m in self.models.values())
 
     def _ready_spec(self, name: str) -> FakeModelSpec:
+        if self.error is not None:
+            raise self.error
         spec = self.models.get(name)
         if spec is None:
             raise ModelNotFoundError(f"model '{name}' does not exist", param="model")
@@ -160,7 +166,10 @@ class FakeEngineClient:
         if num_prompt == 0:
             raise InvalidRequestError("the prompt is empty", param="messages")
         max_tokens = request.sampling.max_tokens
-        if num_prompt + (max_tokens or 0) > spec.context_length or num_prompt >= spec.context_length:
+        if (
+            num_prompt + (max_tokens or 0) > spec.context_length
+            or num_prompt >= spec.context_length
+        ):
             raise InvalidRequestError(
                 f"this model's maximum context length is {spec.context_length} tokens; the "
                 f"request has {num_prompt} prompt tokens and max_tokens {max_tokens}",
@@ -222,3 +231,7 @@ class FakeEngineClient:
             await asyncio.sleep(self.token_delay_s)
         data = struct.pack(f"<{len(flat)}f", *flat)
         return EmbedResult(request.request_id, data, len(texts), dim, num_prompt)
+
+
+if TYPE_CHECKING:
+    _conforms: EngineClient = FakeEngineClient()

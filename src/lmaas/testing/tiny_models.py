@@ -76,7 +76,12 @@ def build_tokenizer(dest: Path) -> None:
 
 def _token_ids(dest: Path) -> tuple[int, dict[str, int]]:
     tokenizer = Tokenizer.from_file(str(dest / "tokenizer.json"))
-    ids = {token: tokenizer.token_to_id(token) for token in _SPECIAL_TOKENS}
+    ids: dict[str, int] = {}
+    for token in _SPECIAL_TOKENS:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
+            raise RuntimeError(f"special token {token!r} missing from the trained vocabulary")
+        ids[token] = token_id
     return tokenizer.get_vocab_size(), ids
 
 
@@ -122,16 +127,13 @@ def build_tiny_causal_lm(
     num_heads: int = 4,
     num_kv_heads: int = 2,
 ) -> Path:
-    """Write a random-weight decoder LM of ``family`` with its tokenizer into ``dest``.
+    """Write a random-weight decoder LM of ``family`` with its tokenizer into ``dest``; return it.
 
     Args:
         dest: Target directory (created).
         family: One of :data:`FAMILIES`.
         seed: Seeds the weight initialisation; the same seed gives the same weights.
         hidden_size, num_layers, num_heads, num_kv_heads: Model shape (GPT-2 has no KV groups).
-
-    Returns:
-        ``dest``.
 
     Raises:
         ValueError: for an unknown family.
@@ -142,18 +144,12 @@ def build_tiny_causal_lm(
 
     build_tokenizer(dest)
     vocab_size, ids = _token_ids(dest)
-    config = _decoder_config(
-        family,
-        vocab_size,
-        ids,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-    )
+    shape = {"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads}
+    config = _decoder_config(family, vocab_size, ids, num_kv_heads=num_kv_heads, **shape)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    model.generation_config = transformers.GenerationConfig(
+    # transformers ships partial annotations; these two entry points are untyped.
+    model = transformers.AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    model.generation_config = transformers.GenerationConfig(  # type: ignore[no-untyped-call]
         bos_token_id=ids[BOS_TOKEN],
         eos_token_id=[ids[EOS_TOKEN], ids["<|endoftext|>"]],
         pad_token_id=ids[PAD_TOKEN],
@@ -207,7 +203,12 @@ def _sentence_transformers_files(
     _write_json(dest / "1_Pooling" / "config.json", pooling_config)
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
     ]
     if normalize:
         modules.append(
@@ -252,14 +253,10 @@ def build_tiny_embedder(
     _build_wordpiece_tokenizer(dest)
     vocab_size = Tokenizer.from_file(str(dest / "tokenizer.json")).get_vocab_size()
     config = transformers.BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        intermediate_size=hidden_size * 2,
-        max_position_embeddings=_MAX_POSITIONS,
-        pad_token_id=0,
-    )
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=4, intermediate_size=hidden_size * 2,
+        max_position_embeddings=_MAX_POSITIONS, pad_token_id=0,
+    )  # fmt: skip
     torch.manual_seed(seed)
     model = transformers.BertModel(config)
     model.save_pretrained(str(dest), safe_serialization=True)
@@ -287,9 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.kind == "chat":
         # A little bigger than the test models, still far below 1 ms per token on a CPU.
-        build_tiny_causal_lm(
-            args.dest, args.family, seed=args.seed, hidden_size=128, num_layers=4
-        )
+        build_tiny_causal_lm(args.dest, args.family, seed=args.seed, hidden_size=128, num_layers=4)
     else:
         build_tiny_embedder(args.dest, seed=args.seed)
     print(args.dest)

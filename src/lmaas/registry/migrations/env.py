@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine
+from sqlalchemy.engine import Connection
 
 from lmaas.registry.metadata import Base, normalize_database_url
 
 
-def _run_with(connection: object) -> None:
-    is_sqlite = getattr(getattr(connection, "dialect", None), "name", "") == "sqlite"
+def _run_with(connection: Connection) -> None:
+    is_sqlite = connection.dialect.name == "sqlite"
     context.configure(
-        connection=connection,  # type: ignore[arg-type]  # an sqlalchemy Connection, from Config
+        connection=connection,
         target_metadata=Base.metadata,
         render_as_batch=is_sqlite,
     )

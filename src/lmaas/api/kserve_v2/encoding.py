@@ -1,0 +1,77 @@
+"""Open Inference Protocol v2 responses, in JSON or with the binary tensor extension."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from lmaas.api.context import json_bytes
+from lmaas.api.kserve_v2.tensors import InferInput
+from lmaas.core.errors import InvalidRequestError
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+@dataclass(slots=True)
+class OutputTensor:
+    """One output: FP32 carries floats (or their little-endian bytes), BYTES carries bytes."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    values: list[Any] | None = None
+    raw: bytes | None = None
+    """FP32 data already packed little-endian (as the engine returns embeddings)."""
+
+    def to_binary(self) -> bytes:
+        if self.raw is not None:
+            return self.raw
+        values = self.values or []
+        if self.datatype == "BYTES":
+            return b"".join(struct.pack("<I", len(v)) + v for v in values)
+        return struct.pack(f"<{len(values)}f", *values)
+
+    def to_json(self) -> list[Any]:
+        if self.datatype == "BYTES":
+            return [v.decode("utf-8", "replace") for v in self.values or []]
+        if self.raw is not None:
+            return list(struct.unpack(f"<{len(self.raw) // 4}f", self.raw))
+        return list(self.values or [])
+
+
+def select_outputs(
+    request: InferInput, available: list[OutputTensor]
+) -> list[tuple[OutputTensor, bool]]:
+    """The outputs to send, each with whether it goes binary. Raises: for unknown names."""
+    if request.outputs is None:
+        return [(out, request.binary_output) for out in available]
+    by_name = {out.name: out for out in available}
+    chosen: list[tuple[OutputTensor, bool]] = []
+    for wanted in request.outputs:
+        if wanted.name not in by_name:
+            raise InvalidRequestError(f"unknown output '{wanted.name}'")
+        chosen.append((by_name[wanted.name], wanted.binary or request.binary_output))
+    return chosen
+
+
+def encode_response(
+    header: dict[str, Any], outputs: list[tuple[OutputTensor, bool]]
+) -> tuple[bytes, dict[str, str]]:
+    """The response body and its extra headers (``Inference-Header-Content-Length`` if binary)."""
+    entries: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for out, binary in outputs:
+        entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
+        if binary:
+            blob = out.to_binary()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = out.to_json()
+        entries.append(entry)
+    head = json_bytes({**header, "outputs": entries})
+    if not blobs:
+        return head, {"Content-Type": "application/json"}
+    extra = {HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"}
+    return head + b"".join(blobs), extra

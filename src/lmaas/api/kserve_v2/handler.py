@@ -1,0 +1,214 @@
+"""Open Inference Protocol v2 semantics over the engine: model signatures and inference."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lmaas.api.kserve_v2.encoding import OutputTensor
+from lmaas.api.kserve_v2.tensors import InferInput, Tensor
+from lmaas.api.services import ApiServices
+from lmaas.api.sse import aclose_quietly
+from lmaas.core.errors import DeadlineExceededError, InvalidRequestError, NotSupportedError
+from lmaas.core.messages import EmbedRequest, GenerateRequest, SamplingParams
+from lmaas.core.types import Task
+from lmaas.engine.protocol import ServedModel
+
+GENERATION_PARAMS: dict[str, str] = {
+    "max_tokens": "INT32",
+    "temperature": "FP32",
+    "top_p": "FP32",
+    "top_k": "INT32",
+    "seed": "INT64",
+    "min_tokens": "INT32",
+    "ignore_eos": "BOOL",
+}
+"""Optional scalar inputs (or request ``parameters``) of generation models."""
+
+
+class GenerationParams(BaseModel):
+    """Decoding parameters of a v2 generation request, validated like the OpenAI ones."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    max_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1, le=1 << 20)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    min_tokens: int = Field(default=0, ge=0, le=1 << 20)
+    ignore_eos: bool = False
+    stop: list[str] = Field(default_factory=list, max_length=8)
+
+
+def _io(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
+    return {"name": name, "datatype": datatype, "shape": shape}
+
+
+def signature(model: ServedModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(inputs, outputs) of the model's v2 metadata."""
+    if model.task is Task.EMBEDDING:
+        dim = model.info.embedding_dim if model.info and model.info.embedding_dim else -1
+        return [_io("text", "BYTES", [-1])], [_io("embedding", "FP32", [-1, dim])]
+    if model.task.generates_text:
+        optional = [_io(name, dt, [1]) for name, dt in GENERATION_PARAMS.items()]
+        return [_io("text_input", "BYTES", [1]), *optional], [_io("text_output", "BYTES", [1])]
+    return [], []
+
+
+def model_metadata(model: ServedModel) -> dict[str, Any]:
+    inputs, outputs = signature(model)
+    return {
+        "name": model.name,
+        "versions": [model.version],
+        "platform": f"lmaas_{model.task.value}",
+        "inputs": inputs,
+        "outputs": outputs,
+    }
+
+
+def model_config(model: ServedModel) -> dict[str, Any]:
+    """A minimal Triton-style model configuration."""
+    inputs, outputs = signature(model)
+
+    def triton(io: dict[str, Any]) -> dict[str, Any]:
+        kind = "TYPE_STRING" if io["datatype"] == "BYTES" else f"TYPE_{io['datatype']}"
+        return {"name": io["name"], "data_type": kind, "dims": io["shape"]}
+
+    return {
+        "name": model.name,
+        "platform": f"lmaas_{model.task.value}",
+        "backend": "lmaas",
+        "max_batch_size": 0,
+        "input": [triton(i) for i in inputs],
+        "output": [triton(o) for o in outputs],
+    }
+
+
+def _check_inputs(request: InferInput, required: str, allowed: set[str]) -> Tensor:
+    extra = sorted(set(request.inputs) - allowed)
+    if extra:
+        raise InvalidRequestError(f"unexpected input '{extra[0]}'")
+    if required not in request.inputs:
+        raise InvalidRequestError(f"missing input '{required}'")
+    tensor = request.inputs[required]
+    if tensor.datatype != "BYTES":
+        raise InvalidRequestError(f"input '{required}' must be BYTES, got {tensor.datatype}")
+    return tensor
+
+
+def _texts(tensor: Tensor) -> list[str]:
+    try:
+        return [v.decode("utf-8") for v in tensor.values]
+    except UnicodeDecodeError:
+        raise InvalidRequestError(f"input '{tensor.name}' is not valid UTF-8") from None
+
+
+async def infer_embedding(
+    services: ApiServices, model: ServedModel, request: InferInput, request_id: str
+) -> list[OutputTensor]:
+    tensor = _check_inputs(request, "text", {"text"})
+    if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
+        raise InvalidRequestError(f"input 'text' must have shape [N] or [N, 1], got {tensor.shape}")
+    if not tensor.values:
+        raise InvalidRequestError("input 'text' is empty")
+    embed = EmbedRequest(request_id, texts=_texts(tensor))
+    timeout_s = services.config.request_timeout_s
+    services.metrics.request_started(model.name)
+    try:
+        async with asyncio.timeout(timeout_s):
+            result = await services.engine.embed(model.name, embed)
+    except TimeoutError:
+        raise DeadlineExceededError(
+            f"the request ran past its deadline of {timeout_s:g} s"
+        ) from None
+    finally:
+        services.metrics.request_finished(model.name)
+    services.metrics.add_tokens(model.name, prompt_tokens=result.prompt_tokens)
+    return [OutputTensor("embedding", "FP32", [result.num_inputs, result.dim], raw=result.data)]
+
+
+def _sampling(request: InferInput) -> SamplingParams:
+    values: dict[str, Any] = dict(request.parameters)
+    for name in GENERATION_PARAMS:
+        tensor = request.inputs.get(name)
+        if tensor is not None:
+            if len(tensor.values) != 1:
+                raise InvalidRequestError(f"input '{name}' must hold exactly one value")
+            values[name] = tensor.values[0]
+    try:
+        params = GenerationParams.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequestError(f"invalid value for '{where}': {first['msg']}") from None
+    greedy = params.temperature == 0.0
+    return SamplingParams(
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=1.0 if greedy else params.top_p,
+        top_k=1 if greedy else max(params.top_k, 0),
+        seed=params.seed,
+        stop=[s for s in params.stop if s],
+        ignore_eos=params.ignore_eos,
+        min_tokens=params.min_tokens,
+    )
+
+
+async def infer_generation(
+    services: ApiServices, model: ServedModel, request: InferInput, request_id: str
+) -> list[OutputTensor]:
+    tensor = _check_inputs(request, "text_input", {"text_input", *GENERATION_PARAMS})
+    if tensor.shape not in ([1], [1, 1]):
+        raise InvalidRequestError(
+            f"input 'text_input' must have shape [1] or [1, 1], got {tensor.shape}"
+        )
+    (prompt,) = _texts(tensor)
+    if not prompt:
+        raise InvalidRequestError("input 'text_input' is empty")
+    generate = GenerateRequest(
+        request_id, _sampling(request), prompt=prompt, add_generation_prompt=False
+    )
+    text = await _collect_text(services, model.name, generate)
+    return [OutputTensor("text_output", "BYTES", [1], values=[text.encode("utf-8", "replace")])]
+
+
+async def _collect_text(services: ApiServices, model: str, request: GenerateRequest) -> str:
+    metrics = services.metrics
+    timeout_s = services.config.request_timeout_s
+    parts: list[str] = []
+    num_prompt = num_generated = 0
+    iterator = services.engine.generate(model, request)
+    metrics.request_started(model)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for delta in iterator:
+                parts.append(delta.text)
+                num_prompt += delta.prompt_tokens
+                num_generated += delta.num_new_tokens
+    except TimeoutError:
+        raise DeadlineExceededError(
+            f"the request ran past its deadline of {timeout_s:g} s"
+        ) from None
+    finally:
+        await aclose_quietly(iterator)
+        metrics.request_finished(model)
+        metrics.add_tokens(model, prompt_tokens=num_prompt, generation_tokens=num_generated)
+    return "".join(parts)
+
+
+async def infer(
+    services: ApiServices, model: ServedModel, request: InferInput, request_id: str
+) -> list[OutputTensor]:
+    """Run one v2 inference. Raises: InvalidRequestError, NotSupportedError, engine errors."""
+    known = {out["name"] for out in signature(model)[1]}
+    for wanted in request.outputs or []:
+        if wanted.name not in known:
+            raise InvalidRequestError(f"unknown output '{wanted.name}'")
+    if model.task is Task.EMBEDDING:
+        return await infer_embedding(services, model, request, request_id)
+    if model.task.generates_text:
+        return await infer_generation(services, model, request, request_id)
+    raise NotSupportedError(f"v2 inference is not supported for {model.task.value} models yet")

@@ -1,0 +1,5 @@
+"""``python -m lmaas.cli``: the same as the ``lmaas`` console script."""
+
+from lmaas.cli.main import main
+
+main()

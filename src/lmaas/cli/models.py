@@ -1,0 +1,194 @@
+"""``lmaas models``: import, list, show and remove model versions (thin over RegistryService)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from lmaas.bootstrap.settings import Settings
+from lmaas.core.errors import LmaasError
+from lmaas.core.types import Task
+from lmaas.registry.manifest import Manifest
+from lmaas.registry.service import RegistryService
+
+models_app = typer.Typer(
+    help="Import, list, show and remove model versions in the local store.",
+    no_args_is_help=True,
+)
+
+HomeOption = Annotated[
+    Path | None,
+    typer.Option("--home", help="lmaas home directory (default: $LMAAS_HOME or ~/.lmaas)."),
+]
+
+
+class RichImportProgress:
+    """An :class:`~lmaas.registry.service.ImportProgress` drawn as a rich progress bar."""
+
+    def __init__(self, console: Console) -> None:
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self._task: TaskID | None = None
+
+    def start(self, total_bytes: int, description: str) -> None:
+        """Show the bar."""
+        self._progress.start()
+        self._task = self._progress.add_task(description, total=total_bytes)
+
+    def advance(self, num_bytes: int) -> None:
+        """Move the bar."""
+        if self._task is not None:
+            self._progress.advance(self._task, num_bytes)
+
+    def finish(self) -> None:
+        """Remove the bar."""
+        self._progress.stop()
+
+
+@contextmanager
+def _registry(home: Path | None) -> Iterator[RegistryService]:
+    """Open the registry of ``home``; any LmaasError becomes one red line and exit code 1."""
+    stderr = Console(stderr=True)
+    try:
+        settings = Settings(home=home) if home is not None else Settings()
+        service = RegistryService(
+            settings.home, settings.resolved_database_url(), offline=settings.offline
+        )
+    except (LmaasError, ValidationError) as exc:
+        _fail(stderr, str(exc))
+    try:
+        yield service
+    except LmaasError as exc:
+        _fail(stderr, exc.message)
+    finally:
+        service.close()
+
+
+def _fail(console: Console, message: str) -> NoReturn:
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code=1)
+
+
+def _format_bytes(num_bytes: int) -> str:
+    size = float(num_bytes)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{num_bytes} B"
+
+
+def _split_ref(ref: str) -> tuple[str, str | None]:
+    name, sep, version = ref.partition(":")
+    return name, (version if sep else None)
+
+
+@models_app.command("import")
+def import_command(
+    source: Annotated[str, typer.Argument(help="Model directory, .onnx file, or hub id.")],
+    name: Annotated[str | None, typer.Option(help="Model name (default: from source).")] = None,
+    task: Annotated[Task | None, typer.Option(help="Task (default: inferred).")] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Accept pickle weights (.bin, .pt, .pkl).")
+    ] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Accept models that ship Python code.")
+    ] = False,
+    description: Annotated[str | None, typer.Option(help="Free text for the manifest.")] = None,
+    home: HomeOption = None,
+) -> None:
+    """Import a model as the next version of its name."""
+    with _registry(home) as registry:
+        manifest = registry.import_model(
+            source,
+            name=name,
+            task=task,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            description=description,
+            progress=RichImportProgress(Console(stderr=True)),
+        )
+        where = registry.model_dir(manifest)
+    typer.echo(
+        f"imported {manifest.ref} ({manifest.task.value}, {manifest.format.value}, "
+        f"{_format_bytes(manifest.size_bytes)}) into {where}"
+    )
+
+
+def _table(manifests: list[Manifest]) -> Table:
+    table = Table("NAME", "VERSION", "TASK", "FORMAT", "SIZE", "CREATED", box=None)
+    for m in manifests:
+        created = m.created_at.strftime("%Y-%m-%d %H:%M")
+        size = _format_bytes(m.size_bytes)
+        table.add_row(m.name, m.version, m.task.value, m.format.value, size, created)
+    return table
+
+
+@models_app.command("list")
+def list_command(
+    home: HomeOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List every imported version."""
+    with _registry(home) as registry:
+        manifests = registry.list_models()
+    if as_json:
+        typer.echo(json.dumps([m.model_dump(mode="json") for m in manifests], indent=2))
+    elif not manifests:
+        typer.echo("no models imported yet; try `lmaas models import DIR`")
+    else:
+        Console().print(_table(manifests))
+
+
+@models_app.command("show")
+def show_command(
+    ref: Annotated[str, typer.Argument(metavar="NAME[:VERSION]", help="Latest if no version.")],
+    home: HomeOption = None,
+) -> None:
+    """Print a version's manifest (lmaas.yaml)."""
+    with _registry(home) as registry:
+        manifest = registry.resolve(ref)
+    typer.echo(manifest.to_yaml(), nl=False)
+
+
+@models_app.command("rm")
+def rm_command(
+    ref: Annotated[str, typer.Argument(metavar="NAME[:VERSION]", help="All versions if none.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    home: HomeOption = None,
+) -> None:
+    """Remove one version, or every version of a model."""
+    name, version = _split_ref(ref)
+    with _registry(home) as registry:
+        target = registry.get(name, version)  # fails early on an unknown model
+        if not yes:
+            what = target.ref if version else f"every version of {name!r}"
+            typer.confirm(f"remove {what}?", abort=True)
+        removed = registry.remove(name, version)
+    for manifest in removed:
+        typer.echo(f"removed {manifest.ref}")

@@ -1,0 +1,1 @@
+"""Embedding runners (sentence-transformers style encoders)."""

@@ -1,0 +1,1 @@
+"""Text generation runners (decoder-only LMs)."""
