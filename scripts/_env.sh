@@ -17,12 +17,14 @@ lmaas_env() {
     local want
     want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/_env.sh" | sha256sum | cut -d' ' -f1)"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-        echo "lmaas: installing dependencies ($extras) into $VENV" >&2
-        "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
-        if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-            "$VENV/bin/python" -m pip install --quiet "$TORCH_PIN" >&2
+        local log="$VENV/pip.log"
+        echo "lmaas: installing dependencies ($extras) into $VENV (a few minutes the first time; log: $log)" >&2
+        if ! { "$VENV/bin/python" -m pip install --upgrade pip \
+                && "$VENV/bin/python" -m pip install "$TORCH_PIN" -e "$ROOT[$extras]"; } >"$log" 2>&1; then
+            grep -v "^WARNING: Location" "$log" | tail -n 40 >&2
+            echo "lmaas: dependency installation failed (full log: $log)" >&2
+            return 1
         fi
-        "$VENV/bin/python" -m pip install --quiet "$TORCH_PIN" -e "$ROOT[$extras]" >&2
         echo "$want" > "$stamp"
     fi
     export PATH="$VENV/bin:$PATH"

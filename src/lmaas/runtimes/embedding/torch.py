@@ -21,6 +21,7 @@ from lmaas.runtimes.device import (
 )
 from lmaas.runtimes.embedding.pooling import pool
 from lmaas.runtimes.embedding.st_config import SentenceEncoderConfig, read_sentence_encoder_config
+from lmaas.runtimes.hf_loading import load_hf_model
 
 _log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class TorchEmbeddingRunner:
         dtype = resolve_dtype(self._spec.dtype, self._device, prefer_float32_on_cpu=True)
         configure_threads(num_threads_option(self._spec.options))
         self._config = read_sentence_encoder_config(model_dir)
-        self._model, self._tokenizer = _load_encoder(model_dir, dtype)
+        self._model, self._tokenizer = load_hf_model(self._spec, "AutoModel", dtype)
         self._model.to(self._device)
         self._model.eval()
         config = self._model.config
@@ -189,27 +190,6 @@ class TorchEmbeddingRunner:
             dim=matrix.shape[1],
             prompt_tokens=sum(len(ids) for ids in prepared.inputs),
         )
-
-
-def _load_encoder(model_dir: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoModel, AutoTokenizer
-
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"model directory {model_dir} does not exist")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(model_dir), local_files_only=True, trust_remote_code=False
-        )
-        model = AutoModel.from_pretrained(
-            str(model_dir),
-            dtype=dtype,
-            local_files_only=True,
-            use_safetensors=True,
-            trust_remote_code=False,
-        )
-    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ...
-        raise ModelLoadError(f"cannot load an encoder from {model_dir}: {exc}") from exc
-    return model, tokenizer
 
 
 def _max_length(config: SentenceEncoderConfig, tokenizer: Any, model_config: Any) -> int:

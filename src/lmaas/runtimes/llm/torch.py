@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, deque
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from lmaas.runtimes.device import (
     resolve_device,
     resolve_dtype,
 )
+from lmaas.runtimes.hf_loading import load_hf_model
 from lmaas.runtimes.llm.chat_template import ChatTemplate
 from lmaas.runtimes.llm.prompt import build_prompt_ids, resolve_max_tokens
 from lmaas.runtimes.llm.sampling import make_generator, sample_token
@@ -75,7 +75,7 @@ class TorchCausalLMRunner:
         self._device = resolve_device(self._spec.device)
         dtype = resolve_dtype(self._spec.dtype, self._device)
         configure_threads(num_threads_option(self._spec.options))
-        self._model, self._tokenizer = _load_model(Path(self._spec.model_dir), dtype)
+        self._model, self._tokenizer = load_hf_model(self._spec, "AutoModelForCausalLM", dtype)
         self._model.to(self._device)
         self._model.eval()
         config = self._model.config
@@ -172,27 +172,6 @@ class TorchCausalLMRunner:
 
 
 # ---------------------------------------------------------------------- loading helpers
-
-
-def _load_model(model_dir: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"model directory {model_dir} does not exist")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(model_dir), local_files_only=True, trust_remote_code=False
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir),
-            dtype=dtype,
-            local_files_only=True,
-            use_safetensors=True,
-            trust_remote_code=False,
-        )
-    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ...
-        raise ModelLoadError(f"cannot load a causal LM from {model_dir}: {exc}") from exc
-    return model, tokenizer
 
 
 def _context_length(config: Any, requested: int | None) -> int:
