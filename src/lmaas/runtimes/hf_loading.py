@@ -23,7 +23,7 @@ def load_hf_model(spec: WorkerSpec, auto_class: str, dtype: torch.dtype) -> tupl
     import transformers
 
     # Per-shard progress bars mean nothing in a server log.
-    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     model_dir = Path(spec.model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"model directory {model_dir} does not exist")
