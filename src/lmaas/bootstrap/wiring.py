@@ -165,7 +165,12 @@ def build_gateway(
     def on_state(model: str, state: ModelState) -> None:
         metrics.set_worker_state(model, state.value)
 
-    engine = LocalEngineClient(deployments, supervision_policy(settings), on_state=on_state)
+    engine = LocalEngineClient(
+        deployments,
+        supervision_policy(settings),
+        on_state=on_state,
+        on_stats=metrics.set_engine_stats,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:

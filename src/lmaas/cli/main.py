@@ -11,6 +11,7 @@ from rich.console import Console
 
 from lmaas import __version__
 from lmaas.bootstrap.settings import Settings
+from lmaas.cli.bench import bench_app
 from lmaas.cli.models import models_app
 from lmaas.core.errors import LmaasError
 from lmaas.core.types import ModelState, Task
@@ -22,6 +23,7 @@ app = typer.Typer(
     "Protocol v2 APIs, and manage them in a local model store.",
 )
 app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
 _err = Console(stderr=True)
 
 
@@ -38,12 +40,10 @@ def _settings(home: Path | None, **server: object) -> Settings:
 
 @app.command()
 def serve(
-    host: Annotated[
-        str | None, typer.Option(help="Interface to bind [default: 127.0.0.1].")
-    ] = None,
-    port: Annotated[int | None, typer.Option(help="TCP port [default: 8000].")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default 8000).")] = None,
     home: Annotated[
-        Path | None, typer.Option(help="Model store and DB [default: $LMAAS_HOME or ~/.lmaas].")
+        Path | None, typer.Option(help="Model store and DB (default $LMAAS_HOME or ~/.lmaas).")
     ] = None,
     model: Annotated[
         list[str] | None,

@@ -67,6 +67,23 @@ class SamplingParams(msgspec.Struct, frozen=True):
     stop_token_ids: list[int] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0
+    min_p: float = 0.0
+    """0 disables min-p."""
+    presence_penalty: float = 0.0
+    """OpenAI semantics, over output tokens: ``logit -= presence * (count > 0)``."""
+    frequency_penalty: float = 0.0
+    """OpenAI semantics, over output tokens: ``logit -= frequency * count``."""
+    repetition_penalty: float = 1.0
+    """HF semantics over prompt + output: positive logits divided, negative multiplied."""
+    logit_bias: dict[int, float] | None = None
+    """Token id → bias added to its logit before sampling."""
+    logprobs: int | None = None
+    """None: no logprobs; 0: the sampled token's logprob only; k > 0: also the top k."""
+    n: int = 1
+    """Number of choices to generate from the prompt (each streamed with its ``index``)."""
+    response_format: str | None = None
+    """The JSON text of the OpenAI ``response_format`` object (json_object / json_schema), or
+    None for free text."""
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, tag="generate"):
@@ -112,6 +129,7 @@ class ModelInfo(msgspec.Struct, frozen=True):
     embedding_dim: int | None = None
     matryoshka_dims: list[int] | None = None
     max_input_tokens: int | None = None
+    vocab_size: int | None = None
 
 
 class WorkerReady(msgspec.Struct, frozen=True, tag="ready"):
@@ -127,6 +145,14 @@ class WorkerFailed(msgspec.Struct, frozen=True, tag="failed"):
     retryable: bool = True
 
 
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One generated token's logprob and its top alternatives (text, logprob)."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = msgspec.field(default_factory=list)
+
+
 class SeqDelta(msgspec.Struct, frozen=True, array_like=True):
     """The new output of one sequence in one step."""
 
@@ -137,6 +163,10 @@ class SeqDelta(msgspec.Struct, frozen=True, array_like=True):
     """``stop`` or ``length`` on the last delta of a sequence, else None."""
     prompt_tokens: int = 0
     """Set on the first delta of a sequence."""
+    index: int = 0
+    """Choice index (``n > 1``): each choice of one request streams its own deltas."""
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per new token when the request asked for logprobs, else None."""
 
 
 class StepOutput(msgspec.Struct, frozen=True, tag="step"):
@@ -164,6 +194,8 @@ class RequestError(msgspec.Struct, frozen=True, tag="error"):
 class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat"):
     num_running: int
     num_waiting: int
+    stats: dict[str, int] = msgspec.field(default_factory=dict)
+    """Engine counters (KV blocks free/total, preemptions, prefix-cache hits...)."""
 
 
 FromWorker = WorkerReady | WorkerFailed | StepOutput | EmbedResult | RequestError | Heartbeat

@@ -14,7 +14,12 @@ from lmaas.core.errors import DrainingError, ModelNotFoundError
 from lmaas.core.messages import EmbedRequest, EmbedResult, GenerateRequest, SeqDelta, WorkerSpec
 from lmaas.core.types import ModelState, Task
 from lmaas.engine.protocol import ServedModel
-from lmaas.engine.worker_handle import StateListener, SupervisionPolicy, WorkerHandle
+from lmaas.engine.worker_handle import (
+    StateListener,
+    StatsListener,
+    SupervisionPolicy,
+    WorkerHandle,
+)
 
 
 @dataclass(slots=True, frozen=True)
@@ -33,6 +38,7 @@ class LocalEngineClient:
         deployments: What to serve; model names must be unique.
         policy: Worker start/restart policy and admission limit.
         on_state: Called on every worker state transition (metrics).
+        on_stats: Called with the engine counters of every worker heartbeat (metrics).
     """
 
     def __init__(
@@ -40,6 +46,7 @@ class LocalEngineClient:
         deployments: Iterable[Deployment],
         policy: SupervisionPolicy,
         on_state: StateListener | None = None,
+        on_stats: StatsListener | None = None,
     ) -> None:
         # ipc socket paths must stay under ~100 bytes, so they live in a short temp dir.
         self._run_dir = Path(tempfile.mkdtemp(prefix="lmaas-"))
@@ -50,7 +57,9 @@ class LocalEngineClient:
             if name in self._deployments:
                 raise ValueError(f"model {name} is deployed twice")
             self._deployments[name] = deployment
-            self._handles[name] = WorkerHandle(deployment.spec, self._run_dir, policy, on_state)
+            self._handles[name] = WorkerHandle(
+                deployment.spec, self._run_dir, policy, on_state, on_stats
+            )
         self._draining = False
 
     async def start(self) -> None:

@@ -1,6 +1,6 @@
 """One supervised worker process on this machine, seen from the gateway.
 
-A :class:`WorkerHandle` starts ``python -m lmaas.runtimes.worker``, talks to it over two ZeroMQ
+A :class:`WorkerHandle` starts ``python -m lmaas.worker``, talks to it over two ZeroMQ
 ipc sockets (a fresh pair per incarnation, so nothing queued for a dead process reaches the next
 one), routes its results to the waiting requests, and restarts it with exponential backoff when
 it dies. A crash fails exactly the requests in flight (``WorkerCrashedError``, retryable); a model
@@ -52,6 +52,7 @@ from lmaas.core.types import ModelState
 _log = logging.getLogger("lmaas.engine")
 
 StateListener = Callable[[str, ModelState], None]
+StatsListener = Callable[[str, dict[str, int]], None]
 
 
 @dataclass(slots=True, frozen=True)
@@ -85,6 +86,7 @@ class WorkerHandle:
         run_dir: A short directory for the ipc socket files.
         policy: Timeouts, backoff and admission limits.
         on_state: Called with (model name, new state) on every transition.
+        on_stats: Called with (model name, engine counters) on every heartbeat.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class WorkerHandle:
         run_dir: Path,
         policy: SupervisionPolicy,
         on_state: StateListener | None = None,
+        on_stats: StatsListener | None = None,
     ) -> None:
         self.spec = spec
         self.state = ModelState.STOPPED
@@ -100,10 +103,13 @@ class WorkerHandle:
         self.error: str | None = None
         self.num_restarts = 0
         self.worker_num_running = 0
+        self.worker_stats: dict[str, int] = {}
+        """The engine counters of the last heartbeat."""
         """Sequences the worker reported running in its last heartbeat."""
         self._run_dir = run_dir
         self._policy = policy
         self._on_state = on_state
+        self._on_stats = on_stats
         self._context = zmq.asyncio.Context()
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(FromWorker)
@@ -157,6 +163,8 @@ class WorkerHandle:
         """Stream the deltas of one request; closing early aborts it in the worker."""
         queue = self._admit(request.request_id)
         finished = False
+        # With n > 1 every choice ends with its own finish_reason.
+        num_open = max(1, request.sampling.n)
         try:
             await self._send(request)
             while True:
@@ -167,7 +175,8 @@ class WorkerHandle:
                 if not isinstance(item, SeqDelta):
                     raise InternalError("worker answered a generation with a non-text result")
                 if item.finish_reason is not None:
-                    finished = True
+                    num_open -= 1
+                    finished = num_open == 0
                 yield item
                 if finished:
                     return
@@ -289,7 +298,7 @@ class WorkerHandle:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "lmaas.runtimes.worker",
+            "lmaas.worker",
             str(spec_file),
             stdin=asyncio.subprocess.DEVNULL,
         )
@@ -333,6 +342,9 @@ class WorkerHandle:
                 self._set_state(ModelState.FAILED)
         elif isinstance(message, Heartbeat):
             self.worker_num_running = message.num_running
+            self.worker_stats = message.stats
+            if self._on_stats is not None:
+                self._on_stats(self.name, message.stats)
 
     def _deliver(self, request_id: str, item: _Item) -> None:
         queue = self._channels.get(request_id)

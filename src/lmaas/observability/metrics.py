@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 
 from prometheus_client import (
@@ -56,6 +57,12 @@ class Metrics:
             ["model", "state"],
         )
         self.in_flight = gauge("requests_in_flight", "Inference requests being served.", ["model"])
+        self.engine_stat = gauge(
+            "engine_stat",
+            "Engine counters from worker heartbeats: running, waiting, kv_free_blocks, "
+            "kv_total_blocks, preemptions, prefix_cache_hit_tokens...",
+            ["model", "stat"],
+        )
 
     def observe_http(self, route: str, model: str, status: int, duration_s: float) -> None:
         """Count one finished HTTP request and record its latency."""
@@ -72,6 +79,11 @@ class Metrics:
             self.prompt_tokens.labels(model).inc(prompt_tokens)
         if generation_tokens:
             self.generation_tokens.labels(model).inc(generation_tokens)
+
+    def set_engine_stats(self, model: str, stats: Mapping[str, int]) -> None:
+        """Publish the counters a worker reported in its last heartbeat."""
+        for name, value in stats.items():
+            self.engine_stat.labels(model, name).set(value)
 
     def set_worker_state(self, model: str, state: ModelState | str) -> None:
         """Mark ``state`` as the current state of ``model``'s worker (one-hot over states)."""

@@ -57,6 +57,10 @@ class GenerationRunner(Runner, Protocol):
 
     def num_running(self) -> int: ...
 
+    def stats(self) -> dict[str, int]:
+        """Counters for heartbeats and metrics (``running``, ``waiting``, KV blocks...)."""
+        ...
+
     def step(self) -> list[SeqDelta]:
         """Advance every running sequence by one token; finished ones carry a finish_reason."""
         ...

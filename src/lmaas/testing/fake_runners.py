@@ -91,6 +91,9 @@ class EchoRunner:
     def num_running(self) -> int:
         return len(self._running)
 
+    def stats(self) -> dict[str, int]:
+        return {"running": len(self._running), "waiting": 0}
+
     def step(self) -> list[SeqDelta]:
         if self._delay_s:
             time.sleep(self._delay_s)

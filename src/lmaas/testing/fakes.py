@@ -17,7 +17,14 @@ from lmaas.core.errors import (
     ModelNotReadyError,
     WorkerCrashedError,
 )
-from lmaas.core.messages import EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, SeqDelta
+from lmaas.core.messages import (
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    ModelInfo,
+    SeqDelta,
+    TokenLogprob,
+)
 from lmaas.core.types import ModelState, Task
 from lmaas.engine.protocol import EngineClient, ServedModel
 
@@ -75,7 +82,10 @@ class FakeEngineClient:
 
     Chat models echo the last user message word by word (one word = one token; the prompt length
     is the number of whitespace-separated words in all messages). Completion models echo the
-    prompt. Embedding models return :func:`fake_embedding` vectors.
+    prompt. With ``n`` > 1 every choice echoes the same words, interleaved token by token, each
+    delta carrying its choice ``index`` (the prompt is counted on choice 0 only). When logprobs
+    are asked for, token ``i`` has logprob ``-0.1 * (i + 1)`` and alternatives ``alt0``,
+    ``alt1``… one nat apart. Embedding models return :func:`fake_embedding` vectors.
 
     Args:
         models: The served models; :func:`default_fake_models` when None.
@@ -152,9 +162,18 @@ class FakeEngineClient:
         spec = self._ready_spec(model)
         words, num_prompt = _words_of(request)
         budget = self._token_budget(spec, request, num_prompt)
+        streams = [
+            self._echo(request, words, num_prompt if i == 0 else 0, budget, i)
+            for i in range(max(1, request.sampling.n))
+        ]
         try:
-            async for delta in self._echo(request, words, num_prompt, budget):
-                yield delta
+            while streams:
+                for stream in list(streams):
+                    delta = await anext(stream, None)
+                    if delta is None:
+                        streams.remove(stream)
+                    else:
+                        yield delta
         except (GeneratorExit, asyncio.CancelledError):
             self.num_aborted += 1
             self.aborted_request_ids.append(request.request_id)
@@ -178,7 +197,7 @@ class FakeEngineClient:
         return max_tokens if max_tokens is not None else spec.context_length - num_prompt
 
     async def _echo(
-        self, request: GenerateRequest, words: list[str], num_prompt: int, budget: int
+        self, request: GenerateRequest, words: list[str], num_prompt: int, budget: int, index: int
     ) -> AsyncIterator[SeqDelta]:
         sampling = request.sampling
         target = budget if sampling.ignore_eos else max(len(words), sampling.min_tokens)
@@ -195,19 +214,11 @@ class FakeEngineClient:
             hit = next((s for s in sampling.stop if s in text), None)
             if hit is not None and i + 1 >= sampling.min_tokens:
                 kept = text[: text.index(hit)]
-                yield self._delta(request, kept[len(text) - len(piece) :], i, num_prompt, "stop")
+                yield _delta(request, kept[len(text) - len(piece) :], i, num_prompt, "stop", index)
                 return
             last = i + 1 == target
             reason = ("length" if target == budget else "stop") if last else None
-            yield self._delta(request, piece, i, num_prompt, reason)
-
-    @staticmethod
-    def _delta(
-        request: GenerateRequest, text: str, index: int, num_prompt: int, reason: str | None
-    ) -> SeqDelta:
-        return SeqDelta(
-            request.request_id, text, 1, reason, prompt_tokens=num_prompt if index == 0 else 0
-        )
+            yield _delta(request, piece, i, num_prompt, reason, index)
 
     async def embed(self, model: str, request: EmbedRequest) -> EmbedResult:
         self.num_embed_calls += 1
@@ -231,6 +242,26 @@ class FakeEngineClient:
             await asyncio.sleep(self.token_delay_s)
         data = struct.pack(f"<{len(flat)}f", *flat)
         return EmbedResult(request.request_id, data, len(texts), dim, num_prompt)
+
+
+def _delta(
+    request: GenerateRequest,
+    text: str,
+    position: int,
+    num_prompt: int,
+    reason: str | None,
+    index: int,
+) -> SeqDelta:
+    num_logprobs = request.sampling.logprobs
+    logprobs = None
+    if num_logprobs is not None:
+        logprob = -0.1 * (position + 1)
+        top = [(f"alt{k}", logprob - k - 1.0) for k in range(num_logprobs)]
+        logprobs = [TokenLogprob(text, logprob, top)]
+    prompt_tokens = num_prompt if position == 0 else 0
+    return SeqDelta(
+        request.request_id, text, 1, reason, prompt_tokens, index=index, logprobs=logprobs
+    )
 
 
 if TYPE_CHECKING:

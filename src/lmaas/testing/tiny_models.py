@@ -2,9 +2,9 @@
 
 The machines lmaas is developed on reach no model hub, so tests build their models from a config:
 a byte-level BPE tokenizer trained on a small built-in corpus, decoder-only LMs of the Llama,
-Qwen2, Mistral and GPT-2 shapes, and a BERT-shaped sentence-transformers encoder. Every builder
-is deterministic given its seed. The weights are random: the models produce gibberish, and any
-quality number measured on them is meaningless.
+Qwen2, Qwen3, Mistral and GPT-2 shapes, and a BERT-shaped sentence-transformers encoder. Every
+builder is deterministic given its seed. The weights are random: the models produce gibberish,
+and any quality number measured on them is meaningless.
 
 Command line (``lmaas serve`` builds its demo model this way, in a subprocess, so the gateway
 never imports torch)::
@@ -25,7 +25,7 @@ from tokenizers.trainers import BpeTrainer, WordPieceTrainer
 
 from lmaas.testing._tiny_corpus import CORPUS_LINES
 
-FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
+FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "qwen3")
 """Decoder families :func:`build_tiny_causal_lm` knows."""
 
 BOS_TOKEN = "<|startoftext|>"
@@ -104,6 +104,7 @@ def _decoder_config(family: str, vocab_size: int, ids: dict[str, int], **dims: i
         "llama": transformers.LlamaConfig,
         "qwen2": transformers.Qwen2Config,
         "mistral": transformers.MistralConfig,
+        "qwen3": transformers.Qwen3Config,
     }
     return classes[family](
         hidden_size=hidden,
@@ -149,6 +150,67 @@ def build_tiny_causal_lm(
     torch.manual_seed(seed)
     # transformers ships partial annotations; these two entry points are untyped.
     model = transformers.AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    model.generation_config = transformers.GenerationConfig(  # type: ignore[no-untyped-call]
+        bos_token_id=ids[BOS_TOKEN],
+        eos_token_id=[ids[EOS_TOKEN], ids["<|endoftext|>"]],
+        pad_token_id=ids[PAD_TOKEN],
+    )
+    model.save_pretrained(str(dest), safe_serialization=True)
+    return dest
+
+
+BENCH_LLAMA_SHAPE = {
+    "hidden_size": 768,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+}
+"""The ~125M-parameter Llama shape of the serving benchmark (issue 3)."""
+
+
+def build_bench_llama(dest: Path, *, seed: int = 0, max_positions: int = 2048) -> Path:
+    """Write the benchmark's random-weight bf16 Llama (:data:`BENCH_LLAMA_SHAPE`) into ``dest``.
+
+    The tokenizer is the tiny byte-level BPE, padded with plain added tokens (`` w0``,
+    `` w1``...) up to the model's 32000 ids, so every id the model can emit decodes to text.
+
+    Returns:
+        ``dest``.
+    """
+    import transformers
+    from tokenizers import AddedToken
+
+    build_tokenizer(dest)
+    vocab_size = BENCH_LLAMA_SHAPE["vocab_size"]
+    tokenizer = Tokenizer.from_file(str(dest / "tokenizer.json"))
+    padding = vocab_size - tokenizer.get_vocab_size()
+    tokenizer.add_tokens([AddedToken(f" w{i}", normalized=False) for i in range(padding)])
+    tokenizer.save(str(dest / "tokenizer.json"))
+    tokenizer_config = json.loads((dest / "tokenizer_config.json").read_text(encoding="utf-8"))
+    _write_json(
+        dest / "tokenizer_config.json", tokenizer_config | {"model_max_length": max_positions}
+    )
+    _, ids = _token_ids(dest)
+    shape = BENCH_LLAMA_SHAPE
+    config = transformers.LlamaConfig(
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_hidden_layers"],
+        num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape["num_key_value_heads"],
+        vocab_size=vocab_size,
+        head_dim=shape["hidden_size"] // shape["num_attention_heads"],
+        max_position_embeddings=max_positions,
+        bos_token_id=ids[BOS_TOKEN],
+        eos_token_id=ids[EOS_TOKEN],
+        pad_token_id=ids[PAD_TOKEN],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    model = model.to(torch.bfloat16)
     model.generation_config = transformers.GenerationConfig(  # type: ignore[no-untyped-call]
         bos_token_id=ids[BOS_TOKEN],
         eos_token_id=[ids[EOS_TOKEN], ids["<|endoftext|>"]],

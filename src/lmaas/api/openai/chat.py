@@ -26,6 +26,7 @@ from lmaas.core.messages import ChatMessage, GenerateRequest
 from lmaas.core.types import Task
 
 router = APIRouter(tags=["openai"])
+MAX_TOP_LOGPROBS = 20
 
 
 class ContentPart(OpenAIBaseModel):
@@ -49,24 +50,33 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=MAX_NUM_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
 
     def rejections(self) -> dict[str, bool]:
-        response_type = (self.response_format or {}).get("type", "text")
         return {
-            "logprobs": bool(self.logprobs),
-            "top_logprobs": bool(self.top_logprobs),
-            "response_format": response_type != "text",
             "tools": bool(self.tools),
             "tool_choice": self.tool_choice not in (None, "none"),
             "functions": bool(self.functions),
             "function_call": self.function_call not in (None, "none"),
         }
+
+
+def num_logprobs(body: ChatCompletionRequest) -> int | None:
+    """``logprobs`` / ``top_logprobs`` as one number (None: no logprobs).
+
+    Raises: InvalidRequestError for top_logprobs without logprobs.
+    """
+    if not body.logprobs:
+        if body.top_logprobs:
+            raise InvalidRequestError(
+                "top_logprobs requires logprobs to be true", param="top_logprobs"
+            )
+        return None
+    return body.top_logprobs or 0
 
 
 def _content_text(message: ChatMessageIn, index: int) -> str:
@@ -99,10 +109,19 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     set_model_label(request.scope, model.name)
     reject_set(body.rejections())
     max_tokens = body.max_completion_tokens or body.max_tokens
+    logprobs = num_logprobs(body)
     generate = GenerateRequest(
         request_id=request_id_of(request.scope),
-        sampling=body.to_sampling(model, max_tokens),
+        sampling=body.to_sampling(model, max_tokens, logprobs),
         messages=to_messages(body),
     )
-    call = GenerationCall(services, request, model.name, "chat", body.include_usage())
+    call = GenerationCall(
+        services,
+        request,
+        model.name,
+        "chat",
+        body.include_usage(),
+        n=generate.sampling.n,
+        logprobs=logprobs is not None,
+    )
     return await run_generation(call, generate, body.stream)

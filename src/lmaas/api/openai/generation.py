@@ -6,18 +6,17 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from lmaas.api.context import JsonResponse, request_id_of
+from lmaas.api.openai.choices import ChoiceState, Kind
 from lmaas.api.services import ApiServices
 from lmaas.api.sse import SseResponse, aclose_quietly, cancel_on_disconnect, sse_events
 from lmaas.core.errors import DeadlineExceededError
 from lmaas.core.messages import GenerateRequest, SeqDelta
-
-Kind = Literal["chat", "text"]
 
 
 @dataclass(slots=True)
@@ -29,18 +28,23 @@ class GenerationCall:
     model: str
     kind: Kind
     include_usage: bool
+    n: int = 1
+    logprobs: bool = False
+    """Render logprobs (the engine sends them on each delta when asked)."""
     request_id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     start_s: float = field(default_factory=time.perf_counter)
     deadline: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    finish_reason: str | None = None
     iterator: AsyncIterator[SeqDelta] | None = None
+    choices: list[ChoiceState] = field(default_factory=list)
+    streaming: bool = False
     _closed: bool = False
 
     def __post_init__(self) -> None:
         self.request_id = request_id_of(self.request.scope)
+        self.choices = [ChoiceState(i) for i in range(self.n)]
         timeout_s = self.services.config.request_timeout_s
         self.deadline = asyncio.get_running_loop().time() + timeout_s
 
@@ -61,14 +65,17 @@ class GenerationCall:
             raise DeadlineExceededError(
                 f"the request ran past its deadline of {timeout_s:g} s"
             ) from None
-        if delta.prompt_tokens:
-            if not self.prompt_tokens:
-                self.services.metrics.observe_ttft(self.model, time.perf_counter() - self.start_s)
-            self.prompt_tokens += delta.prompt_tokens
+        if delta.prompt_tokens and not self.prompt_tokens:
+            # Counted once: the n choices share one prompt.
+            self.services.metrics.observe_ttft(self.model, time.perf_counter() - self.start_s)
+            self.prompt_tokens = delta.prompt_tokens
         self.completion_tokens += delta.num_new_tokens
-        if delta.finish_reason is not None:
-            self.finish_reason = delta.finish_reason
+        if 0 <= delta.index < self.n:
+            self.choices[delta.index].add(delta, keep=not self.streaming)
         return delta
+
+    def unfinished(self) -> list[ChoiceState]:
+        return [c for c in self.choices if c.finish_reason is None]
 
     async def close(self) -> None:
         """Close the engine iterator (aborting an unfinished request) and count tokens, once."""
@@ -103,25 +110,22 @@ class GenerationCall:
             "choices": choices,
         }
 
-    def full_response(self, text: str) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason or "stop"}
-        if self.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        choice["logprobs"] = None
-        body = self._envelope([choice], chunk=False)
+    def full_response(self) -> dict[str, Any]:
+        choices = [c.full(self.kind, self.logprobs) for c in self.choices]
+        body = self._envelope(choices, chunk=False)
         body["usage"] = self.usage()
         return body
 
-    def chunk(self, text: str, finish_reason: str | None, first: bool) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0}
-        if self.kind == "chat":
-            choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
-        else:
-            choice["text"] = text
-        choice["logprobs"] = None
-        choice["finish_reason"] = finish_reason
+    def chunk(self, delta: SeqDelta) -> dict[str, Any]:
+        state = self.choices[delta.index]
+        entries = (delta.logprobs or []) if self.logprobs else None
+        choice = state.chunk(self.kind, delta.text, entries, delta.finish_reason)
+        return self._envelope([choice], chunk=True)
+
+    def closing_chunk(self, state: ChoiceState) -> dict[str, Any]:
+        """``finish_reason: stop`` for a choice the engine ended without one."""
+        state.finish_reason = "stop"
+        choice = state.chunk(self.kind, "", [] if self.logprobs else None, "stop")
         return self._envelope([choice], chunk=True)
 
     def usage_chunk(self) -> dict[str, Any]:
@@ -142,6 +146,7 @@ async def run_generation(call: GenerationCall, request: GenerateRequest, stream:
         call.iterator = call.services.engine.generate(call.model, request)
         if not stream:
             return await cancel_on_disconnect(call.request.receive, _collect(call))
+        call.streaming = True
         first = await call.next_delta()
         handed_off = True
         events = sse_events(_chunks(call, first), call.request_id)
@@ -152,22 +157,19 @@ async def run_generation(call: GenerationCall, request: GenerateRequest, stream:
 
 
 async def _collect(call: GenerationCall) -> Response:
-    parts: list[str] = []
-    while (delta := await call.next_delta()) is not None:
-        parts.append(delta.text)
-    return JsonResponse(call.full_response("".join(parts)))
+    while await call.next_delta() is not None:
+        pass
+    return JsonResponse(call.full_response())
 
 
 async def _chunks(call: GenerationCall, first: SeqDelta | None) -> AsyncIterator[dict[str, Any]]:
     delta = first
-    is_first = True
     while delta is not None:
-        if delta.text or delta.finish_reason is not None:
-            yield call.chunk(delta.text, delta.finish_reason, is_first)
-            is_first = False
+        in_range = 0 <= delta.index < call.n
+        if in_range and (delta.text or delta.finish_reason is not None or delta.logprobs):
+            yield call.chunk(delta)
         delta = await call.next_delta()
-    if call.finish_reason is None:
-        call.finish_reason = "stop"
-        yield call.chunk("", "stop", is_first)
+    for state in call.unfinished():
+        yield call.closing_chunk(state)
     if call.include_usage:
         yield call.usage_chunk()

@@ -79,6 +79,12 @@ class GenerationSequence:
             text += self._release_all()
         return self._delta(text)
 
+    def close(self, reason: str) -> str:
+        """End the sequence for a reason found outside it (a finished grammar); returns the
+        text still held back."""
+        self.finish_reason = reason
+        return self._release_all()
+
     def _release_all(self) -> str:
         """The sequence ends: complete the held-back text, still honouring stop strings."""
         tail, matched = self._stop_filter.feed(self._detokenizer.flush())

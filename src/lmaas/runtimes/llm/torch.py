@@ -26,6 +26,7 @@ from lmaas.runtimes.device import (
 )
 from lmaas.runtimes.hf_loading import load_hf_model
 from lmaas.runtimes.llm.chat_template import ChatTemplate
+from lmaas.runtimes.llm.hf_prompt import chat_template_of
 from lmaas.runtimes.llm.prompt import build_prompt_ids, resolve_max_tokens
 from lmaas.runtimes.llm.sampling import make_generator, sample_token
 from lmaas.runtimes.llm.sequence import GenerationSequence
@@ -82,7 +83,7 @@ class TorchCausalLMRunner:
         self._vocab_size = int(config.vocab_size)
         self._context_length = _context_length(config, self._spec.context_length)
         self._eos_ids = _eos_ids(self._model, self._tokenizer)
-        self._template = _chat_template(self._tokenizer)
+        self._template = chat_template_of(self._tokenizer)
         _log.info("loaded %s on %s (%s)", self._spec.model_dir, self._device, dtype)
         return ModelInfo(
             context_length=self._context_length,
@@ -138,6 +139,9 @@ class TorchCausalLMRunner:
 
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    def stats(self) -> dict[str, int]:
+        return {"running": len(self._running), "waiting": len(self._waiting)}
 
     # ------------------------------------------------------------------ stepping
 
@@ -203,14 +207,3 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
         elif isinstance(value, list | tuple):
             found.update(v for v in value if isinstance(v, int))
     return frozenset(found)
-
-
-def _chat_template(tokenizer: Any) -> ChatTemplate | None:
-    source = getattr(tokenizer, "chat_template", None)
-    if isinstance(source, dict):
-        source = source.get("default")
-    if not isinstance(source, str) or not source:
-        return None
-    names = ("bos_token", "eos_token", "pad_token", "unk_token")
-    special = {name: str(getattr(tokenizer, name, None) or "") for name in names}
-    return ChatTemplate(source, special)

@@ -1,6 +1,6 @@
 """Worker process main: loads one model version and serves it over ZeroMQ.
 
-Started by the gateway's supervisor as ``python -m lmaas.runtimes.worker SPEC_FILE``. The loop:
+Started by the gateway's supervisor as ``python -m lmaas.worker SPEC_FILE``. The loop:
 read every pending request, run one engine step (or one embedding batch), send the results back
 in one message, repeat. It reports ``WorkerReady`` once loaded, ``WorkerFailed`` if loading
 fails, and a ``Heartbeat`` every interval; it exits when told to, or when its parent dies.
@@ -8,7 +8,6 @@ fails, and a ``Heartbeat`` every interval; it exits when told to, or when its pa
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -35,6 +34,7 @@ from lmaas.core.messages import (
     WorkerSpec,
 )
 from lmaas.runtimes.base import EmbeddingRunner, GenerationRunner, Runner
+from lmaas.worker.factory import create_runner
 
 _log = logging.getLogger("lmaas.worker")
 _HEARTBEAT_S = 1.0
@@ -89,7 +89,7 @@ class WorkerLoop:
                 if os.getppid() != self._parent_pid:
                     _log.warning("parent process is gone; worker exits")
                     return
-                self.send(Heartbeat(num_running=self._num_running(), num_waiting=0))
+                self.send(self._heartbeat())
                 next_heartbeat = now + _HEARTBEAT_S
 
     def close(self) -> None:
@@ -101,8 +101,13 @@ class WorkerLoop:
             return True
         return self._gen is not None and self._gen.has_work()
 
-    def _num_running(self) -> int:
-        return self._gen.num_running() if self._gen is not None else 0
+    def _heartbeat(self) -> Heartbeat:
+        if self._gen is None:
+            return Heartbeat(num_running=0, num_waiting=len(self._pending_embeds))
+        stats = self._gen.stats()
+        return Heartbeat(
+            num_running=self._gen.num_running(), num_waiting=stats.get("waiting", 0), stats=stats
+        )
 
     def _receive(self, timeout_ms: int) -> None:
         if not self._requests.poll(timeout_ms):
@@ -159,23 +164,7 @@ def _refusal(request_id: str, message: str) -> RequestError:
 def _load(spec: WorkerSpec) -> Runner:
     if spec.verify_checksums:
         verify_files(spec)
-    custom = spec.options.get("runner")
-    if custom:
-        return _custom_runner(custom, spec)
-    from lmaas.runtimes.catalog import create_runner
-
     return create_runner(spec)
-
-
-def _custom_runner(target: str, spec: WorkerSpec) -> Runner:
-    """Build a runner from ``module:factory``: bring-your-own runners (and test fakes)."""
-    module_name, _, attr = target.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ModelLoadError(f"runner {target!r} cannot be imported: {exc}") from exc
-    runner: Runner = factory(spec)
-    return runner
 
 
 def main(argv: list[str] | None = None) -> int:

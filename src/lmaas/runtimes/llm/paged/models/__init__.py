@@ -1,0 +1,1 @@
+"""Our own decoder implementations over the paged KV cache (no transformers in the hot path)."""

@@ -1,0 +1,62 @@
+"""What the runner needs from a model, and the numerics the families share."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from lmaas.core.errors import ModelLoadError
+from lmaas.runtimes.llm.paged.kv_cache import PagedKVCache
+from lmaas.runtimes.llm.paged.step import StepInputs
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+class CausalModel(Protocol):
+    """A decoder whose layers attend through a :class:`PagedKVCache`."""
+
+    def hidden_states(self, inputs: StepInputs, cache: PagedKVCache) -> torch.Tensor:
+        """Run every layer over the packed new tokens; ``[T, hidden]`` before the final norm."""
+        ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head over the given rows: ``[rows, vocab]`` in the model dtype."""
+        ...
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm exactly as transformers computes it (float32 statistics, weight in model dtype)."""
+    dtype = x.dtype
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def _gelu_new(x: torch.Tensor) -> torch.Tensor:
+    # transformers' NewGELUActivation, formula for formula (bit-identical outputs in fp32).
+    inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))
+    return 0.5 * x * (1.0 + torch.tanh(inner))
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+_ACTIVATIONS: dict[str, Activation] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": _gelu_new,
+    "gelu_pytorch_tanh": _gelu_tanh,
+}
+
+
+def activation(name: str) -> Activation:
+    """The activation function called ``name`` in HF configs. Raises: ModelLoadError."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ModelLoadError(f"activation {name!r} is not supported") from None

@@ -1,0 +1,131 @@
+"""Llama-style decoders: Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm).
+
+Pre-norm RMSNorm blocks, RoPE, grouped-query attention and a gated MLP. At load time the q/k/v
+projections are fused into one matrix and gate/up into another, so a layer runs four matmuls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lmaas.core.errors import ModelLoadError
+from lmaas.runtimes.llm.paged.attention import paged_attention
+from lmaas.runtimes.llm.paged.config import DecoderConfig
+from lmaas.runtimes.llm.paged.kv_cache import PagedKVCache
+from lmaas.runtimes.llm.paged.models.base import activation, rms_norm
+from lmaas.runtimes.llm.paged.models.linear import Linear
+from lmaas.runtimes.llm.paged.rope import RopeTable, apply_rope
+from lmaas.runtimes.llm.paged.step import StepInputs
+from lmaas.runtimes.llm.paged.weights import CheckpointReader
+
+
+@dataclass(slots=True)
+class _Layer:
+    input_norm: torch.Tensor
+    qkv: Linear
+    qk_norm: torch.Tensor | None
+    """``[heads + kv_heads, head_dim]``: q_norm's weight per query head, k_norm's per KV head."""
+    o_proj: Linear
+    post_norm: torch.Tensor
+    gate_up: Linear
+    down: Linear
+
+
+class LlamaModel:
+    """Implements :class:`~lmaas.runtimes.llm.paged.models.base.CausalModel`."""
+
+    def __init__(
+        self,
+        config: DecoderConfig,
+        reader: CheckpointReader,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        if config.rope is None:
+            raise ModelLoadError(f"{config.architecture} config has no rotary embedding")
+        self._config = config
+        self._act = activation(config.hidden_act)
+        self._scale = config.head_dim**-0.5
+        self._embed = reader.get("model.embed_tokens.weight")
+        self._norm = reader.get("model.norm.weight")
+        tied = config.tie_word_embeddings or not reader.has("lm_head.weight")
+        self._lm_head = Linear(self._embed if tied else reader.get("lm_head.weight"))
+        self._layers = [_load_layer(config, reader, i) for i in range(config.num_layers)]
+        self._rope = RopeTable(config.rope, config.head_dim, config.max_positions, dtype, device)
+
+    def hidden_states(self, inputs: StepInputs, cache: PagedKVCache) -> torch.Tensor:
+        hidden = F.embedding(inputs.token_ids, self._embed)
+        cos, sin = self._rope.lookup(inputs.positions)
+        for index, layer in enumerate(self._layers):
+            hidden = self._layer(index, layer, hidden, cos, sin, inputs, cache)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._lm_head(rms_norm(hidden, self._norm, self._config.norm_eps))
+
+    def _layer(
+        self,
+        index: int,
+        layer: _Layer,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        inputs: StepInputs,
+        cache: PagedKVCache,
+    ) -> torch.Tensor:
+        config = self._config
+        heads, kv_heads = config.num_heads, config.num_kv_heads
+        x = rms_norm(hidden, layer.input_norm, config.norm_eps)
+        qkv = layer.qkv(x).view(-1, heads + 2 * kv_heads, config.head_dim)
+        qk = qkv[:, : heads + kv_heads]
+        if layer.qk_norm is not None:
+            qk = rms_norm(qk, layer.qk_norm, config.norm_eps)
+        qk = apply_rope(qk, cos, sin)
+        attn = paged_attention(
+            qk[:, :heads],
+            qk[:, heads:],
+            qkv[:, heads + kv_heads :],
+            cache=cache,
+            layer=index,
+            inputs=inputs,
+            scale=self._scale,
+        )
+        hidden = hidden + layer.o_proj(attn)
+        x = rms_norm(hidden, layer.post_norm, config.norm_eps)
+        gate, up = layer.gate_up(x).chunk(2, dim=-1)
+        return hidden + layer.down(self._act(gate) * up)
+
+
+def _load_layer(config: DecoderConfig, reader: CheckpointReader, index: int) -> _Layer:
+    prefix = f"model.layers.{index}."
+    attn, mlp = prefix + "self_attn.", prefix + "mlp."
+    qkv_names = [f"{attn}{p}_proj.weight" for p in ("q", "k", "v")]
+    bias_names = [f"{attn}{p}_proj.bias" for p in ("q", "k", "v")]
+    qkv_bias = reader.concat(bias_names) if reader.has(bias_names[0]) else None
+    gate_up_bias_names = [f"{mlp}gate_proj.bias", f"{mlp}up_proj.bias"]
+    gate_up_bias = reader.concat(gate_up_bias_names) if reader.has(gate_up_bias_names[0]) else None
+    return _Layer(
+        input_norm=reader.get(prefix + "input_layernorm.weight"),
+        qkv=Linear(reader.concat(qkv_names), qkv_bias),
+        qk_norm=_qk_norm(config, reader, attn) if config.qk_norm else None,
+        o_proj=Linear(reader.get(attn + "o_proj.weight"), reader.optional(attn + "o_proj.bias")),
+        post_norm=reader.get(prefix + "post_attention_layernorm.weight"),
+        gate_up=Linear(
+            reader.concat([f"{mlp}gate_proj.weight", f"{mlp}up_proj.weight"]), gate_up_bias
+        ),
+        down=Linear(reader.get(mlp + "down_proj.weight"), reader.optional(mlp + "down_proj.bias")),
+    )
+
+
+def _qk_norm(config: DecoderConfig, reader: CheckpointReader, attn: str) -> torch.Tensor:
+    q_weight = reader.get(attn + "q_norm.weight")
+    k_weight = reader.get(attn + "k_norm.weight")
+    return torch.cat(
+        (
+            q_weight.expand(config.num_heads, config.head_dim),
+            k_weight.expand(config.num_kv_heads, config.head_dim),
+        )
+    )

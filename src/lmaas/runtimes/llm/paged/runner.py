@@ -1,0 +1,229 @@
+"""The torch model runner of the LLM engine: our own decoders over a paged KV cache.
+
+Implements ``lmaas.engine.llm.protocol.ModelRunner`` structurally (runtimes never import the
+engine). One :meth:`PagedModelRunner.execute` call is one engine step: block copies, one packed
+forward over every slot's new tokens, logits for the sampling rows only, then the sampler.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from lmaas.core.errors import ModelLoadError, ModelNotReadyError
+from lmaas.core.messages import ModelInfo, WorkerSpec
+from lmaas.runtimes.device import (
+    configure_threads,
+    dtype_name,
+    num_threads_option,
+    resolve_device,
+    resolve_dtype,
+)
+from lmaas.runtimes.llm.batch import KVCacheLayout, Sampled, SeqSlot, StepBatch
+from lmaas.runtimes.llm.paged.config import GPT2_STYLE, DecoderConfig, read_decoder_config
+from lmaas.runtimes.llm.paged.decode_view import DEFAULT_VIEW_BYTES, DecodeView
+from lmaas.runtimes.llm.paged.kv_cache import (
+    PagedKVCache,
+    blocks_for_budget,
+    bytes_per_block,
+    default_budget_bytes,
+)
+from lmaas.runtimes.llm.paged.models.base import CausalModel
+from lmaas.runtimes.llm.paged.models.gpt2 import GPT2Model
+from lmaas.runtimes.llm.paged.models.llama import LlamaModel
+from lmaas.runtimes.llm.paged.step import build_step_inputs
+from lmaas.runtimes.llm.paged.weights import CheckpointReader
+
+_log = logging.getLogger(__name__)
+
+
+class SlotSampler(Protocol):
+    """The sampler's interface as the runner calls it (``lmaas.runtimes.llm.sampler.Sampler``)."""
+
+    def sample(self, logits: torch.Tensor, slots: Sequence[SeqSlot]) -> list[Sampled]:
+        """One token per row of ``logits`` (float32 ``[len(slots), vocab]``)."""
+        ...
+
+    def free(self, seq_ids: Iterable[int]) -> None:
+        """Drop per-sequence state (seeded generators) of finished sequences."""
+        ...
+
+
+class PagedModelRunner:
+    """Loads an HF safetensors decoder into our own modules and runs engine steps.
+
+    Supported: Llama, Mistral, Qwen2, Qwen3 and GPT-2 checkpoints (``config.json`` +
+    ``*.safetensors``, sharded or not).
+
+    Args:
+        spec: Model directory, device, dtype, context length and serving options
+            (``num_threads``).
+        sampler: Turns logits into tokens; default ``lmaas.runtimes.llm.sampler.Sampler``.
+        decode_view_bytes: Memory for the decode batch's contiguous K/V view
+            (``decode_view.DecodeView``); 0 disables it (attention then gathers every step).
+    """
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        *,
+        sampler: SlotSampler | None = None,
+        decode_view_bytes: int = DEFAULT_VIEW_BYTES,
+    ) -> None:
+        self._spec = spec
+        self._sampler = sampler
+        self._decode_view_bytes = decode_view_bytes
+        self._device = torch.device("cpu")
+        self._dtype = torch.float32
+        self._config: DecoderConfig | None = None
+        self._model: CausalModel | None = None
+        self._cache: PagedKVCache | None = None
+        self._view: DecodeView | None = None
+        self._context_length = 0
+
+    @property
+    def config(self) -> DecoderConfig:
+        if self._config is None:
+            raise ModelNotReadyError("the model is not loaded yet")
+        return self._config
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def load(self) -> ModelInfo:
+        """Read the config and weights (fusing projections) onto the device.
+
+        Raises:
+            ModelLoadError: missing files, unsupported architecture or feature, missing tensors,
+                or no sampler implementation available.
+        """
+        model_dir = Path(self._spec.model_dir)
+        if not model_dir.is_dir():
+            raise ModelLoadError(f"model directory {model_dir} does not exist")
+        self._device = resolve_device(self._spec.device)
+        self._dtype = resolve_dtype(self._spec.dtype, self._device)
+        configure_threads(num_threads_option(self._spec.options))
+        config = read_decoder_config(model_dir)
+        self._context_length = _context_length(config, self._spec.context_length)
+        model_class = GPT2Model if config.style == GPT2_STYLE else LlamaModel
+        with torch.inference_mode(), CheckpointReader(model_dir, self._dtype, self._device) as r:
+            self._model = model_class(config, r, self._dtype, self._device)
+        self._config = config
+        if self._sampler is None:
+            self._sampler = _default_sampler(self._device)
+        _log.info(
+            "loaded %s (%s) on %s in %s", model_dir, config.architecture, self._device, self._dtype
+        )
+        return ModelInfo(
+            context_length=self._context_length,
+            dtype=dtype_name(self._dtype),
+            device=str(self._device),
+            vocab_size=config.vocab_size,
+        )
+
+    def allocate_kv_cache(self, budget_bytes: int | None, block_size: int) -> KVCacheLayout:
+        """Allocate the paged cache (``budget_bytes=None``: see ``kv_cache.default_budget_bytes``).
+
+        Raises:
+            ModelLoadError: the model is not loaded, or not even one full context fits.
+        """
+        config = self.config
+        if block_size < 1:
+            raise ModelLoadError(f"block_size must be positive, got {block_size}")
+        shape = {"num_layers": config.num_layers, "num_kv_heads": config.num_kv_heads}
+        shape["head_dim"] = config.head_dim
+        block_bytes = bytes_per_block(**shape, block_size=block_size, dtype=self._dtype)
+        if budget_bytes is None:
+            budget_bytes = default_budget_bytes(self._device)
+        num_blocks = blocks_for_budget(
+            budget_bytes, block_bytes, block_size=block_size, context_length=self._context_length
+        )
+        self._cache = self._view = None  # release the old cache before allocating the new one
+        try:
+            self._cache = PagedKVCache(
+                **shape,
+                num_blocks=num_blocks,
+                block_size=block_size,
+                dtype=self._dtype,
+                device=self._device,
+            )
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+            raise ModelLoadError(f"cannot allocate a KV cache of {budget_bytes} bytes") from exc
+        self._view = DecodeView(self._cache, self._decode_view_bytes)
+        return KVCacheLayout(
+            block_size=block_size, num_blocks=num_blocks, bytes_per_block=block_bytes
+        )
+
+    @torch.inference_mode()
+    def compute_logits(self, batch: StepBatch) -> torch.Tensor:
+        """Run the step's forward; float32 logits ``[num_sampled, vocab]`` in slot order.
+
+        Raises:
+            ModelNotReadyError: before :meth:`load` and :meth:`allocate_kv_cache`.
+        """
+        if self._model is None or self._cache is None or self._view is None:
+            raise ModelNotReadyError("load() and allocate_kv_cache() must run before execute()")
+        self._cache.copy_blocks(batch.block_copies)
+        if not batch.slots:
+            self._view.invalidate()
+            return torch.empty(0, self.config.vocab_size, dtype=torch.float32)
+        inputs = build_step_inputs(batch.slots, self._cache.block_size, self._device)
+        if inputs.decode is None:
+            self._view.invalidate()
+        else:
+            copied = bool(batch.block_copies)
+            inputs.decode.view = self._view.plan(inputs.decode, batch.freed_seq_ids, copied)
+        try:
+            hidden = self._model.hidden_states(inputs, self._cache)
+        except BaseException:
+            self._view.invalidate()  # some layers may have appended, others not
+            raise
+        return self._model.logits(hidden[inputs.sample_rows]).float()
+
+    def execute(self, batch: StepBatch) -> list[Sampled]:
+        """Run one step; one :class:`Sampled` per slot with ``sample=True``, in slot order."""
+        logits = self.compute_logits(batch)
+        sampler = self._sampler
+        if sampler is None:
+            raise ModelNotReadyError("load() must run before execute()")
+        if batch.freed_seq_ids:
+            sampler.free(batch.freed_seq_ids)
+        sampled_slots = [slot for slot in batch.slots if slot.sample]
+        if not sampled_slots:
+            return []
+        with torch.inference_mode():
+            return sampler.sample(logits, sampled_slots)
+
+
+def _default_sampler(device: torch.device) -> SlotSampler:
+    try:
+        from lmaas.runtimes.llm.sampler import Sampler
+    except ImportError as exc:
+        raise ModelLoadError(
+            "lmaas.runtimes.llm.sampler.Sampler is not available; pass sampler= explicitly"
+        ) from exc
+    sampler: SlotSampler = Sampler(device)
+    return sampler
+
+
+def _context_length(config: DecoderConfig, requested: int | None) -> int:
+    native = config.max_positions
+    if not native and requested is None:
+        raise ModelLoadError("the model config names no context length; set context_length")
+    if requested is None:
+        return native
+    if native and requested > native:
+        _log.warning(
+            "context_length %d exceeds the model's %d; using %d", requested, native, native
+        )
+        return native
+    return requested

@@ -1,0 +1,5 @@
+import sys
+
+from lmaas.worker.main import main
+
+sys.exit(main())

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from lmaas.cli.main import app
+
+
+def test_bench_serve_refuses_a_bad_endpoint() -> None:
+    result = CliRunner().invoke(
+        app, ["bench", "serve", "--base-url", "http://127.0.0.1:9", "--model", "m",
+              "--endpoint", "/v1/embeddings"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "endpoint" in result.stderr
+
+
+def test_bench_serve_counts_an_unreachable_server_as_failures() -> None:
+    # Port 9 (discard) is closed on loopback: every request fails to connect.
+    result = CliRunner().invoke(
+        app, ["bench", "serve", "--base-url", "http://127.0.0.1:9", "--model", "m",
+              "--num-prompts", "2", "--input-len", "4", "--output-len", "2"],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "2 failed; first error:" in result.stderr
+    assert "ConnectError" in result.stderr
