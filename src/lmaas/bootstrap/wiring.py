@@ -115,6 +115,8 @@ def install_demo_models(registry: RegistryService, log: Callable[[str], None]) -
 def deployment_for(registry: RegistryService, manifest: Manifest, settings: Settings) -> Deployment:
     serving = manifest.serving
     options = dict(serving.options)
+    if serving.kv_cache_bytes is not None and "kv_cache_bytes" not in options:
+        options["kv_cache_bytes"] = str(serving.kv_cache_bytes)
     if serving.matryoshka_dims:
         options["matryoshka_dims"] = ",".join(str(d) for d in serving.matryoshka_dims)
     spec = WorkerSpec(

@@ -90,7 +90,9 @@ class FakeModelRunner:
             vocab_size=self.vocab_size,
         )
 
-    def allocate_kv_cache(self, budget_bytes: int | None, block_size: int) -> KVCacheLayout:
+    def allocate_kv_cache(
+        self, budget_bytes: int | None, block_size: int, max_useful_tokens: int | None = None
+    ) -> KVCacheLayout:
         bytes_per_block = block_size * _BYTES_PER_TOKEN
         num_blocks = self.num_blocks if budget_bytes is None else budget_bytes // bytes_per_block
         if num_blocks < 1:

@@ -99,8 +99,10 @@ class LLMEngine:
 
     def load(self) -> ModelInfo:
         info = self._runner.load()
+        # Without a budget, no more than every running sequence at full context could fill.
+        max_useful_tokens = self._config.scheduler.max_num_seqs * info.context_length
         layout = self._runner.allocate_kv_cache(
-            self._config.kv_cache_bytes, self._config.scheduler.block_size
+            self._config.kv_cache_bytes, self._config.scheduler.block_size, max_useful_tokens
         )
         self._scheduler = Scheduler(self._config.scheduler, layout.num_blocks)
         self._prompts = self._make_prompts(info)

@@ -19,9 +19,12 @@ class ModelRunner(Protocol):
         """Load the weights. Raises: ModelLoadError."""
         ...
 
-    def allocate_kv_cache(self, budget_bytes: int | None, block_size: int) -> KVCacheLayout:
+    def allocate_kv_cache(
+        self, budget_bytes: int | None, block_size: int, max_useful_tokens: int | None = None
+    ) -> KVCacheLayout:
         """Allocate the paged cache within ``budget_bytes`` (None: the runner's default share of
-        free memory). Raises: ModelLoadError when not even one full context fits."""
+        free memory, capped at ``max_useful_tokens`` tokens). Raises: ModelLoadError when not
+        even one full context fits."""
         ...
 
     def execute(self, batch: StepBatch) -> list[Sampled]:

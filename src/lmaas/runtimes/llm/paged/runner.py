@@ -130,8 +130,11 @@ class PagedModelRunner:
             vocab_size=config.vocab_size,
         )
 
-    def allocate_kv_cache(self, budget_bytes: int | None, block_size: int) -> KVCacheLayout:
-        """Allocate the paged cache (``budget_bytes=None``: see ``kv_cache.default_budget_bytes``).
+    def allocate_kv_cache(
+        self, budget_bytes: int | None, block_size: int, max_useful_tokens: int | None = None
+    ) -> KVCacheLayout:
+        """Allocate the paged cache (``budget_bytes=None``: see ``kv_cache.default_budget_bytes``,
+        capped at ``max_useful_tokens`` — no more than the scheduler can ever fill).
 
         Raises:
             ModelLoadError: the model is not loaded, or not even one full context fits.
@@ -144,6 +147,9 @@ class PagedModelRunner:
         block_bytes = bytes_per_block(**shape, block_size=block_size, dtype=self._dtype)
         if budget_bytes is None:
             budget_bytes = default_budget_bytes(self._device)
+            if max_useful_tokens is not None:
+                useful_blocks = -(-max(max_useful_tokens, self._context_length) // block_size)
+                budget_bytes = min(budget_bytes, useful_blocks * block_bytes)
         num_blocks = blocks_for_budget(
             budget_bytes, block_bytes, block_size=block_size, context_length=self._context_length
         )
