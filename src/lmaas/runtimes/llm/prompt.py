@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
-from lmaas.core.errors import InvalidRequestError
+from lmaas.core.errors import InvalidRequestError, ModelLoadError
 from lmaas.core.messages import GenerateRequest
 from lmaas.runtimes.llm.chat_template import ChatTemplate
+
+_log = logging.getLogger("lmaas.runtimes.llm")
 
 
 class TokenEncoder(Protocol):
@@ -103,3 +106,21 @@ def resolve_max_tokens(
             param="max_tokens",
         )
     return max_tokens
+
+
+def resolve_context_length(native: int, requested: int | None) -> int:
+    """The context to serve: the requested one, never past the model's own (0: unknown).
+
+    Raises:
+        ModelLoadError: neither the model config nor the serving options give a length.
+    """
+    if not native and requested is None:
+        raise ModelLoadError("the model config names no context length; set context_length")
+    if requested is None:
+        return native
+    if native and requested > native:
+        _log.warning(
+            "context_length %d exceeds the model's %d; using %d", requested, native, native
+        )
+        return native
+    return requested

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lmaas.core.errors import InvalidRequestError, ModelLoadError, ModelNotReadyError
+from lmaas.core.errors import InvalidRequestError, ModelNotReadyError
 from lmaas.core.messages import GenerateRequest, ModelInfo, SamplingParams, SeqDelta, WorkerSpec
 from lmaas.runtimes.device import (
     configure_threads,
@@ -27,7 +27,7 @@ from lmaas.runtimes.device import (
 from lmaas.runtimes.hf_loading import load_hf_model
 from lmaas.runtimes.llm.chat_template import ChatTemplate
 from lmaas.runtimes.llm.hf_prompt import chat_template_of
-from lmaas.runtimes.llm.prompt import build_prompt_ids, resolve_max_tokens
+from lmaas.runtimes.llm.prompt import build_prompt_ids, resolve_context_length, resolve_max_tokens
 from lmaas.runtimes.llm.sampling import make_generator, sample_token
 from lmaas.runtimes.llm.sequence import GenerationSequence
 
@@ -182,17 +182,7 @@ def _context_length(config: Any, requested: int | None) -> int:
     native_value = getattr(config, "max_position_embeddings", None) or getattr(
         config, "n_positions", None
     )
-    native = int(native_value) if native_value else 0
-    if not native and requested is None:
-        raise ModelLoadError("the model config names no context length; set context_length")
-    if requested is None:
-        return native
-    if native and requested > native:
-        _log.warning(
-            "context_length %d exceeds the model's %d; using %d", requested, native, native
-        )
-        return native
-    return requested
+    return resolve_context_length(int(native_value) if native_value else 0, requested)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

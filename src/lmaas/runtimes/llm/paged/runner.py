@@ -37,6 +37,7 @@ from lmaas.runtimes.llm.paged.models.gpt2 import GPT2Model
 from lmaas.runtimes.llm.paged.models.llama import LlamaModel
 from lmaas.runtimes.llm.paged.step import build_step_inputs
 from lmaas.runtimes.llm.paged.weights import CheckpointReader
+from lmaas.runtimes.llm.prompt import resolve_context_length
 
 _log = logging.getLogger(__name__)
 
@@ -222,14 +223,4 @@ def _default_sampler(device: torch.device) -> SlotSampler:
 
 
 def _context_length(config: DecoderConfig, requested: int | None) -> int:
-    native = config.max_positions
-    if not native and requested is None:
-        raise ModelLoadError("the model config names no context length; set context_length")
-    if requested is None:
-        return native
-    if native and requested > native:
-        _log.warning(
-            "context_length %d exceeds the model's %d; using %d", requested, native, native
-        )
-        return native
-    return requested
+    return resolve_context_length(config.max_positions, requested)
