@@ -171,3 +171,14 @@ def test_default_budget_is_a_capped_share_of_available_memory(tmp_path: Path) ->
     meminfo.write_text("MemTotal: 100 kB\n")
     with pytest.raises(ModelLoadError, match="MemAvailable"):
         default_budget_bytes(torch.device("cpu"), meminfo)
+
+
+def test_kv_cache_fraction_of_available_memory(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 100000000 kB\nMemAvailable: 64000000 kB\n")
+    cpu = torch.device("cpu")
+    # An explicit fraction is honoured as given, above the 8 GiB default cap.
+    assert default_budget_bytes(cpu, meminfo, fraction=0.5) == 32_768_000_000
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ModelLoadError, match="kv_cache_fraction"):
+            default_budget_bytes(cpu, meminfo, fraction=bad)

@@ -122,16 +122,25 @@ def bytes_per_block(
     return 2 * num_layers * num_kv_heads * block_size * head_dim * element_size
 
 
-def default_budget_bytes(device: torch.device, meminfo: Path = Path("/proc/meminfo")) -> int:
-    """The cache budget when none is configured (see the module constants).
+def default_budget_bytes(
+    device: torch.device,
+    meminfo: Path = Path("/proc/meminfo"),
+    fraction: float | None = None,
+) -> int:
+    """The cache budget when no byte count is configured: ``fraction`` of free memory (the
+    module defaults when None; an explicit fraction on a CPU is not capped at 8 GiB).
 
     Raises:
-        ModelLoadError: free memory cannot be determined.
+        ModelLoadError: free memory cannot be determined, or the fraction is out of (0, 1].
     """
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+        raise ModelLoadError(f"kv_cache_fraction must be in (0, 1], got {fraction}")
     if device.type == "cuda":
         free_bytes, _total = torch.cuda.mem_get_info(device)
-        return int(free_bytes * DEFAULT_CUDA_FRACTION)
+        return int(free_bytes * (fraction or DEFAULT_CUDA_FRACTION))
     available = _mem_available_bytes(meminfo)
+    if fraction is not None:
+        return int(available * fraction)
     return min(int(available * DEFAULT_CPU_FRACTION), DEFAULT_CPU_CAP_BYTES)
 
 

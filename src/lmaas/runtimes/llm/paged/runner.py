@@ -8,7 +8,7 @@ forward over every slot's new tokens, logits for the sampling rows only, then th
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -147,7 +147,9 @@ class PagedModelRunner:
         shape["head_dim"] = config.head_dim
         block_bytes = bytes_per_block(**shape, block_size=block_size, dtype=self._dtype)
         if budget_bytes is None:
-            budget_bytes = default_budget_bytes(self._device)
+            budget_bytes = default_budget_bytes(
+                self._device, fraction=_fraction_option(self._spec.options)
+            )
             if max_useful_tokens is not None:
                 useful_blocks = -(-max(max_useful_tokens, self._context_length) // block_size)
                 budget_bytes = min(budget_bytes, useful_blocks * block_bytes)
@@ -220,6 +222,15 @@ def _default_sampler(device: torch.device) -> SlotSampler:
         ) from exc
     sampler: SlotSampler = Sampler(device)
     return sampler
+
+
+def _fraction_option(options: Mapping[str, str]) -> float | None:
+    """``kv_cache_fraction``: the share of free memory the KV cache takes without a byte budget."""
+    raw = options.get("kv_cache_fraction")
+    try:
+        return float(raw) if raw else None
+    except ValueError:
+        raise ModelLoadError(f"kv_cache_fraction must be a number, got {raw!r}") from None
 
 
 def _context_length(config: DecoderConfig, requested: int | None) -> int:
