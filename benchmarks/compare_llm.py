@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -228,6 +229,12 @@ def kv_bytes_needed(model_dir: Path, num_seqs: int, tokens: int) -> int:
     return int(per_token * num_seqs * tokens)
 
 
+def kv_bytes_allocated(log: Path) -> int | None:
+    """The KV cache the worker allocated, from its "KV cache: N blocks ... (X MiB)" log line."""
+    match = re.search(r"KV cache: \d+ blocks of \d+ tokens \(([0-9.]+) MiB\)", log.read_text())
+    return int(float(match.group(1)) * 2**20) if match else None
+
+
 def run_lmaas(args: argparse.Namespace, model_dir: Path, work: Path) -> dict[str, Any]:
     home = work / "lmaas-home"
     serving: dict[str, Any] = {"max_batch_size": args.requests, "dtype": "bfloat16"}
@@ -267,13 +274,17 @@ def run_lmaas(args: argparse.Namespace, model_dir: Path, work: Path) -> dict[str
         result: dict[str, Any] = bench(args, base_url, MODEL_NAME, vocab_size=32000)
         result["memory"] = worker_memory(proc.pid)
     weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    kv = args.kv_cache_bytes or kv_bytes_needed(
-        model_dir, args.requests, args.input_len + args.output_len
+    allocated = kv_bytes_allocated(log)
+    kv = (
+        allocated
+        or args.kv_cache_bytes
+        or kv_bytes_needed(model_dir, args.requests, args.input_len + args.output_len)
     )
+    source = "worker log (allocated)" if allocated else "scenario need"
     result["memory_budget"] = {
         "weights_bytes": weights,
         "kv_budget_bytes": kv,
-        "kv_budget_source": "serving.kv_cache_bytes" if args.kv_cache_bytes else "scenario need",
+        "kv_budget_source": source,
         "allowance_bytes": weights + kv + ALLOWANCE_BYTES,
     }
     return result
