@@ -25,6 +25,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="skip a system: lmaas, hf-static, hf-generate-batch, tf-serve",
     )
     parser.add_argument("--workdir", type=Path, help="keep the model and logs here")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every system, interleaved; the report gives the median and the range",
+    )
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--phase-args", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -330,6 +337,24 @@ def run_tf_serve(args: argparse.Namespace, model_dir: Path, work: Path) -> dict[
     return {**result, "command": cmd}
 
 
+def combine_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last round's summary with every rate and ratio replaced by its median over the
+    rounds, and the per-round values kept beside it (``*_rounds``)."""
+    summary = dict(rounds[-1])
+    for section in ("rates_tok_s", "ratios"):
+        values: dict[str, list[float]] = {}
+        for one in rounds:
+            for name, value in one[section].items():
+                if value is not None:
+                    values.setdefault(name, []).append(value)
+        summary[section] = {
+            name: statistics.median(values[name]) if name in values else None
+            for name in rounds[-1][section]
+        }
+        summary[f"{section}_rounds"] = values
+    return summary
+
+
 def orchestrate(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         work: Path = args.workdir or Path(
@@ -355,9 +380,18 @@ def orchestrate(args: argparse.Namespace) -> int:
             "hf_generate_batch": "hf-generate-batch",
             "transformers_serve": "tf-serve",
         }
-        for key, step in steps.items():
-            results[key] = {"error": "skipped"} if names[key] in args.skip else step()
-        results["summary"] = summarize(results, args, model_dir)
+        rounds = []
+        for round_index in range(max(1, args.repeat)):
+            for key, step in steps.items():
+                # transformers serve is measured once: it is the slowest and rarely starts.
+                once = key == "transformers_serve" and round_index > 0
+                if names[key] in args.skip or once:
+                    results[key] = results.get(key, {"error": "skipped"})
+                    continue
+                results[key] = step()
+            rounds.append(summarize(results, args, model_dir))
+        results["rounds"] = rounds
+        results["summary"] = combine_rounds(rounds)
         print_report(results["summary"], results, args)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

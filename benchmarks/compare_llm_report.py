@@ -124,11 +124,18 @@ def print_report(
     )
     table = Table(title=f"Output tokens/s ({title}; single = decode tok/s)")
     table.add_column("system / scenario")
-    table.add_column("tok/s", justify="right")
+    table.add_column("tok/s (median)", justify="right")
+    table.add_column("range over rounds", justify="right")
+    rate_rounds = summary.get("rates_tok_s_rounds", {})
+    ratio_rounds = summary.get("ratios_rounds", {})
     for key, rate in summary["rates_tok_s"].items():
-        table.add_row(key, f"{rate:,.1f}" if rate else "-")
+        seen = rate_rounds.get(key, [])
+        spread = f"{min(seen):,.1f} to {max(seen):,.1f}" if len(seen) > 1 else ""
+        table.add_row(key, f"{rate:,.1f}" if rate else "-", spread)
     for key, value in summary["ratios"].items():
-        table.add_row(f"[bold]{key}[/]", f"{value:.2f}x" if value else "-")
+        seen = ratio_rounds.get(key, [])
+        spread = f"{min(seen):.2f} to {max(seen):.2f}x" if len(seen) > 1 else ""
+        table.add_row(f"[bold]{key}[/]", f"{value:.2f}x" if value else "-", spread)
     console.print(table)
     for key, value in summary["roofline"].items():
         if isinstance(value, dict) and "text" in value:
