@@ -15,12 +15,11 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from lmaas.core.errors import (
-    ChecksumMismatchError,
     ConflictError,
     InvalidRequestError,
     ModelNotFoundError,
 )
-from lmaas.core.hashing import sha256_file
+from lmaas.core.hashing import verify_file
 from lmaas.core.types import Task, is_valid_name
 from lmaas.registry.manifest import FileEntry, Lineage, Manifest, ServingDefaults
 from lmaas.registry.metadata import MetadataStore
@@ -322,21 +321,7 @@ class RegistryService:
             ChecksumMismatchError: A file is missing, or its size or sha256 differs.
         """
         for entry in manifest.files:
-            path = self._store.file_path(manifest, entry.path)
-            if not path.is_file():
-                raise ChecksumMismatchError(f"{manifest.ref}: file {entry.path!r} is missing")
-            size_bytes = path.stat().st_size
-            if size_bytes != entry.size_bytes:
-                raise ChecksumMismatchError(
-                    f"{manifest.ref}: file {entry.path!r} has {size_bytes} bytes, "
-                    f"the manifest records {entry.size_bytes}"
-                )
-            actual = sha256_file(path)
-            if actual != entry.sha256:
-                raise ChecksumMismatchError(
-                    f"{manifest.ref}: file {entry.path!r} has sha256 {actual}, "
-                    f"the manifest records {entry.sha256}"
-                )
+            verify_file(self._store.file_path(manifest, entry.path), entry, manifest.ref)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from lmaas.core.errors import ChecksumMismatchError, LmaasError, ModelLoadError
-from lmaas.core.hashing import sha256_file
+from lmaas.core.errors import LmaasError, ModelLoadError
+from lmaas.core.hashing import verify_file
 from lmaas.core.messages import (
     AbortRequest,
     EmbedRequest,
@@ -43,17 +43,9 @@ _HEARTBEAT_S = 1.0
 def verify_files(spec: WorkerSpec) -> None:
     """Re-hash every artifact. Raises: ChecksumMismatchError naming the file and both digests."""
     root = Path(spec.model_dir)
+    label = f"{spec.model_name}:{spec.model_version}"
     for entry in spec.files:
-        path = root / entry.path
-        if not path.is_file():
-            raise ChecksumMismatchError(f"model file {entry.path} is missing from {root}")
-        actual = sha256_file(path)
-        if actual != entry.sha256:
-            raise ChecksumMismatchError(
-                f"model file {entry.path} does not match its manifest: sha256 {actual} "
-                f"!= recorded {entry.sha256}; refusing to load {spec.model_name}:"
-                f"{spec.model_version}"
-            )
+        verify_file(root / entry.path, entry, label)
 
 
 class WorkerLoop:
