@@ -35,7 +35,7 @@ class HFPromptProcessor:
         # 0: the model did not say; the tokenizer's own size is the best bound then.
         self._vocab_size = vocab_size or len(self._tokenizer)
         self._template = chat_template_of(self._tokenizer)
-        self._eos_ids = _eos_ids(model_dir, self._tokenizer)
+        self._eos_ids = eos_token_ids_of(model_dir, self._tokenizer)
 
     @property
     def decoder(self) -> TokenDecoder:
@@ -63,7 +63,8 @@ class HFPromptProcessor:
         return text
 
 
-def _eos_ids(model_dir: Path, tokenizer: Any) -> frozenset[int]:
+def eos_token_ids_of(model_dir: Path, tokenizer: Any) -> frozenset[int]:
+    """Every id that ends generation: the tokenizer's, generation_config's and config's."""
     found: set[int] = set()
     values: list[object] = [getattr(tokenizer, "eos_token_id", None)]
     for name in ("generation_config.json", "config.json"):

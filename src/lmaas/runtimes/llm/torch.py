@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, deque
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from lmaas.runtimes.device import (
 )
 from lmaas.runtimes.hf_loading import load_hf_model
 from lmaas.runtimes.llm.chat_template import ChatTemplate
-from lmaas.runtimes.llm.hf_prompt import chat_template_of
+from lmaas.runtimes.llm.hf_prompt import chat_template_of, eos_token_ids_of
 from lmaas.runtimes.llm.prompt import build_prompt_ids, resolve_context_length, resolve_max_tokens
 from lmaas.runtimes.llm.sampling import make_generator, sample_token
 from lmaas.runtimes.llm.sequence import GenerationSequence
@@ -82,7 +83,7 @@ class TorchCausalLMRunner:
         config = self._model.config
         self._vocab_size = int(config.vocab_size)
         self._context_length = _context_length(config, self._spec.context_length)
-        self._eos_ids = _eos_ids(self._model, self._tokenizer)
+        self._eos_ids = eos_token_ids_of(Path(self._spec.model_dir), self._tokenizer)
         self._template = chat_template_of(self._tokenizer)
         _log.info("loaded %s on %s (%s)", self._spec.model_dir, self._device, dtype)
         return ModelInfo(
@@ -183,17 +184,3 @@ def _context_length(config: Any, requested: int | None) -> int:
         config, "n_positions", None
     )
     return resolve_context_length(int(native_value) if native_value else 0, requested)
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    found: set[int] = set()
-    for value in (
-        getattr(model.generation_config, "eos_token_id", None),
-        model.config.eos_token_id,
-        tokenizer.eos_token_id,
-    ):
-        if isinstance(value, int):
-            found.add(value)
-        elif isinstance(value, list | tuple):
-            found.update(v for v in value if isinstance(v, int))
-    return frozenset(found)
