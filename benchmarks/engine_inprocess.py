@@ -1,7 +1,7 @@
 """The LLM engine in-process (no HTTP): N requests of P prompt / O output tokens, step to idle.
 
 Usage: .venv/bin/python benchmarks/engine_inprocess.py [--requests 64] [--input-len 128]
-       [--output-len 128] [--profile]
+       [--output-len 128] [--device auto|cpu|cuda] [--profile]
 
 Builds the ~125M Llama-shaped bench model (random weights, bf16 where the CPU has avx512_bf16)
 and prints output tokens/s overall and after the first token; ``--profile`` adds the top of a
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     model_dir = build_bench_llama(Path(tempfile.mkdtemp(prefix="lmaas-bench-")) / "bench-llama")
@@ -41,6 +42,7 @@ def main() -> None:
         "",
         "",
         max_batch_size=args.requests,
+        device=args.device,
     )
     engine = create_runner(spec)
     engine.load()

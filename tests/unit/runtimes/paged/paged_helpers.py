@@ -35,12 +35,13 @@ def load_runner(
     model_dir: Path,
     *,
     dtype: str = "float32",
+    device: str = "cpu",
     num_blocks: int = 64,
     block_size: int = 8,
     decode_view_bytes: int = 1 << 30,
 ) -> tuple[PagedModelRunner, GreedySampler]:
     sampler = GreedySampler()
-    spec = make_spec(model_dir, dtype=dtype)
+    spec = make_spec(model_dir, dtype=dtype, device=device)
     runner = PagedModelRunner(spec, sampler=sampler, decode_view_bytes=decode_view_bytes)
     runner.load()
     config = runner.config

@@ -100,6 +100,10 @@ class PagedModelRunner:
     def dtype(self) -> torch.dtype:
         return self._dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
     def load(self) -> ModelInfo:
         """Read the config and weights (fusing projections) onto the device.
 
