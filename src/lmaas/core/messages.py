@@ -106,6 +106,73 @@ class EmbedRequest(msgspec.Struct, frozen=True, tag="embed"):
     dimensions: int | None = None
 
 
+class TensorData(msgspec.Struct, frozen=True, array_like=True):
+    """One named tensor (Open Inference Protocol v2 datatypes).
+
+    Numeric data is little-endian, row-major in ``data``; ``BYTES`` tensors carry one element per
+    entry of ``items`` instead (``data`` empty).
+    """
+
+    name: str
+    datatype: str
+    """``FP32``, ``FP16``, ``BF16``, ``FP64``, ``INT8``-``INT64``, ``UINT8``-``UINT64``, ``BOOL``
+    or ``BYTES``."""
+    shape: list[int]
+    data: bytes = b""
+    items: list[bytes] | None = None
+
+
+class TensorSpec(msgspec.Struct, frozen=True, array_like=True):
+    """A model input or output as v2 metadata lists it; ``-1`` marks a dynamic axis."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class RerankRequest(msgspec.Struct, frozen=True, tag="rerank"):
+    """Score each document's relevance to the query (cross-encoder)."""
+
+    request_id: str
+    query: str
+    documents: list[str]
+
+
+class ClassifyRequest(msgspec.Struct, frozen=True, tag="classify"):
+    """Classify each input: texts, encoded images (PNG/JPEG/... bytes) or a pixel tensor."""
+
+    request_id: str
+    texts: list[str] | None = None
+    images: list[bytes] | None = None
+    pixel_values: TensorData | None = None
+
+
+class TranscribeRequest(msgspec.Struct, frozen=True, tag="transcribe"):
+    """Transcribe one encoded audio file (wav, mp3, flac, ogg...)."""
+
+    request_id: str
+    audio: bytes
+    language: str | None = None
+    """ISO-639-1 code, or None to detect it."""
+    prompt: str | None = None
+    temperature: float = 0.0
+    timestamps: bool = True
+    """Also return segments with start and end times."""
+
+
+class TensorRequest(msgspec.Struct, frozen=True, tag="tensor"):
+    """Run the model's graph on named input tensors (the generic v2 path)."""
+
+    request_id: str
+    inputs: list[TensorData]
+    outputs: list[str] | None = None
+    """Output names to return; None: all of them."""
+
+
+InferRequest = EmbedRequest | RerankRequest | ClassifyRequest | TranscribeRequest | TensorRequest
+"""Requests with one result each (no token stream); workers batch them dynamically."""
+
+
 class AbortRequest(msgspec.Struct, frozen=True, tag="abort"):
     request_id: str
 
@@ -114,7 +181,16 @@ class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
     pass
 
 
-ToWorker = GenerateRequest | EmbedRequest | AbortRequest | Shutdown
+ToWorker = (
+    GenerateRequest
+    | EmbedRequest
+    | RerankRequest
+    | ClassifyRequest
+    | TranscribeRequest
+    | TensorRequest
+    | AbortRequest
+    | Shutdown
+)
 
 
 # ---------------------------------------------------------------- results (worker → gateway)
@@ -130,6 +206,12 @@ class ModelInfo(msgspec.Struct, frozen=True):
     matryoshka_dims: list[int] | None = None
     max_input_tokens: int | None = None
     vocab_size: int | None = None
+    labels: list[str] | None = None
+    """Class labels in output order (classification tasks)."""
+    inputs: list[TensorSpec] | None = None
+    """The model's inputs as ``/v2/models/{m}`` lists them (None: the task's defaults)."""
+    outputs: list[TensorSpec] | None = None
+    max_batch_size: int | None = None
 
 
 class WorkerReady(msgspec.Struct, frozen=True, tag="ready"):
@@ -182,6 +264,47 @@ class EmbedResult(msgspec.Struct, frozen=True, tag="embedded"):
     prompt_tokens: int
 
 
+class ScoreResult(msgspec.Struct, frozen=True, tag="scores"):
+    """One relevance score per document, in the request's order."""
+
+    request_id: str
+    scores: list[float]
+    prompt_tokens: int
+
+
+class ClassifyResult(msgspec.Struct, frozen=True, tag="classified"):
+    request_id: str
+    probs: bytes
+    """float32 little-endian ``[num_inputs, num_labels]`` class probabilities."""
+    num_inputs: int
+    num_labels: int
+    prompt_tokens: int = 0
+
+
+class Segment(msgspec.Struct, frozen=True, array_like=True):
+    id: int
+    start: float
+    end: float
+    text: str
+
+
+class TranscriptionResult(msgspec.Struct, frozen=True, tag="transcribed"):
+    request_id: str
+    text: str
+    language: str
+    duration_s: float
+    """Length of the audio, for metering."""
+    segments: list[Segment] = msgspec.field(default_factory=list)
+
+
+class TensorResult(msgspec.Struct, frozen=True, tag="tensors"):
+    request_id: str
+    outputs: list[TensorData]
+
+
+InferResult = EmbedResult | ScoreResult | ClassifyResult | TranscriptionResult | TensorResult
+
+
 class RequestError(msgspec.Struct, frozen=True, tag="error"):
     """A request failed; ``code`` is an :class:`lmaas.core.errors.LmaasError` code."""
 
@@ -198,4 +321,15 @@ class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat"):
     """Engine counters (KV blocks free/total, preemptions, prefix-cache hits...)."""
 
 
-FromWorker = WorkerReady | WorkerFailed | StepOutput | EmbedResult | RequestError | Heartbeat
+FromWorker = (
+    WorkerReady
+    | WorkerFailed
+    | StepOutput
+    | EmbedResult
+    | ScoreResult
+    | ClassifyResult
+    | TranscriptionResult
+    | TensorResult
+    | RequestError
+    | Heartbeat
+)

@@ -10,8 +10,16 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmaas.core.errors import DrainingError, ModelNotFoundError
-from lmaas.core.messages import EmbedRequest, EmbedResult, GenerateRequest, SeqDelta, WorkerSpec
+from lmaas.core.errors import DrainingError, InternalError, ModelNotFoundError
+from lmaas.core.messages import (
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    InferRequest,
+    InferResult,
+    SeqDelta,
+    WorkerSpec,
+)
 from lmaas.core.types import ModelState, Task
 from lmaas.engine.protocol import ServedModel
 from lmaas.engine.worker_handle import (
@@ -120,7 +128,13 @@ class LocalEngineClient:
                 yield delta
 
     async def embed(self, model: str, request: EmbedRequest) -> EmbedResult:
-        return await self._route(model).embed(request)
+        result = await self.infer(model, request)
+        if not isinstance(result, EmbedResult):
+            raise InternalError("the worker answered an embedding request with another result")
+        return result
+
+    async def infer(self, model: str, request: InferRequest) -> InferResult:
+        return await self._route(model).infer(request)
 
     def _route(self, model: str) -> WorkerHandle:
         handle = self.handle(model)

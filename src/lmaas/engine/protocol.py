@@ -11,7 +11,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from lmaas.core.messages import EmbedRequest, EmbedResult, GenerateRequest, ModelInfo, SeqDelta
+from lmaas.core.messages import (
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    InferRequest,
+    InferResult,
+    ModelInfo,
+    SeqDelta,
+)
 from lmaas.core.types import ModelState, Task
 
 
@@ -57,4 +65,9 @@ class EngineClient(Protocol):
 
     async def embed(self, model: str, request: EmbedRequest) -> EmbedResult:
         """Embed inputs. Raises: as :meth:`generate`."""
+        ...
+
+    async def infer(self, model: str, request: InferRequest) -> InferResult:
+        """Run a one-result request (rerank, classify, transcribe, tensor, embed); the result
+        type follows the request type. Raises: as :meth:`generate`."""
         ...

@@ -32,17 +32,22 @@ from lmaas.core.errors import (
 )
 from lmaas.core.messages import (
     AbortRequest,
-    EmbedRequest,
+    ClassifyResult,
     EmbedResult,
     FromWorker,
     GenerateRequest,
     Heartbeat,
+    InferRequest,
+    InferResult,
     ModelInfo,
     RequestError,
+    ScoreResult,
     SeqDelta,
     Shutdown,
     StepOutput,
+    TensorResult,
     ToWorker,
+    TranscriptionResult,
     WorkerFailed,
     WorkerReady,
     WorkerSpec,
@@ -75,7 +80,8 @@ class _Incarnation:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
-_Item = SeqDelta | EmbedResult | LmaasError
+_Item = SeqDelta | InferResult | LmaasError
+_RESULT_TYPES = (EmbedResult, ScoreResult, ClassifyResult, TranscriptionResult, TensorResult)
 
 
 class WorkerHandle:
@@ -185,7 +191,8 @@ class WorkerHandle:
             if not finished:
                 await self._send_quietly(AbortRequest(request.request_id))
 
-    async def embed(self, request: EmbedRequest) -> EmbedResult:
+    async def infer(self, request: InferRequest) -> InferResult:
+        """Send a one-result request (embed, rerank, classify, transcribe, tensor); await it."""
         queue = self._admit(request.request_id)
         try:
             await self._send(request)
@@ -197,8 +204,8 @@ class WorkerHandle:
             self._channels.pop(request.request_id, None)
         if isinstance(item, LmaasError):
             raise item
-        if not isinstance(item, EmbedResult):
-            raise InternalError("worker answered an embedding with a non-embedding result")
+        if isinstance(item, SeqDelta):
+            raise InternalError("worker answered a one-result request with generated text")
         return item
 
     def _admit(self, request_id: str) -> asyncio.Queue[_Item]:
@@ -326,7 +333,7 @@ class WorkerHandle:
         if isinstance(message, StepOutput):
             for delta in message.deltas:
                 self._deliver(delta.request_id, delta)
-        elif isinstance(message, EmbedResult):
+        elif isinstance(message, _RESULT_TYPES):
             self._deliver(message.request_id, message)
         elif isinstance(message, RequestError):
             error = error_from_code(message.code, message.message, message.param)

@@ -5,7 +5,11 @@ worker calls :meth:`Runner.load` once, :meth:`Runner.warmup` once, then feeds re
 
 * a :class:`GenerationRunner` is stepped: ``add_request`` / ``abort`` between steps, and each
   ``step()`` returns the new output of every running sequence;
-* an :class:`EmbeddingRunner` is called with a batch of requests at a time.
+* a :class:`BatchRunner` (every task with one result per request: embeddings, rerank,
+  classification, speech, tensors) is split Infinity-style into ``preprocess`` (validation,
+  tokenisation, decoding; runs on helper threads), ``forward`` (one model call on a batch of rows
+  that the worker's dynamic batcher merged from many requests; the worker's own thread) and
+  ``postprocess`` (per request, helper threads again), so CPU work overlaps the forward pass.
 
 Errors a caller should see are raised as :class:`lmaas.core.errors.LmaasError` (for instance
 ``InvalidRequestError`` for a prompt over the context), and reported for that request only.
@@ -14,12 +18,15 @@ Errors a caller should see are raised as :class:`lmaas.core.errors.LmaasError` (
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from lmaas.core.messages import (
     EmbedRequest,
     EmbedResult,
     GenerateRequest,
+    InferRequest,
+    InferResult,
     ModelInfo,
     RequestError,
     SeqDelta,
@@ -70,6 +77,40 @@ class GenerationRunner(Runner, Protocol):
 class EmbeddingRunner(Runner, Protocol):
     def embed(self, requests: Sequence[EmbedRequest]) -> list[EmbedResult | RequestError]:
         """Embed a batch of requests; one result (or error) per request, in order."""
+        ...
+
+
+@dataclass(slots=True)
+class Prepared:
+    """One request after ``preprocess``: its rows for the batcher and what postprocess needs."""
+
+    request_id: str
+    rows: list[tuple[int, Any]]
+    """``(length, payload)`` per row; the length (tokens, or another cost unit) groups rows of
+    similar size into one batch; the payload is what ``forward`` receives."""
+    context: Any = None
+    outputs: list[Any] = field(default_factory=list)
+    """Filled by the worker: ``forward``'s output for each row, in row order."""
+
+
+@runtime_checkable
+class BatchRunner(Runner, Protocol):
+    """A runner whose requests each get one result, batched across requests by the worker."""
+
+    def accepts(self) -> tuple[type, ...]:
+        """The request message types it serves (e.g. ``(EmbedRequest,)``)."""
+        ...
+
+    def preprocess(self, request: InferRequest) -> Prepared:
+        """Validate and prepare one request; thread-safe. Raises: LmaasError (per request)."""
+        ...
+
+    def forward(self, payloads: list[Any]) -> list[Any]:
+        """Run the model on a batch of row payloads; one output per payload, in order."""
+        ...
+
+    def postprocess(self, prepared: Prepared) -> InferResult:
+        """Build the result from ``prepared.outputs``; thread-safe."""
         ...
 
 

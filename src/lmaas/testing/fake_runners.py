@@ -15,19 +15,20 @@ import hashlib
 import os
 import struct
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from lmaas.core.errors import InvalidRequestError, ModelLoadError
 from lmaas.core.messages import (
     EmbedRequest,
     EmbedResult,
     GenerateRequest,
+    InferRequest,
     ModelInfo,
-    RequestError,
     SeqDelta,
     WorkerSpec,
 )
+from lmaas.runtimes.base import Prepared
 
 
 @dataclass(slots=True)
@@ -136,16 +137,23 @@ class HashEmbeddingRunner:
     def health(self) -> bool:
         return True
 
-    def embed(self, requests: Sequence[EmbedRequest]) -> list[EmbedResult | RequestError]:
-        return [self._embed_one(request) for request in requests]
+    def accepts(self) -> tuple[type, ...]:
+        return (EmbedRequest,)
 
-    def _embed_one(self, request: EmbedRequest) -> EmbedResult | RequestError:
+    def preprocess(self, request: InferRequest) -> Prepared:
+        assert isinstance(request, EmbedRequest)
         texts = request.texts or [" ".join(map(str, ids)) for ids in request.token_ids or []]
         if not texts:
-            return RequestError(request.request_id, "invalid_request", "input is empty", "input")
-        data = b"".join(self._vector(text) for text in texts)
-        tokens = sum(len(text.split()) for text in texts)
-        return EmbedResult(request.request_id, data, len(texts), self.dim, tokens)
+            raise InvalidRequestError("input is empty", param="input")
+        return Prepared(request.request_id, [(len(t.split()), t) for t in texts])
+
+    def forward(self, payloads: list[Any]) -> list[Any]:
+        return [self._vector(text) for text in payloads]
+
+    def postprocess(self, prepared: Prepared) -> EmbedResult:
+        tokens = sum(length for length, _ in prepared.rows)
+        data = b"".join(prepared.outputs)
+        return EmbedResult(prepared.request_id, data, len(prepared.rows), self.dim, tokens)
 
     def _vector(self, text: str) -> bytes:
         digest = hashlib.sha256(text.encode()).digest()

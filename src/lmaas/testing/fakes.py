@@ -7,7 +7,7 @@ import hashlib
 import math
 import struct
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,8 @@ from lmaas.core.messages import (
     EmbedRequest,
     EmbedResult,
     GenerateRequest,
+    InferRequest,
+    InferResult,
     ModelInfo,
     SeqDelta,
     TokenLogprob,
@@ -117,6 +119,9 @@ class FakeEngineClient:
         self.aborted_request_ids: list[str] = []
         self.last_generate: GenerateRequest | None = None
         self.last_embed: EmbedRequest | None = None
+        self.infer_handlers: dict[type, Callable[[str, InferRequest], Awaitable[InferResult]]] = {}
+        """Fakes for the other one-result requests, by request type (tests register them)."""
+        self.last_infer: InferRequest | None = None
 
     def set_state(self, name: str, state: ModelState) -> None:
         """Change the state of a served model (to test readiness)."""
@@ -242,6 +247,18 @@ class FakeEngineClient:
             await asyncio.sleep(self.token_delay_s)
         data = struct.pack(f"<{len(flat)}f", *flat)
         return EmbedResult(request.request_id, data, len(texts), dim, num_prompt)
+
+    async def infer(self, model: str, request: InferRequest) -> InferResult:
+        self.last_infer = request
+        if isinstance(request, EmbedRequest):
+            return await self.embed(model, request)
+        self._ready_spec(model)
+        handler = self.infer_handlers.get(type(request))
+        if handler is None:
+            raise InvalidRequestError(
+                f"model '{model}' does not serve {type(request).__name__}", param="model"
+            )
+        return await handler(model, request)
 
 
 def _delta(

@@ -1,9 +1,10 @@
 """Worker process main: loads one model version and serves it over ZeroMQ.
 
 Started by the gateway's supervisor as ``python -m lmaas.worker SPEC_FILE``. The loop:
-read every pending request, run one engine step (or one embedding batch), send the results back
-in one message, repeat. It reports ``WorkerReady`` once loaded, ``WorkerFailed`` if loading
-fails, and a ``Heartbeat`` every interval; it exits when told to, or when its parent dies.
+read every pending request, run one engine step (or one dynamic batch of a one-result task, see
+``batching.py``), send the results back in one message per step, repeat. It reports
+``WorkerReady`` once loaded, ``WorkerFailed`` if loading fails, and a ``Heartbeat`` every
+interval; it exits when told to, or when its parent dies.
 """
 
 from __future__ import annotations
@@ -21,23 +22,36 @@ from lmaas.core.errors import LmaasError, ModelLoadError
 from lmaas.core.hashing import verify_file
 from lmaas.core.messages import (
     AbortRequest,
+    ClassifyRequest,
     EmbedRequest,
     FromWorker,
     GenerateRequest,
     Heartbeat,
     RequestError,
+    RerankRequest,
     Shutdown,
     StepOutput,
+    TensorRequest,
     ToWorker,
+    TranscribeRequest,
     WorkerFailed,
     WorkerReady,
     WorkerSpec,
 )
-from lmaas.runtimes.base import EmbeddingRunner, GenerationRunner, Runner
+from lmaas.runtimes.base import BatchRunner, GenerationRunner, Runner
+from lmaas.worker.batching import BatchPipeline, batcher_config
 from lmaas.worker.factory import create_runner
 
 _log = logging.getLogger("lmaas.worker")
 _HEARTBEAT_S = 1.0
+_INFER_TYPES = (EmbedRequest, RerankRequest, ClassifyRequest, TranscribeRequest, TensorRequest)
+_TASK_WORDS = {
+    EmbedRequest: "embed text",
+    RerankRequest: "rerank documents",
+    ClassifyRequest: "classify inputs",
+    TranscribeRequest: "transcribe audio",
+    TensorRequest: "run tensor inference",
+}
 
 
 def verify_files(spec: WorkerSpec) -> None:
@@ -61,11 +75,18 @@ class WorkerLoop:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(ToWorker)
         self._parent_pid = os.getppid()
-        self._pending_embeds: list[EmbedRequest] = []
         self._stop = False
         # Decided once: the loop checks these on every iteration.
         self._gen = runner if isinstance(runner, GenerationRunner) else None
-        self._emb = runner if isinstance(runner, EmbeddingRunner) else None
+        self._batch: BatchPipeline | None = None
+        self._accepts: tuple[type, ...] = ()
+        if isinstance(runner, BatchRunner):
+            self._batch = BatchPipeline(runner, batcher_config(spec), self.send)
+            self._accepts = runner.accepts()
+        self._poller = zmq.Poller()
+        self._poller.register(self._requests, zmq.POLLIN)
+        if self._batch is not None:
+            self._poller.register(self._batch.wake_fd, zmq.POLLIN)
 
     def send(self, message: FromWorker) -> None:
         self._results.send(self._encoder.encode(message))
@@ -73,8 +94,7 @@ class WorkerLoop:
     def run(self) -> None:
         next_heartbeat = 0.0
         while not self._stop:
-            busy = self._has_work()
-            self._receive(timeout_ms=0 if busy else int(_HEARTBEAT_S * 1000))
+            self._receive(timeout_ms=self._poll_timeout_ms())
             self._run_once()
             now = time.monotonic()
             if now >= next_heartbeat:
@@ -85,24 +105,31 @@ class WorkerLoop:
                 next_heartbeat = now + _HEARTBEAT_S
 
     def close(self) -> None:
+        if self._batch is not None:
+            self._batch.close()
         self._requests.close(linger=0)
         self._results.close()
 
-    def _has_work(self) -> bool:
-        if self._pending_embeds:
-            return True
-        return self._gen is not None and self._gen.has_work()
+    def _poll_timeout_ms(self) -> int:
+        if self._gen is not None and self._gen.has_work():
+            return 0
+        if self._batch is not None:
+            wait = self._batch.wait_s()
+            if wait is not None:
+                return min(int(_HEARTBEAT_S * 1000), int(wait * 1000 + 0.999))
+        return int(_HEARTBEAT_S * 1000)
 
     def _heartbeat(self) -> Heartbeat:
         if self._gen is None:
-            return Heartbeat(num_running=0, num_waiting=len(self._pending_embeds))
+            waiting = self._batch.num_waiting() if self._batch is not None else 0
+            return Heartbeat(num_running=0, num_waiting=waiting)
         stats = self._gen.stats()
         return Heartbeat(
             num_running=self._gen.num_running(), num_waiting=stats.get("waiting", 0), stats=stats
         )
 
     def _receive(self, timeout_ms: int) -> None:
-        if not self._requests.poll(timeout_ms):
+        if not self._poller.poll(timeout_ms):
             return
         while True:
             try:
@@ -114,14 +141,17 @@ class WorkerLoop:
     def _dispatch(self, message: ToWorker) -> None:
         if isinstance(message, GenerateRequest):
             self._add_generate(message)
-        elif isinstance(message, EmbedRequest):
-            self._pending_embeds.append(message)
+        elif isinstance(message, _INFER_TYPES):
+            if self._batch is not None and isinstance(message, self._accepts):
+                self._batch.submit(message)
+            else:
+                words = _TASK_WORDS[type(message)]
+                self.send(_refusal(message.request_id, f"this model does not {words}"))
         elif isinstance(message, AbortRequest):
             if self._gen is not None:
                 self._gen.abort(message.request_id)
-            self._pending_embeds = [
-                r for r in self._pending_embeds if r.request_id != message.request_id
-            ]
+            if self._batch is not None:
+                self._batch.abort(message.request_id)
         elif isinstance(message, Shutdown):
             self._stop = True
 
@@ -135,14 +165,8 @@ class WorkerLoop:
             self.send(RequestError(request.request_id, exc.code, exc.message, exc.param))
 
     def _run_once(self) -> None:
-        if self._pending_embeds:
-            batch, self._pending_embeds = self._pending_embeds, []
-            if self._emb is not None:
-                for result in self._emb.embed(batch):
-                    self.send(result)
-            else:
-                for request in batch:
-                    self.send(_refusal(request.request_id, "this model does not embed text"))
+        if self._batch is not None:
+            self._batch.run_once()
         if self._gen is not None and self._gen.has_work():
             deltas = self._gen.step()
             if deltas:
@@ -172,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     encoder = msgspec.msgpack.Encoder()
     try:
         runner = _load(spec)
+        if isinstance(runner, BatchRunner):
+            batcher_config(spec)  # refuse bad batching options before loading anything
         info = runner.load()
         runner.warmup()
     except LmaasError as exc:

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmaas.core.errors import InvalidRequestError, ModelLoadError, ModelNotReadyError
-from lmaas.core.messages import EmbedRequest, EmbedResult, ModelInfo, RequestError, WorkerSpec
+from lmaas.core.errors import InternalError, InvalidRequestError, ModelLoadError
+from lmaas.core.messages import (
+    EmbedRequest,
+    EmbedResult,
+    InferRequest,
+    ModelInfo,
+    RequestError,
+    TensorSpec,
+    WorkerSpec,
+)
+from lmaas.runtimes.base import Prepared
+from lmaas.runtimes.batching import run_batch
 from lmaas.runtimes.device import (
     configure_threads,
     dtype_name,
@@ -26,24 +36,15 @@ from lmaas.runtimes.hf_loading import load_hf_model
 _log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class _Prepared:
-    """One request after validation and tokenisation."""
-
-    request: EmbedRequest
-    inputs: list[list[int]]
-    rows: list[torch.Tensor | None]
-
-
 class TorchEmbeddingRunner:
     """Embeds texts (or token id lists) with a sentence-transformers package on torch.
 
-    Implements :class:`lmaas.runtimes.base.EmbeddingRunner`. The pooling, normalisation and
-    maximum length come from the package's own files, so results match
-    ``SentenceTransformer.encode``. Inputs longer than the maximum length are truncated, as
-    sentence-transformers does, and ``prompt_tokens`` counts what was actually encoded. All
-    inputs of a batch of requests are sorted by length and encoded in chunks of
-    ``max_batch_size`` to limit padding. On a CPU, ``dtype=auto`` stays in float32.
+    Implements :class:`lmaas.runtimes.base.BatchRunner`: each input text is one row, so the
+    worker's dynamic batcher merges inputs of many requests into one forward pass, grouped by
+    length. The pooling, normalisation and maximum length come from the package's own files, so
+    results match ``SentenceTransformer.encode``. Inputs longer than the maximum length are
+    truncated, as sentence-transformers does, and ``prompt_tokens`` counts what was actually
+    encoded. On a CPU, ``dtype=auto`` stays in float32.
 
     Args:
         spec: The worker spec; ``options["matryoshka_dims"]`` (e.g. ``"64,128"``) lists the
@@ -61,6 +62,8 @@ class TorchEmbeddingRunner:
         self._matryoshka_dims: list[int] = []
         self._vocab_size = 0
         self._pad_id = 0
+        self._tokenizer_lock = threading.Lock()
+        """A fast tokenizer's truncation settings are per object: one caller at a time."""
 
     def load(self) -> ModelInfo:
         """Load tokenizer, encoder and pooling config. Raises: ModelLoadError."""
@@ -86,6 +89,9 @@ class TorchEmbeddingRunner:
             embedding_dim=self._dim,
             matryoshka_dims=self._matryoshka_dims or None,
             max_input_tokens=self._max_length,
+            inputs=[TensorSpec("text", "BYTES", [-1])],
+            outputs=[TensorSpec("embedding", "FP32", [-1, self._dim])],
+            max_batch_size=self._spec.max_batch_size,
         )
 
     def warmup(self) -> None:
@@ -95,22 +101,47 @@ class TorchEmbeddingRunner:
     def health(self) -> bool:
         return self._model is not None
 
+    def accepts(self) -> tuple[type, ...]:
+        return (EmbedRequest,)
+
     def embed(self, requests: Sequence[EmbedRequest]) -> list[EmbedResult | RequestError]:
-        """Embed a batch of requests; one result or per-request error each, in order."""
+        """Embed requests in-process (warm-up, benchmarks, tests); the worker batches instead."""
+        results = run_batch(self, requests, self._spec.max_batch_size)
+        return [r for r in results if isinstance(r, EmbedResult | RequestError)]
+
+    def preprocess(self, request: InferRequest) -> Prepared:
+        """Validate and tokenise; one row per input. Raises: InvalidRequestError."""
+        if not isinstance(request, EmbedRequest):
+            raise InvalidRequestError("this model only embeds text")
+        inputs = self._prepare(request)
+        return Prepared(request.request_id, [(len(ids), ids) for ids in inputs], request)
+
+    @torch.inference_mode()
+    def forward(self, payloads: list[list[int]]) -> list[torch.Tensor]:
         if self._model is None:
-            raise ModelNotReadyError("the model is not loaded yet")
-        prepared: list[_Prepared | RequestError] = []
-        for request in requests:
-            try:
-                prepared.append(self._prepare(request))
-            except InvalidRequestError as exc:
-                prepared.append(RequestError(request.request_id, exc.code, exc.message, exc.param))
-        self._encode_all([p for p in prepared if isinstance(p, _Prepared)])
-        return [p if isinstance(p, RequestError) else self._result(p) for p in prepared]
+            raise InternalError("the model is not loaded")
+        return list(self._encode(payloads))
+
+    def postprocess(self, prepared: Prepared) -> EmbedResult:
+        request: EmbedRequest = prepared.context
+        matrix = torch.stack(prepared.outputs)
+        dims = request.dimensions
+        if dims is not None and dims < matrix.shape[1]:
+            matrix = matrix[:, :dims]
+            if self._config.normalize:
+                matrix = torch.nn.functional.normalize(matrix, p=2, dim=-1)
+        data = matrix.to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
+        return EmbedResult(
+            request_id=prepared.request_id,
+            data=data,
+            num_inputs=matrix.shape[0],
+            dim=matrix.shape[1],
+            prompt_tokens=sum(length for length, _ in prepared.rows),
+        )
 
     # ------------------------------------------------------------------ helpers
 
-    def _prepare(self, request: EmbedRequest) -> _Prepared:
+    def _prepare(self, request: EmbedRequest) -> list[list[int]]:
         dims = request.dimensions
         if dims is not None and dims != self._dim and dims not in self._matryoshka_dims:
             allowed = sorted({*self._matryoshka_dims, self._dim})
@@ -125,7 +156,7 @@ class TorchEmbeddingRunner:
             inputs = self._check_ids(request.token_ids)
         else:
             raise InvalidRequestError("give either texts or token ids", param="input")
-        return _Prepared(request, inputs, [None] * len(inputs))
+        return inputs
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         if not texts:
@@ -134,7 +165,8 @@ class TorchEmbeddingRunner:
             raise InvalidRequestError("input must not contain empty strings", param="input")
         # sentence-transformers strips (and optionally lower-cases) before tokenising.
         cleaned = [t.strip().lower() if self._config.do_lower_case else t.strip() for t in texts]
-        encoded = self._tokenizer(cleaned, truncation=True, max_length=self._max_length)
+        with self._tokenizer_lock:
+            encoded = self._tokenizer(cleaned, truncation=True, max_length=self._max_length)
         return [list(ids) for ids in encoded["input_ids"]]
 
     def _check_ids(self, token_ids: list[list[int]]) -> list[list[int]]:
@@ -149,17 +181,6 @@ class TorchEmbeddingRunner:
                 )
         return [ids[: self._max_length] for ids in token_ids]
 
-    @torch.inference_mode()
-    def _encode_all(self, prepared: list[_Prepared]) -> None:
-        items = [(p, i) for p in prepared for i in range(len(p.inputs))]
-        items.sort(key=lambda item: len(item[0].inputs[item[1]]))
-        size = max(1, self._spec.max_batch_size)
-        for start in range(0, len(items), size):
-            chunk = items[start : start + size]
-            vectors = self._encode([p.inputs[i] for p, i in chunk])
-            for (p, i), vector in zip(chunk, vectors, strict=True):
-                p.rows[i] = vector
-
     def _encode(self, batch: list[list[int]]) -> torch.Tensor:
         width = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
@@ -173,23 +194,6 @@ class TorchEmbeddingRunner:
         if self._config.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
         return pooled.cpu()
-
-    def _result(self, prepared: _Prepared) -> EmbedResult:
-        rows = [row for row in prepared.rows if row is not None]
-        matrix = torch.stack(rows)
-        dims = prepared.request.dimensions
-        if dims is not None and dims < matrix.shape[1]:
-            matrix = matrix[:, :dims]
-            if self._config.normalize:
-                matrix = torch.nn.functional.normalize(matrix, p=2, dim=-1)
-        data = matrix.to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
-        return EmbedResult(
-            request_id=prepared.request.request_id,
-            data=data,
-            num_inputs=matrix.shape[0],
-            dim=matrix.shape[1],
-            prompt_tokens=sum(len(ids) for ids in prepared.inputs),
-        )
 
 
 def _max_length(config: SentenceEncoderConfig, tokenizer: Any, model_config: Any) -> int:
