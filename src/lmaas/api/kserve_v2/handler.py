@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lmaas.api.engine_calls import run_infer
 from lmaas.api.kserve_v2.encoding import OutputTensor
 from lmaas.api.kserve_v2.tensors import InferInput, Tensor
 from lmaas.api.services import ApiServices
 from lmaas.api.sse import aclose_quietly
 from lmaas.core.errors import DeadlineExceededError, InvalidRequestError, NotSupportedError
-from lmaas.core.messages import EmbedRequest, GenerateRequest, SamplingParams
+from lmaas.core.messages import EmbedRequest, EmbedResult, GenerateRequest, SamplingParams
 from lmaas.core.types import Task
 from lmaas.engine.protocol import ServedModel
 
@@ -48,7 +50,14 @@ def _io(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
 
 
 def signature(model: ServedModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(inputs, outputs) of the model's v2 metadata."""
+    """(inputs, outputs) of the model's v2 metadata: what the loaded worker reports
+    (``ModelInfo.inputs/outputs``), else the task's defaults."""
+    info = model.info
+    if info is not None and info.inputs is not None and info.outputs is not None:
+        return (
+            [_io(t.name, t.datatype, list(t.shape)) for t in info.inputs],
+            [_io(t.name, t.datatype, list(t.shape)) for t in info.outputs],
+        )
     if model.task is Task.EMBEDDING:
         dim = model.info.embedding_dim if model.info and model.info.embedding_dim else -1
         return [_io("text", "BYTES", [-1])], [_io("embedding", "FP32", [-1, dim])]
@@ -115,18 +124,7 @@ async def infer_embedding(
     if not tensor.values:
         raise InvalidRequestError("input 'text' is empty")
     embed = EmbedRequest(request_id, texts=_texts(tensor))
-    timeout_s = services.config.request_timeout_s
-    services.metrics.request_started(model.name)
-    try:
-        async with asyncio.timeout(timeout_s):
-            result = await services.engine.embed(model.name, embed)
-    except TimeoutError:
-        raise DeadlineExceededError(
-            f"the request ran past its deadline of {timeout_s:g} s"
-        ) from None
-    finally:
-        services.metrics.request_finished(model.name)
-    services.metrics.add_tokens(model.name, prompt_tokens=result.prompt_tokens)
+    result = await run_infer(services, model.name, embed, EmbedResult)
     return [OutputTensor("embedding", "FP32", [result.num_inputs, result.dim], raw=result.data)]
 
 
@@ -207,8 +205,16 @@ async def infer(
     for wanted in request.outputs or []:
         if wanted.name not in known:
             raise InvalidRequestError(f"unknown output '{wanted.name}'")
-    if model.task is Task.EMBEDDING:
-        return await infer_embedding(services, model, request, request_id)
-    if model.task.generates_text:
-        return await infer_generation(services, model, request, request_id)
-    raise NotSupportedError(f"v2 inference is not supported for {model.task.value} models yet")
+    handler = TASK_HANDLERS.get(model.task)
+    if handler is None:
+        raise NotSupportedError(f"v2 inference is not supported for {model.task.value} models yet")
+    return await handler(services, model, request, request_id)
+
+
+InferHandler = Callable[[ApiServices, ServedModel, InferInput, str], Awaitable[list[OutputTensor]]]
+TASK_HANDLERS: dict[Task, InferHandler] = {
+    Task.EMBEDDING: infer_embedding,
+    Task.CHAT: infer_generation,
+    Task.COMPLETION: infer_generation,
+}
+"""v2 inference per task; each task's module adds its handler here."""

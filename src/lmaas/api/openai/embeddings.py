@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import struct
 from typing import Annotated, Any, Literal
@@ -13,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from lmaas.api.context import JsonResponse, request_id_of, set_model_label
+from lmaas.api.engine_calls import run_infer
 from lmaas.api.openai.base import (
     MAX_NUM_EMBED_INPUTS,
     MAX_TOKEN_ID,
@@ -22,7 +22,7 @@ from lmaas.api.openai.base import (
 )
 from lmaas.api.services import ApiServices, services_of
 from lmaas.api.sse import cancel_on_disconnect
-from lmaas.core.errors import DeadlineExceededError, InvalidRequestError
+from lmaas.core.errors import InvalidRequestError
 from lmaas.core.messages import EmbedRequest, EmbedResult
 from lmaas.core.types import Task
 
@@ -80,19 +80,7 @@ def embedding_body(result: EmbedResult, model: str, encoding: str) -> dict[str, 
 
 
 async def _embed(services: ApiServices, model: str, embed: EmbedRequest) -> EmbedResult:
-    timeout_s = services.config.request_timeout_s
-    services.metrics.request_started(model)
-    try:
-        async with asyncio.timeout(timeout_s):
-            result = await services.engine.embed(model, embed)
-    except TimeoutError:
-        raise DeadlineExceededError(
-            f"the request ran past its deadline of {timeout_s:g} s"
-        ) from None
-    finally:
-        services.metrics.request_finished(model)
-    services.metrics.add_tokens(model, prompt_tokens=result.prompt_tokens)
-    return result
+    return await run_infer(services, model, embed, EmbedResult)
 
 
 @router.post("/v1/embeddings")
