@@ -119,6 +119,8 @@ def deployment_for(registry: RegistryService, manifest: Manifest, settings: Sett
         options["kv_cache_bytes"] = str(serving.kv_cache_bytes)
     if serving.matryoshka_dims:
         options["matryoshka_dims"] = ",".join(str(d) for d in serving.matryoshka_dims)
+    if serving.backend != "auto":
+        options.setdefault("backend", serving.backend)
     spec = WorkerSpec(
         model_name=manifest.name,
         model_version=manifest.version,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -148,6 +148,8 @@ class ServingDefaults(BaseModel):
     """``auto``, ``float32``, ``bfloat16`` or ``float16``."""
     matryoshka_dims: list[int] | None = None
     """Embedding sizes the model was trained to be truncated to (``dimensions`` parameter)."""
+    backend: Literal["auto", "torch", "onnxruntime"] = "auto"
+    """The runtime library: ``auto`` picks by format (ONNX files → onnxruntime, else torch)."""
     options: dict[str, str] = Field(default_factory=dict)
     """Free-form runtime options, passed to the worker as ``WorkerSpec.options``.
 
