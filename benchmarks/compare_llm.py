@@ -237,8 +237,12 @@ def kv_bytes_needed(model_dir: Path, num_seqs: int, tokens: int) -> int:
 
 
 def kv_bytes_allocated(log: Path) -> int | None:
-    """The KV cache the worker allocated, from its "KV cache: N blocks ... (X MiB)" log line."""
-    match = re.search(r"KV cache: \d+ blocks of \d+ tokens \(([0-9.]+) MiB\)", log.read_text())
+    """The KV memory the worker allocated (blocks and decode view), from its log line
+    "KV cache: N blocks of B tokens (X MiB, Y MiB with the decode view)"."""
+    match = re.search(
+        r"KV cache: \d+ blocks of \d+ tokens \([0-9.]+ MiB, ([0-9.]+) MiB with the decode view\)",
+        log.read_text(),
+    )
     return int(float(match.group(1)) * 2**20) if match else None
 
 

@@ -110,10 +110,11 @@ class LLMEngine:
             self._guides = self._make_guide(self._prompts)
         self._info = info
         _log.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB)",
+            "KV cache: %d blocks of %d tokens (%.1f MiB, %.1f MiB with the decode view)",
             layout.num_blocks,
             layout.block_size,
             layout.num_blocks * layout.bytes_per_block / 2**20,
+            layout.total_bytes / 2**20,
         )
         return info
 

@@ -115,3 +115,9 @@ class KVCacheLayout:
     block_size: int
     num_blocks: int
     bytes_per_block: int
+    extra_bytes: int = 0
+    """Memory inside the budget besides the blocks (the paged runner's decode view)."""
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block + self.extra_bytes

@@ -52,8 +52,10 @@ def load_runner(
         block_size=block_size,
         dtype=runner.dtype,
     )
-    layout = runner.allocate_kv_cache(num_blocks * block_bytes, block_size)
+    # The budget covers the blocks and the decode view.
+    layout = runner.allocate_kv_cache(num_blocks * block_bytes + decode_view_bytes, block_size)
     assert layout.num_blocks == num_blocks
+    assert layout.extra_bytes == decode_view_bytes
     return runner, sampler
 
 

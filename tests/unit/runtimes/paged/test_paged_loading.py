@@ -148,7 +148,14 @@ def test_kv_cache_budget_must_hold_one_full_context(tiny_lm_dirs: dict[str, Path
     assert (info.context_length, info.dtype, info.device) == (512, "float32", "cpu")
     # 2 layers x K,V x 2 KV heads x 16 positions x 16 dims x 4 bytes
     layout = runner.allocate_kv_cache(40 * 8192, 16)
-    assert (layout.block_size, layout.num_blocks, layout.bytes_per_block) == (16, 40, 8192)
+    # The decode view comes out of the budget, leaving the 32 blocks one full context needs.
+    assert (layout.block_size, layout.num_blocks, layout.bytes_per_block) == (16, 32, 8192)
+    assert layout.extra_bytes == 8 * 8192 and layout.total_bytes == 40 * 8192
+    without_view = PagedModelRunner(
+        make_spec(tiny_lm_dirs["llama"]), sampler=GreedySampler(), decode_view_bytes=0
+    )
+    without_view.load()
+    assert without_view.allocate_kv_cache(40 * 8192, 16).num_blocks == 40
     with pytest.raises(ModelLoadError, match="needs 32 blocks"):
         runner.allocate_kv_cache(31 * 8192, 16)
     with pytest.raises(ModelNotReadyError):

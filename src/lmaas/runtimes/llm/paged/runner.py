@@ -66,6 +66,7 @@ class PagedModelRunner:
         sampler: Turns logits into tokens; default ``lmaas.runtimes.llm.sampler.Sampler``.
         decode_view_bytes: Memory for the decode batch's contiguous K/V view
             (``decode_view.DecodeView``); 0 disables it (attention then gathers every step).
+            It is taken out of the KV-cache budget, never added to it.
     """
 
     def __init__(
@@ -157,8 +158,15 @@ class PagedModelRunner:
             if max_useful_tokens is not None:
                 useful_blocks = -(-max(max_useful_tokens, self._context_length) // block_size)
                 budget_bytes = min(budget_bytes, useful_blocks * block_bytes)
+        # The decode view is a cache of the same K/V: it lives inside the budget, taking at
+        # most its configured size and never the blocks one full context needs.
+        needed = -(-self._context_length // block_size)
+        view_bytes = max(0, min(self._decode_view_bytes, budget_bytes - needed * block_bytes))
         num_blocks = blocks_for_budget(
-            budget_bytes, block_bytes, block_size=block_size, context_length=self._context_length
+            budget_bytes - view_bytes,
+            block_bytes,
+            block_size=block_size,
+            context_length=self._context_length,
         )
         self._cache = self._view = None  # release the old cache before allocating the new one
         try:
@@ -171,9 +179,12 @@ class PagedModelRunner:
             )
         except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
             raise ModelLoadError(f"cannot allocate a KV cache of {budget_bytes} bytes") from exc
-        self._view = DecodeView(self._cache, self._decode_view_bytes)
+        self._view = DecodeView(self._cache, view_bytes)
         return KVCacheLayout(
-            block_size=block_size, num_blocks=num_blocks, bytes_per_block=block_bytes
+            block_size=block_size,
+            num_blocks=num_blocks,
+            bytes_per_block=block_bytes,
+            extra_bytes=view_bytes,
         )
 
     @torch.inference_mode()

@@ -57,7 +57,9 @@ class CheckpointReader:
         if handle is None:
             raise ModelLoadError(f"{self._model_dir}: checkpoint has no tensor {name!r}")
         tensor: torch.Tensor = handle.get_tensor(name)
-        return tensor.to(device=self._device, dtype=self._dtype).contiguous()
+        # copy=True: safetensors may hand out a view of its file mapping; a tensor kept as is
+        # would keep the whole mapping (every page read while loading) resident for good.
+        return tensor.to(device=self._device, dtype=self._dtype, copy=True).contiguous()
 
     def optional(self, name: str) -> torch.Tensor | None:
         return self.get(name) if self.has(name) else None
