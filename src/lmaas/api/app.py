@@ -14,9 +14,11 @@ from lmaas.api.errors import install_error_handlers
 from lmaas.api.kserve_v2.router import router as v2_router
 from lmaas.api.middleware import RequestContextMiddleware
 from lmaas.api.openai.chat import router as chat_router
+from lmaas.api.openai.classify import router as classify_router
 from lmaas.api.openai.completions import router as completions_router
 from lmaas.api.openai.embeddings import router as embeddings_router
 from lmaas.api.openai.models import router as models_router
+from lmaas.api.openai.rerank import router as rerank_router
 from lmaas.api.services import ApiServices, services_of
 
 __all__ = ["ApiServices", "create_app"]
@@ -42,6 +44,8 @@ _ROUTERS = (
     chat_router,
     completions_router,
     embeddings_router,
+    rerank_router,
+    classify_router,
     v2_router,
     system_router,
 )

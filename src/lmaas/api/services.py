@@ -29,6 +29,11 @@ class ApiConfig(Protocol):
         """End-to-end deadline of one inference request (504 past it)."""
         ...
 
+    @property
+    def max_rerank_documents(self) -> int:
+        """Most documents one rerank request may carry (400 above it)."""
+        ...
+
 
 @dataclass(slots=True, frozen=True)
 class DefaultApiConfig:
@@ -36,6 +41,7 @@ class DefaultApiConfig:
 
     max_body_bytes: int = 8 * 1024 * 1024
     request_timeout_s: float = 600.0
+    max_rerank_documents: int = 1000
 
 
 Lifespan = Callable[[], AbstractAsyncContextManager[None]]

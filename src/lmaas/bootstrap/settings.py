@@ -22,6 +22,8 @@ class ServerConfig(BaseModel):
     """On SIGTERM, how long in-flight requests may take to finish before the process exits."""
     request_timeout_s: float = Field(default=600.0, gt=0)
     """End-to-end deadline of one inference request (504 past it)."""
+    max_rerank_documents: int = Field(default=1000, ge=1, le=100_000)
+    """Most documents one ``/v1/rerank`` request may carry (400 above it)."""
 
 
 class EngineConfig(BaseModel):

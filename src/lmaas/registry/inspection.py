@@ -1,7 +1,8 @@
 """Read what a model says about itself: task, architecture, dtype, context length, labels.
 
 Only JSON files are read (``config.json``, ``tokenizer_config.json``, ``modules.json``,
-``sentence_bert_config.json``); torch and transformers are never imported here.
+``sentence_bert_config.json``, ``config_sentence_transformers.json``); torch and transformers are
+never imported here.
 """
 
 from __future__ import annotations
@@ -93,13 +94,19 @@ def _task_from_architecture(arch: str, config: dict[str, Any], model_dir: Path) 
     return None
 
 
+def _is_cross_encoder(model_dir: Path) -> bool:
+    """sentence-transformers 5+ saves CrossEncoders with a ``modules.json`` too."""
+    st_config = read_json(model_dir / "config_sentence_transformers.json")
+    return st_config.get("model_type") == "CrossEncoder"
+
+
 def infer_task(model_dir: Path, config: dict[str, Any]) -> Task:
     """Infer the task of an HF-layout directory.
 
     Raises:
         InvalidRequestError: The layout does not say; the message asks for ``--task``.
     """
-    if (model_dir / "modules.json").is_file():
+    if (model_dir / "modules.json").is_file() and not _is_cross_encoder(model_dir):
         return Task.EMBEDDING
     arch = _architecture(config)
     task = _task_from_architecture(arch, config, model_dir) if arch else None

@@ -29,7 +29,15 @@ def create_runner(spec: WorkerSpec) -> Runner:
             from lmaas.runtimes.embedding.torch import TorchEmbeddingRunner
 
             return TorchEmbeddingRunner(spec)
+        if spec.task == Task.RERANK.value:
+            from lmaas.runtimes.rerank.torch import TorchRerankRunner
+
+            return TorchRerankRunner(spec)
+        if spec.task == Task.CLASSIFICATION.value:
+            from lmaas.runtimes.classification.torch import TorchTextClassificationRunner
+
+            return TorchTextClassificationRunner(spec)
     raise NotSupportedError(
         f"no runtime serves task {spec.task!r} in format {spec.format!r} yet; supported: "
-        "chat/completion and embedding models in safetensors format"
+        "chat/completion, embedding, rerank and classification models in safetensors format"
     )

@@ -42,6 +42,8 @@ class FakeModelSpec:
     context_length: int = 64
     embedding_dim: int = 8
     created_at: float = field(default_factory=time.time)
+    labels: list[str] | None = None
+    """Class labels the model reports (classification tasks)."""
 
 
 def default_fake_models() -> list[FakeModelSpec]:
@@ -133,6 +135,7 @@ class FakeEngineClient:
             dtype="float32",
             device="cpu",
             embedding_dim=spec.embedding_dim if spec.task is Task.EMBEDDING else None,
+            labels=spec.labels,
         )
         return ServedModel(spec.name, spec.version, spec.task, spec.state, spec.created_at, info)
 

@@ -55,8 +55,8 @@ def test_catalog_picks_runners(tmp_path: Path) -> None:
     assert isinstance(create_runner(make_spec(tmp_path, "chat")), TorchCausalLMRunner)
     assert isinstance(create_runner(make_spec(tmp_path, "completion")), TorchCausalLMRunner)
     assert isinstance(create_runner(make_spec(tmp_path, "embedding")), TorchEmbeddingRunner)
-    with pytest.raises(NotSupportedError, match="rerank"):
-        create_runner(make_spec(tmp_path, "rerank"))
+    with pytest.raises(NotSupportedError, match="tensor"):
+        create_runner(make_spec(tmp_path, "tensor"))
     with pytest.raises(NotSupportedError, match="onnx"):
         create_runner(make_spec(tmp_path, "chat", format="onnx"))
 

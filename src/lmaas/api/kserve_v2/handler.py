@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmaas.api.engine_calls import run_infer
+from lmaas.api.kserve_v2 import text_heads
 from lmaas.api.kserve_v2.encoding import OutputTensor
 from lmaas.api.kserve_v2.tensors import InferInput, Tensor
 from lmaas.api.services import ApiServices
@@ -64,7 +65,7 @@ def signature(model: ServedModel) -> tuple[list[dict[str, Any]], list[dict[str, 
     if model.task.generates_text:
         optional = [_io(name, dt, [1]) for name, dt in GENERATION_PARAMS.items()]
         return [_io("text_input", "BYTES", [1]), *optional], [_io("text_output", "BYTES", [1])]
-    return [], []
+    return text_heads.default_signature(model) or ([], [])
 
 
 def model_metadata(model: ServedModel) -> dict[str, Any]:
@@ -216,5 +217,7 @@ TASK_HANDLERS: dict[Task, InferHandler] = {
     Task.EMBEDDING: infer_embedding,
     Task.CHAT: infer_generation,
     Task.COMPLETION: infer_generation,
+    Task.CLASSIFICATION: text_heads.infer_classification,
+    Task.RERANK: text_heads.infer_rerank,
 }
 """v2 inference per task; each task's module adds its handler here."""

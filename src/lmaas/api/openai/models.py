@@ -16,12 +16,14 @@ router = APIRouter(tags=["openai"])
 
 
 def model_card(model: ServedModel) -> dict[str, Any]:
-    """One entry of OpenAI's model list."""
+    """One entry of OpenAI's model list, plus the model's ``task`` (an extra field the OpenAI
+    clients keep): which routes serve it (chat, embedding, rerank, classification...)."""
     return {
         "id": model.name,
         "object": "model",
         "created": int(model.created_at),
         "owned_by": "lmaas",
+        "task": model.task.value,
     }
 
 

@@ -1,0 +1,1 @@
+"""Sequence-classification runners: text classifiers (and the model core rerankers share)."""

@@ -1,0 +1,1 @@
+"""Rerank runners (cross-encoders scoring query-document pairs)."""
