@@ -48,6 +48,5 @@ def _speech_runner(spec: WorkerSpec) -> Runner:
 
         return TorchWhisperRunner(spec)
     raise NotSupportedError(
-        f"speech-to-text models in format {spec.format!r} are not supported; use ct2 or "
-        "safetensors"
+        f"speech-to-text models in format {spec.format!r} are not supported; use ct2 or safetensors"
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -80,10 +81,17 @@ def _build_tokenizer(dest: Path, multilingual: bool) -> dict[str, int]:
     return {token: vocab[token] for token in [_EOT, *specials]} | {"__size__": len(vocab)}
 
 
-def _generation_config(ids: dict[str, int], multilingual: bool) -> object:
+def _generation_config(ids: dict[str, int], multilingual: bool) -> Any:
     import transformers
 
-    config = transformers.GenerationConfig(  # type: ignore[no-untyped-call]
+    languages: dict[str, Any] = {}
+    if multilingual:
+        languages["lang_to_id"] = {f"<|{code}|>": ids[f"<|{code}|>"] for code in LANGUAGES}
+        languages["task_to_id"] = {
+            "transcribe": ids["<|transcribe|>"],
+            "translate": ids["<|translate|>"],
+        }
+    return transformers.GenerationConfig(  # type: ignore[no-untyped-call]
         decoder_start_token_id=ids["<|startoftranscript|>"],
         bos_token_id=ids[_EOT],
         eos_token_id=ids[_EOT],
@@ -96,14 +104,8 @@ def _generation_config(ids: dict[str, int], multilingual: bool) -> object:
         suppress_tokens=[],
         is_multilingual=multilingual,
         return_timestamps=False,
+        **languages,
     )
-    if multilingual:
-        config.lang_to_id = {f"<|{code}|>": ids[f"<|{code}|>"] for code in LANGUAGES}
-        config.task_to_id = {
-            "transcribe": ids["<|transcribe|>"],
-            "translate": ids["<|translate|>"],
-        }
-    return config
 
 
 def build_tiny_whisper(

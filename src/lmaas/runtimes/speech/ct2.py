@@ -71,7 +71,9 @@ class CT2WhisperRunner:
                 local_files_only=True,
             )
         except Exception as exc:  # CTranslate2 raises RuntimeError/ValueError for bad dirs
-            raise ModelLoadError(f"cannot load {model_dir} as a CTranslate2 Whisper: {exc}") from exc
+            raise ModelLoadError(
+                f"cannot load {model_dir} as a CTranslate2 Whisper: {exc}"
+            ) from exc
         if self._model.model.is_multilingual:
             self._languages = frozenset(self._model.supported_languages)
         _log.info("loaded %s on %s (%s)", model_dir, device, self._options.compute_type)

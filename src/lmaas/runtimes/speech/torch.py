@@ -6,7 +6,6 @@ import logging
 import math
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -110,7 +109,9 @@ class TorchWhisperRunner:
         configure_threads(num_threads_option(self._spec.options))
         model, self._tokenizer = load_hf_model(self._spec, "AutoModelForSpeechSeq2Seq", self._dtype)
         if getattr(model.config, "model_type", None) != "whisper":
-            raise ModelLoadError(f"{model.config.model_type!r} models are not supported: Whisper only")
+            raise ModelLoadError(
+                f"{model.config.model_type!r} models are not supported: Whisper only"
+            )
         try:
             self._extractor = transformers.WhisperFeatureExtractor.from_pretrained(
                 self._spec.model_dir, local_files_only=True
@@ -256,12 +257,16 @@ class TorchWhisperRunner:
                 continue
             time_s = (token - self._timestamp_begin) * TIME_PRECISION_S
             if text_ids:
-                segments.append((last_end if start is None else start, time_s, self._decode(text_ids)))
+                segments.append(
+                    (last_end if start is None else start, time_s, self._decode(text_ids))
+                )
                 text_ids, start, last_end = [], None, time_s
             else:
                 start = time_s
         if text_ids:
-            segments.append((last_end if start is None else start, window_s, self._decode(text_ids)))
+            segments.append(
+                (last_end if start is None else start, window_s, self._decode(text_ids))
+            )
         return segments
 
     def _decode(self, ids: list[int]) -> str:
