@@ -13,6 +13,8 @@ from lmaas.api.context import JsonResponse
 from lmaas.api.errors import install_error_handlers
 from lmaas.api.kserve_v2.router import router as v2_router
 from lmaas.api.middleware import RequestContextMiddleware
+from lmaas.api.openai.audio import TRANSCRIPTIONS_PATH, transcription_body_cap
+from lmaas.api.openai.audio import router as audio_router
 from lmaas.api.openai.chat import router as chat_router
 from lmaas.api.openai.classify import router as classify_router
 from lmaas.api.openai.completions import router as completions_router
@@ -46,6 +48,7 @@ _ROUTERS = (
     embeddings_router,
     rerank_router,
     classify_router,
+    audio_router,
     v2_router,
     system_router,
 )
@@ -88,5 +91,6 @@ def create_app(services: ApiServices) -> FastAPI:
         RequestContextMiddleware,
         metrics=services.metrics,
         max_body_bytes=services.config.max_body_bytes,
+        body_caps={TRANSCRIPTIONS_PATH: transcription_body_cap(services.config)},
     )
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.requests import ClientDisconnect
@@ -82,12 +83,20 @@ class RequestContextMiddleware:
         app: The wrapped ASGI app.
         metrics: Where request counts and latencies go.
         max_body_bytes: Body cap, checked before the app reads anything.
+        body_caps: Caps of particular paths instead of ``max_body_bytes`` (file uploads).
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_body_bytes: int,
+        body_caps: Mapping[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.body_caps = dict(body_caps or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,7 +116,8 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            app_receive = await capped_receive(scope, receive, self.max_body_bytes)
+            cap = self.body_caps.get(scope.get("path", ""), self.max_body_bytes)
+            app_receive = await capped_receive(scope, receive, cap)
             await self.app(scope, app_receive, send_with_id)
         except ClientDisconnect:
             state["status"] = 499

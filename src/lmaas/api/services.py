@@ -25,6 +25,11 @@ class ApiConfig(Protocol):
         ...
 
     @property
+    def max_audio_upload_bytes(self) -> int:
+        """Largest audio file a transcription request may upload (413 above it)."""
+        ...
+
+    @property
     def request_timeout_s(self) -> float:
         """End-to-end deadline of one inference request (504 past it)."""
         ...
@@ -40,6 +45,7 @@ class DefaultApiConfig:
     """Limits for tests and embedding without settings."""
 
     max_body_bytes: int = 8 * 1024 * 1024
+    max_audio_upload_bytes: int = 25 * 1024 * 1024
     request_timeout_s: float = 600.0
     max_rerank_documents: int = 1000
 

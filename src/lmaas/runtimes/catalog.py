@@ -37,7 +37,25 @@ def create_runner(spec: WorkerSpec) -> Runner:
             from lmaas.runtimes.classification.torch import TorchTextClassificationRunner
 
             return TorchTextClassificationRunner(spec)
+    if spec.task == Task.SPEECH_TO_TEXT.value:
+        return _speech_runner(spec)
     raise NotSupportedError(
         f"no runtime serves task {spec.task!r} in format {spec.format!r} yet; supported: "
-        "chat/completion, embedding, rerank and classification models in safetensors format"
+        "chat/completion, embedding, rerank and classification models in safetensors format, "
+        "speech-to-text in ct2 or safetensors format"
+    )
+
+
+def _speech_runner(spec: WorkerSpec) -> Runner:
+    """Whisper: CTranslate2 conversions through faster-whisper, HF checkpoints on torch."""
+    if spec.format == ModelFormat.CT2.value:
+        from lmaas.runtimes.speech.ct2 import CT2WhisperRunner
+
+        return CT2WhisperRunner(spec)
+    if spec.format == ModelFormat.SAFETENSORS.value:
+        from lmaas.runtimes.speech.torch import TorchWhisperRunner
+
+        return TorchWhisperRunner(spec)
+    raise NotSupportedError(
+        f"speech-to-text models in format {spec.format!r} are not supported; use ct2 or safetensors"
     )

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lmaas.api.engine_calls import run_infer
 from lmaas.api.kserve_v2 import text_heads
 from lmaas.api.kserve_v2.encoding import OutputTensor
+from lmaas.api.kserve_v2.speech import infer_transcription
 from lmaas.api.kserve_v2.tensors import InferInput, Tensor
 from lmaas.api.services import ApiServices
 from lmaas.api.sse import aclose_quietly
@@ -219,5 +220,6 @@ TASK_HANDLERS: dict[Task, InferHandler] = {
     Task.COMPLETION: infer_generation,
     Task.CLASSIFICATION: text_heads.infer_classification,
     Task.RERANK: text_heads.infer_rerank,
+    Task.SPEECH_TO_TEXT: infer_transcription,
 }
 """v2 inference per task; each task's module adds its handler here."""
