@@ -29,7 +29,16 @@ def create_runner(spec: WorkerSpec) -> Runner:
             from lmaas.runtimes.embedding.torch import TorchEmbeddingRunner
 
             return TorchEmbeddingRunner(spec)
+        if spec.task == Task.SEQ2SEQ.value:
+            from lmaas.runtimes.seq2seq.torch import TorchSeq2SeqRunner
+
+            return TorchSeq2SeqRunner(spec)
+        if spec.task == Task.IMAGE_CLASSIFICATION.value:
+            from lmaas.runtimes.vision.torch import TorchImageClassificationRunner
+
+            return TorchImageClassificationRunner(spec)
     raise NotSupportedError(
         f"no runtime serves task {spec.task!r} in format {spec.format!r} yet; supported: "
-        "chat/completion and embedding models in safetensors format"
+        "chat/completion, embedding, seq2seq and image-classification models in safetensors "
+        "format"
     )
