@@ -153,7 +153,9 @@ def test_generation_config_rules_match_generate(
 
 def test_forced_eos_at_max_tokens_reports_length(runners: dict[str, TorchSeq2SeqRunner]) -> None:
     runner = runners["marian"]
-    runner.add_request(GenerateRequest("m", SamplingParams(max_tokens=3, temperature=0.0), prompt="x"))
+    runner.add_request(
+        GenerateRequest("m", SamplingParams(max_tokens=3, temperature=0.0), prompt="x")
+    )
     run = drive(runner)
     assert len(run.ids["m"]) == 3 and run.deltas["m"][-1].finish_reason == "length"
 
@@ -213,8 +215,14 @@ def test_abort_leaves_the_other_rows_correct(
         (GenerateRequest("e", SamplingParams(max_tokens=10_000), prompt="hi"), "max_tokens"),
         (GenerateRequest("e", SamplingParams(n=2), prompt="hi"), "n"),
         (GenerateRequest("e", SamplingParams(logprobs=1), prompt="hi"), "logprobs"),
-        (GenerateRequest("e", SamplingParams(response_format="{}"), prompt="hi"), "response_format"),
-        (GenerateRequest("e", SamplingParams(presence_penalty=1.0), prompt="hi"), "presence_penalty"),
+        (
+            GenerateRequest("e", SamplingParams(response_format="{}"), prompt="hi"),
+            "response_format",
+        ),
+        (
+            GenerateRequest("e", SamplingParams(presence_penalty=1.0), prompt="hi"),
+            "presence_penalty",
+        ),
     ],
 )
 def test_bad_requests_are_refused(
