@@ -37,12 +37,20 @@ def create_runner(spec: WorkerSpec) -> Runner:
             from lmaas.runtimes.classification.torch import TorchTextClassificationRunner
 
             return TorchTextClassificationRunner(spec)
+        if spec.task == Task.SEQ2SEQ.value:
+            from lmaas.runtimes.seq2seq.torch import TorchSeq2SeqRunner
+
+            return TorchSeq2SeqRunner(spec)
+        if spec.task == Task.IMAGE_CLASSIFICATION.value:
+            from lmaas.runtimes.vision.torch import TorchImageClassificationRunner
+
+            return TorchImageClassificationRunner(spec)
     if spec.task == Task.SPEECH_TO_TEXT.value:
         return _speech_runner(spec)
     raise NotSupportedError(
         f"no runtime serves task {spec.task!r} in format {spec.format!r} yet; supported: "
-        "chat/completion, embedding, rerank and classification models in safetensors format, "
-        "speech-to-text in ct2 or safetensors format"
+        "chat/completion, embedding, rerank, classification, seq2seq and image-classification "
+        "models in safetensors format, speech-to-text in ct2 or safetensors format"
     )
 
 

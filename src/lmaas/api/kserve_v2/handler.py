@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lmaas.api.engine_calls import run_infer
 from lmaas.api.kserve_v2 import text_heads
 from lmaas.api.kserve_v2.encoding import OutputTensor
+from lmaas.api.kserve_v2.image import infer_image_classification
 from lmaas.api.kserve_v2.speech import infer_transcription
 from lmaas.api.kserve_v2.tensors import InferInput, Tensor
 from lmaas.api.services import ApiServices
@@ -63,7 +64,7 @@ def signature(model: ServedModel) -> tuple[list[dict[str, Any]], list[dict[str, 
     if model.task is Task.EMBEDDING:
         dim = model.info.embedding_dim if model.info and model.info.embedding_dim else -1
         return [_io("text", "BYTES", [-1])], [_io("embedding", "FP32", [-1, dim])]
-    if model.task.generates_text:
+    if model.task.generates_text or model.task is Task.SEQ2SEQ:
         optional = [_io(name, dt, [1]) for name, dt in GENERATION_PARAMS.items()]
         return [_io("text_input", "BYTES", [1]), *optional], [_io("text_output", "BYTES", [1])]
     return text_heads.default_signature(model) or ([], [])
@@ -221,5 +222,7 @@ TASK_HANDLERS: dict[Task, InferHandler] = {
     Task.CLASSIFICATION: text_heads.infer_classification,
     Task.RERANK: text_heads.infer_rerank,
     Task.SPEECH_TO_TEXT: infer_transcription,
+    Task.SEQ2SEQ: infer_generation,
+    Task.IMAGE_CLASSIFICATION: infer_image_classification,
 }
 """v2 inference per task; each task's module adds its handler here."""

@@ -71,6 +71,11 @@ def resolve_model(engine: EngineClient, name: str, allowed: set[Task], route: st
         message = (
             f"model '{name}' is a completion model without a chat template; use /v1/completions"
         )
+    elif route == "/v1/chat/completions" and model.task is Task.SEQ2SEQ:
+        message = (
+            f"model '{name}' is a seq2seq (translation / summarisation) model without a chat "
+            "template; send its input text as the prompt of /v1/completions"
+        )
     else:
         message = f"model '{name}' is a {model.task.value} model and cannot serve {route}"
     raise InvalidRequestError(message, param="model")

@@ -64,7 +64,7 @@ def split_prompt(prompt: Any) -> tuple[str | None, list[int] | None]:
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     """OpenAI (legacy) text completions, streamed as SSE when ``stream`` is true."""
     services = services_of(request)
-    allowed = {Task.CHAT, Task.COMPLETION}
+    allowed = {Task.CHAT, Task.COMPLETION, Task.SEQ2SEQ}
     model = resolve_model(services.engine, body.model, allowed, "/v1/completions")
     set_model_label(request.scope, model.name)
     reject_set(body.rejections())

@@ -1,0 +1,1 @@
+"""Image runners (image classification)."""
