@@ -186,3 +186,35 @@ def test_v2_image_bad_inputs_are_400_and_the_worker_stays_up(s2v_server: ServerP
     reply = httpx.post(infer, json=good, timeout=30)
     assert reply.status_code == 200, reply.text
     assert reply.json()["outputs"][1]["data"][0] in TINY_LABELS
+
+
+def test_openai_classify_with_data_urls_on_the_image_model(
+    s2v_server: ServerProcess, model_dirs: dict[str, Path]
+) -> None:
+    files = [_png(3), _png(4, (64, 16))]
+    _, expected = _vit_reference(model_dirs["vit"], files)
+    urls = [f"data:image/png;base64,{base64.b64encode(f).decode()}" for f in files]
+    body = {
+        "model": "tiny-vit",
+        "input": [urls[0], {"type": "image_url", "image_url": {"url": urls[1]}}],
+    }
+    reply = httpx.post(f"{s2v_server.base_url}/v1/classify", json=body, timeout=30)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()["data"]
+    np.testing.assert_allclose([d["probs"] for d in data], expected, atol=1e-5)
+    assert [d["label"] for d in data] == [TINY_LABELS[i] for i in expected.argmax(axis=1)]
+    # Text for an image model, and a corrupt image, are 400s; the worker stays up.
+    text = httpx.post(
+        f"{s2v_server.base_url}/v1/classify", json={"model": "tiny-vit", "input": "hi"}, timeout=30
+    )
+    assert text.status_code == 400
+    corrupt = {
+        "model": "tiny-vit",
+        "input": "data:image/png;base64," + base64.b64encode(b"x" * 64).decode(),
+    }
+    assert (
+        httpx.post(f"{s2v_server.base_url}/v1/classify", json=corrupt, timeout=30).status_code
+        == 400
+    )
+    again = httpx.post(f"{s2v_server.base_url}/v1/classify", json=body, timeout=30)
+    assert again.status_code == 200
