@@ -4,7 +4,7 @@ Usage: .venv/bin/python benchmarks/engine_inprocess.py [--requests 64] [--input-
        [--output-len 128] [--device auto|cpu|cuda] [--profile]
 
 Builds the ~125M Llama-shaped bench model (random weights, bf16 where the CPU has avx512_bf16)
-and prints output tokens/s overall and after the first token; ``--profile`` adds the top of a
+and prints output tokens/s overall and after the first token, and the process's peak RSS; ``--profile`` adds the top of a
 cProfile listing. Compare with ``compare_llm.py`` (over HTTP) to see what serving costs.
 """
 
@@ -68,6 +68,10 @@ def main() -> None:
         f"{num_tokens} tokens in {elapsed:.2f} s: {num_tokens / elapsed:.0f} tok/s overall, "
         f"{num_tokens / (elapsed - first):.0f} tok/s after the first token at {first:.2f} s"
     )
+    status = Path("/proc/self/status")
+    if status.exists():
+        fields = dict(ln.split(":", 1) for ln in status.read_text().splitlines() if ":" in ln)
+        print(f"peak RSS (VmHWM) {int(fields['VmHWM'].split()[0]) / 1024:.0f} MB")
     if args.profile:
         pstats.Stats(profile).sort_stats("tottime").print_stats(15)
 
