@@ -5,7 +5,8 @@ Usage: .venv/bin/python benchmarks/engine_inprocess.py [--requests 64] [--input-
 
 Builds the ~125M Llama-shaped bench model (random weights, bf16 where the CPU has avx512_bf16)
 and prints output tokens/s overall and after the first token, and the process's peak RSS;
-``--profile`` adds the top of a cProfile listing. Compare with ``compare_llm.py`` (over HTTP) to see what serving costs.
+``--profile`` adds the top of a cProfile listing. Compare with ``compare_llm.py`` (over HTTP)
+to see what serving costs.
 """
 
 from __future__ import annotations
