@@ -12,6 +12,7 @@ their cohort's cache (``batch_select_indices``). Greedy output equals
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import deque
 from typing import Any
@@ -106,6 +107,8 @@ class TorchSeq2SeqRunner:
         self._pad_id = 0
         self._waiting: deque[_Entry] = deque()
         self._cohorts: list[_Cohort] = []
+        self._takes_cache = False
+        """The model's forward names its KV cache ``cache`` (newer transformers)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -118,6 +121,7 @@ class TorchSeq2SeqRunner:
         self._model.to(self._device)
         self._model.eval()
         self._encoder = self._model.get_encoder()
+        self._takes_cache = "cache" in inspect.signature(self._model.forward).parameters
         config = self._model.config
         try:
             self._rules = read_decoding_rules(config, self._model.generation_config)
@@ -228,14 +232,17 @@ class TorchSeq2SeqRunner:
             for e in cohort.entries
         ]
         decoder_input = torch.tensor(last_ids, dtype=torch.long, device=self._device)[:, None]
+        # transformers renamed ``past_key_values`` to ``cache`` (5.2x); take whichever the
+        # installed version's model accepts.
+        cache_kwarg = "cache" if self._takes_cache else "past_key_values"
         out = self._model(
             encoder_outputs=BaseModelOutput(last_hidden_state=cohort.encoder_hidden),
             attention_mask=cohort.encoder_mask,
             decoder_input_ids=decoder_input,
-            cache=cohort.cache,
             use_cache=True,
+            **{cache_kwarg: cohort.cache},
         )
-        cohort.cache = out.cache
+        cohort.cache = out.cache if self._takes_cache else out.past_key_values
         logits = out.logits[:, -1].float()
         deltas: list[SeqDelta] = []
         keep: list[int] = []
