@@ -91,7 +91,7 @@ class BatchPipeline:
             return
         future = self._pool.submit(self._runner.preprocess, request)
         self._preparing[request.request_id] = future
-        future.add_done_callback(partial(self._prepared, request.request_id))
+        future.add_done_callback(partial(self._completed, "preprocessing", request.request_id))
 
     def abort(self, request_id: str) -> None:
         future = self._preparing.pop(request_id, None)
@@ -121,7 +121,8 @@ class BatchPipeline:
 
     # ------------------------------------------------------------------ internals
 
-    def _prepared(self, request_id: str, future: Future[Prepared]) -> None:
+    def _completed(self, stage: str, request_id: str, future: Future[Any]) -> None:
+        """A helper thread finished ``stage`` of a request: queue its outcome for the loop."""
         if future.cancelled():
             return
         error = future.exception()
@@ -130,19 +131,8 @@ class BatchPipeline:
         elif isinstance(error, LmaasError):
             self._done.put((request_id, error))
         else:
-            _log.error("preprocessing %s failed", request_id, exc_info=error)
-            self._done.put((request_id, InternalError("preprocessing failed")))
-        self._wake()
-
-    def _finished(self, request_id: str, future: Future[InferResult]) -> None:
-        error = future.exception()
-        if error is None:
-            self._done.put((request_id, future.result()))
-        elif isinstance(error, LmaasError):
-            self._done.put((request_id, error))
-        else:
-            _log.error("postprocessing %s failed", request_id, exc_info=error)
-            self._done.put((request_id, InternalError("postprocessing failed")))
+            _log.error("%s of %s failed", stage, request_id, exc_info=error)
+            self._done.put((request_id, InternalError(f"{stage} failed")))
         self._wake()
 
     def _collect(self) -> None:
@@ -210,7 +200,7 @@ class BatchPipeline:
     def _finish(self, prepared: Prepared) -> None:
         self._finishing.add(prepared.request_id)
         future = self._pool.submit(self._runner.postprocess, prepared)
-        future.add_done_callback(partial(self._finished, prepared.request_id))
+        future.add_done_callback(partial(self._completed, "postprocessing", prepared.request_id))
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
