@@ -92,8 +92,8 @@ def _keys_table(keys: list[ApiKey]) -> Table:
     now = datetime.now(UTC)
     table = Table(box=None)
     table.add_column("KEY", no_wrap=True)
-    for header in ("TENANT", "NAME", "SCOPES", "MODELS", "STATUS", "CREATED", "EXPIRES"):
-        table.add_column(header)
+    for header in ("TENANT", "NAME", "SCOPES", "MODELS", "STATUS", "EXPIRES"):
+        table.add_column(header, overflow="fold")
     for key in keys:
         scopes = ",".join(sorted(s.value for s in key.scopes))
         table.add_row(
@@ -103,8 +103,7 @@ def _keys_table(keys: list[ApiKey]) -> Table:
             scopes,
             ",".join(key.models),
             key.status(now),
-            _when(key.created_at),
-            _when(key.expires_at),
+            "-" if key.expires_at is None else key.expires_at.strftime("%Y-%m-%d"),
         )
     return table
 
@@ -119,6 +118,7 @@ def _print_issued(issued: IssuedKey, as_json: bool, verb: str) -> None:
         f"{verb} key {issued.key.prefix} for tenant {issued.key.tenant!r}; "
         "[bold]the secret below is shown once[/bold] (only its hash is stored):",
         highlight=False,
+        soft_wrap=True,
     )
     typer.echo(issued.secret)
 
