@@ -14,6 +14,8 @@ from lmaas.api.auth import Authenticator
 from lmaas.api.context import principal_of
 from lmaas.core.errors import NotSupportedError
 from lmaas.engine.protocol import EngineClient
+from lmaas.gateway.limited import LimitedEngineClient
+from lmaas.gateway.limits import InProcessLimiter
 from lmaas.gateway.service import GovernanceService
 from lmaas.gateway.visibility import ScopedEngineClient
 from lmaas.observability.metrics import Metrics
@@ -76,6 +78,7 @@ class ApiServices:
             --no-auth``, loopback only).
         governance: Tenants and keys, for the ``/admin`` routes (501 without it).
         public_metrics: Serve ``/metrics`` without a key.
+        limiter: Enforces the rate limits of keys and tenants (in this process).
     """
 
     engine: EngineClient
@@ -87,23 +90,30 @@ class ApiServices:
     auth: Authenticator | None = None
     governance: GovernanceService | None = None
     public_metrics: bool = False
+    limiter: InProcessLimiter = field(default_factory=InProcessLimiter)
 
 
 def services_of(request: Request) -> ApiServices:
     """The services as the caller of ``request`` may use them.
 
-    With authentication on, ``engine`` is the principal's view of the engine
-    (:class:`~lmaas.gateway.visibility.ScopedEngineClient`): listings hold only the models its
-    key may see and any other model is 404, in every route that goes through here.
+    With authentication on, ``engine`` is the principal's view of the engine, in every route
+    that goes through here: listings hold only the models its key may see and any other model is
+    404 (:class:`~lmaas.gateway.visibility.ScopedEngineClient`), and each model call is admitted
+    against the key's and the tenant's rate limits (:class:`~lmaas.gateway.limited.
+    LimitedEngineClient`, 429 past one).
     """
     services = request.app.state.lmaas_services
     assert isinstance(services, ApiServices)
     principal = principal_of(request.scope)
-    if principal is None or principal.sees_every_model:
+    if principal is None or (principal.sees_every_model and not principal.is_limited):
         return services
     scoped = request.scope.get(_SCOPED_SERVICES_KEY)
     if not isinstance(scoped, ApiServices):
-        engine = ScopedEngineClient(services.engine, principal)
+        engine: EngineClient = services.engine
+        if not principal.sees_every_model:
+            engine = ScopedEngineClient(engine, principal)
+        if principal.is_limited:
+            engine = LimitedEngineClient(engine, principal, services.limiter)
         scoped = dataclasses.replace(services, engine=engine)
         request.scope[_SCOPED_SERVICES_KEY] = scoped
     return scoped

@@ -20,6 +20,7 @@ from rich.table import Table
 from lmaas.bootstrap.governance import open_governance
 from lmaas.bootstrap.settings import Settings
 from lmaas.core.errors import LmaasError
+from lmaas.gateway.limits import Limits
 from lmaas.gateway.service import GovernanceService, IssuedKey
 from lmaas.gateway.store import ApiKey, Tenant
 
@@ -34,6 +35,43 @@ HomeOption = Annotated[
     typer.Option("--home", help="lmaas home directory (default: $LMAAS_HOME or ~/.lmaas)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+RpmOption = Annotated[int | None, typer.Option("--rpm", help="Requests per minute.")]
+TpmOption = Annotated[
+    int | None, typer.Option("--tpm", help="Tokens per minute (prompt + max_tokens reserved).")
+]
+ConcurrentOption = Annotated[
+    int | None, typer.Option("--max-concurrent", help="Requests in flight at once.")
+]
+
+
+def _limits_text(limits: Limits) -> str:
+    parts = [
+        f"{value} {unit}"
+        for value, unit in (
+            (limits.rpm, "rpm"),
+            (limits.tpm, "tpm"),
+            (limits.max_concurrent, "conc"),
+        )
+        if value is not None
+    ]
+    return ", ".join(parts) or "-"
+
+
+def _limits_dict(limits: Limits) -> dict[str, int | None]:
+    return {"rpm": limits.rpm, "tpm": limits.tpm, "max_concurrent": limits.max_concurrent}
+
+
+def _merged(current: Limits, rpm: int | None, tpm: int | None, conc: int | None) -> Limits:
+    """``current`` with the given flags applied; 0 removes a limit."""
+
+    def pick(new: int | None, old: int | None) -> int | None:
+        if new is None:
+            return old
+        return None if new == 0 else new
+
+    return Limits(
+        pick(rpm, current.rpm), pick(tpm, current.tpm), pick(conc, current.max_concurrent)
+    )
 
 
 def _fail(message: str) -> NoReturn:
@@ -66,6 +104,7 @@ def _tenant_dict(tenant: Tenant) -> dict[str, Any]:
         "name": tenant.name,
         "description": tenant.description,
         "created_at": tenant.created_at.isoformat(),
+        "limits": _limits_dict(tenant.limits),
     }
 
 
@@ -85,6 +124,7 @@ def _key_dict(key: ApiKey, now: datetime) -> dict[str, Any]:
         "expires_at": iso(key.expires_at),
         "revoked_at": iso(key.revoked_at),
         "rotated_at": iso(key.rotated_at),
+        "limits": _limits_dict(key.limits),
     }
 
 
@@ -92,7 +132,7 @@ def _keys_table(keys: list[ApiKey]) -> Table:
     now = datetime.now(UTC)
     table = Table(box=None)
     table.add_column("KEY", no_wrap=True)
-    for header in ("TENANT", "NAME", "SCOPES", "MODELS", "STATUS", "EXPIRES"):
+    for header in ("TENANT", "NAME", "SCOPES", "MODELS", "LIMITS", "STATUS", "EXPIRES"):
         table.add_column(header, overflow="fold")
     for key in keys:
         scopes = ",".join(sorted(s.value for s in key.scopes))
@@ -102,6 +142,7 @@ def _keys_table(keys: list[ApiKey]) -> Table:
             escape(key.name) or "-",
             scopes,
             ",".join(key.models),
+            _limits_text(key.limits),
             key.status(now),
             "-" if key.expires_at is None else key.expires_at.strftime("%Y-%m-%d"),
         )
@@ -130,11 +171,14 @@ def _print_issued(issued: IssuedKey, as_json: bool, verb: str) -> None:
 def tenants_create(
     name: Annotated[str, typer.Argument(help="Tenant name (lower-case, digits, . _ -).")],
     description: Annotated[str, typer.Option(help="Free text.")] = "",
+    rpm: RpmOption = None,
+    tpm: TpmOption = None,
+    max_concurrent: ConcurrentOption = None,
     home: HomeOption = None,
 ) -> None:
-    """Create a tenant (a team that owns keys)."""
+    """Create a tenant (a team that owns keys), with limits all its keys share."""
     with _governance(home) as governance:
-        tenant = governance.create_tenant(name, description)
+        tenant = governance.create_tenant(name, description, Limits(rpm, tpm, max_concurrent))
     typer.echo(f"created tenant {tenant.name}")
 
 
@@ -148,12 +192,16 @@ def tenants_list(home: HomeOption = None, as_json: JsonOption = False) -> None:
         typer.echo(json.dumps([_tenant_dict(t) for t in tenants], indent=2))
         return
     now = datetime.now(UTC)
-    table = Table("TENANT", "ACTIVE KEYS", "CREATED", "DESCRIPTION")
+    table = Table("TENANT", "ACTIVE KEYS", "LIMITS", "CREATED", "DESCRIPTION")
     table.box = None
     for tenant in tenants:
         active = sum(1 for k in keys if k.tenant == tenant.name and k.status(now) == "active")
         table.add_row(
-            tenant.name, str(active), _when(tenant.created_at), escape(tenant.description)
+            tenant.name,
+            str(active),
+            _limits_text(tenant.limits),
+            _when(tenant.created_at),
+            escape(tenant.description),
         )
     Console().print(table)
 
@@ -170,10 +218,30 @@ def tenants_show(name: str, home: HomeOption = None, as_json: JsonOption = False
         typer.echo(json.dumps(data, indent=2))
         return
     console = Console()
-    console.print(f"tenant {tenant.name}  created {_when(tenant.created_at)}", highlight=False)
+    console.print(
+        f"tenant {tenant.name}  created {_when(tenant.created_at)}  "
+        f"limits {_limits_text(tenant.limits)}",
+        highlight=False,
+    )
     if tenant.description:
         console.print(escape(tenant.description))
     console.print(_keys_table(keys) if keys else "no keys")
+
+
+@tenants_app.command("limits")
+def tenants_limits(
+    name: str,
+    rpm: RpmOption = None,
+    tpm: TpmOption = None,
+    max_concurrent: ConcurrentOption = None,
+    home: HomeOption = None,
+) -> None:
+    """Change the limits a tenant's keys share (the flags given; 0 removes a limit)."""
+    with _governance(home) as governance:
+        current = governance.get_tenant(name).limits
+        merged = _merged(current, rpm, tpm, max_concurrent)
+        tenant = governance.set_tenant_limits(name, merged)
+    typer.echo(f"tenant {tenant.name}: {_limits_text(tenant.limits)}")
 
 
 @tenants_app.command("rm")
@@ -214,13 +282,21 @@ def keys_create(
         str | None, typer.Option(help="Lifetime: 90s, 15m, 12h, 30d, 2w (default: never).")
     ] = None,
     name: Annotated[str, typer.Option(help="A label for people.")] = "",
+    rpm: RpmOption = None,
+    tpm: TpmOption = None,
+    max_concurrent: ConcurrentOption = None,
     home: HomeOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create a key; its secret goes to stdout, once."""
     with _governance(home) as governance:
         issued = governance.create_key(
-            tenant, _split(scope) or [], _split(models), name=name, expires_in=expires_in
+            tenant,
+            _split(scope) or [],
+            _split(models),
+            name=name,
+            expires_in=expires_in,
+            limits=Limits(rpm, tpm, max_concurrent),
         )
     _print_issued(issued, as_json, "created")
 
@@ -267,6 +343,21 @@ def keys_rotate(
     with _governance(home) as governance:
         issued = governance.rotate_key(key_id, expires_in=expires_in)
     _print_issued(issued, as_json, "rotated")
+
+
+@keys_app.command("limits")
+def keys_limits(
+    key_id: Annotated[str, typer.Argument(metavar="ID", help="<id> or lmaas-<id>.")],
+    rpm: RpmOption = None,
+    tpm: TpmOption = None,
+    max_concurrent: ConcurrentOption = None,
+    home: HomeOption = None,
+) -> None:
+    """Change a key's limits (the flags given; 0 removes a limit)."""
+    with _governance(home) as governance:
+        current = governance.get_key(key_id).limits
+        key = governance.set_key_limits(key_id, _merged(current, rpm, tpm, max_concurrent))
+    typer.echo(f"{key.prefix}: {_limits_text(key.limits)}")
 
 
 @keys_app.command("revoke")

@@ -23,6 +23,7 @@ from datetime import timedelta
 from fnmatch import fnmatchcase
 
 from lmaas.core.errors import InvalidRequestError
+from lmaas.gateway.limits import NO_LIMITS, Limits
 
 KEY_PREFIX = "lmaas"
 KEY_ID_HEX_DIGITS = 12
@@ -163,12 +164,20 @@ class Principal:
         tenant: The tenant the key belongs to (metering and limits key on it).
         scopes: What the key may do.
         models: Names or globs of the models the key may see and call.
+        key_limits: Rate limits of the key.
+        tenant_limits: Rate limits of its tenant (shared by all the tenant's keys).
     """
 
     key_id: str
     tenant: str
     scopes: frozenset[Scope]
     models: tuple[str, ...] = ("*",)
+    key_limits: Limits = NO_LIMITS
+    tenant_limits: Limits = NO_LIMITS
+
+    @property
+    def is_limited(self) -> bool:
+        return self.key_limits.any or self.tenant_limits.any
 
     @property
     def is_admin(self) -> bool:

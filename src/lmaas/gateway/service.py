@@ -38,6 +38,7 @@ from lmaas.gateway.keys import (
     parse_key_id,
     parse_scopes,
 )
+from lmaas.gateway.limits import Limits
 from lmaas.gateway.store import ApiKey, SqlGovernanceStore, Tenant
 
 logger = logging.getLogger("lmaas.gateway")
@@ -79,7 +80,7 @@ class GovernanceService:
         self._store = store
         self._ttl_s = key_cache_ttl_s
         self._clock = clock
-        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+        self._cache: dict[str, tuple[float, tuple[ApiKey, Limits] | None]] = {}
 
     @classmethod
     def open(cls, database_url: str, *, key_cache_ttl_s: float = 5.0) -> GovernanceService:
@@ -91,16 +92,28 @@ class GovernanceService:
 
     # ---------------------------------------------------------------- tenants
 
-    def create_tenant(self, name: str, description: str = "") -> Tenant:
-        """Raises: InvalidRequestError (bad name), ConflictError (taken)."""
+    def create_tenant(
+        self, name: str, description: str = "", limits: Limits | None = None
+    ) -> Tenant:
+        """Create a tenant, with limits its keys share. Raises: InvalidRequestError (bad name or
+        limit), ConflictError (taken)."""
         if not is_valid_name(name):
             raise InvalidRequestError(
                 f"invalid tenant name {name[:70]!r}: use 1-64 lower-case letters, digits, "
                 "'.', '_' or '-', starting with a letter or digit",
                 param="name",
             )
-        tenant = Tenant(name, description[:256], self._clock())
+        tenant = Tenant(name, description[:256], self._clock(), (limits or Limits()).checked())
         self._store.add_tenant(tenant)
+        return tenant
+
+    def set_tenant_limits(self, name: str, limits: Limits) -> Tenant:
+        """Replace a tenant's limits (None fields: unlimited). Raises: NotFoundError,
+        InvalidRequestError."""
+        tenant = self._store.set_tenant_limits(name, limits.checked())
+        if tenant is None:
+            raise NotFoundError(f"tenant {name[:70]!r} does not exist", param="name")
+        self._cache.clear()  # every key of the tenant carries its limits
         return tenant
 
     def list_tenants(self) -> list[Tenant]:
@@ -138,6 +151,7 @@ class GovernanceService:
         *,
         name: str = "",
         expires_in: str | None = None,
+        limits: Limits | None = None,
     ) -> IssuedKey:
         """Issue a key; its secret is in the result and nowhere else.
 
@@ -147,6 +161,7 @@ class GovernanceService:
             models: Names or globs of the models the key may see (default: all).
             name: A label for people (``ci``, ``alice-laptop``).
             expires_in: ``30d``, ``12h``...; never expires when None.
+            limits: Requests/tokens per minute and concurrency of the key (default: none).
 
         Raises:
             NotFoundError: no such tenant.
@@ -165,6 +180,7 @@ class GovernanceService:
             key_sha256=hash_key(secret),
             created_at=now,
             expires_at=None if expires_in is None else now + parse_duration(expires_in),
+            limits=(limits or Limits()).checked(),
         )
         self._store.add_key(key)
         return IssuedKey(key, secret)
@@ -207,6 +223,16 @@ class GovernanceService:
         if rotated is None:  # deleted in between
             raise NotFoundError(f"key {key.prefix} does not exist")
         return IssuedKey(rotated, secret)
+
+    def set_key_limits(self, key_id: str, limits: Limits) -> ApiKey:
+        """Replace a key's limits (None fields: unlimited). Raises: NotFoundError,
+        InvalidRequestError."""
+        key = self.get_key(key_id)
+        updated = self._store.set_key_limits(key.id, limits.checked())
+        self._cache.pop(key.id, None)
+        if updated is None:
+            raise NotFoundError(f"key {key.prefix} does not exist")
+        return updated
 
     def revoke_key(self, key_id: str) -> ApiKey:
         """Revoke a key for good (the row stays, for the record); revoking twice is a no-op.
@@ -275,19 +301,19 @@ class GovernanceService:
         key_id = parse_key_id(secret)
         if key_id is None:
             raise AuthenticationError(_INVALID)
-        key = await self._lookup(key_id)
-        return self._check(key, secret)
+        return self._check(await self._lookup(key_id), secret)
 
     def authenticate_sync(self, secret: str) -> Principal:
         """:meth:`authenticate` without the cache, for callers outside an event loop."""
         key_id = parse_key_id(secret)
         if key_id is None:
             raise AuthenticationError(_INVALID)
-        return self._check(self._store.get_key(key_id), secret)
+        return self._check(self._store.get_key_for_auth(key_id), secret)
 
-    def _check(self, key: ApiKey | None, secret: str) -> Principal:
-        if key is None or not key_matches(secret, key.key_sha256):
+    def _check(self, found: tuple[ApiKey, Limits] | None, secret: str) -> Principal:
+        if found is None or not key_matches(secret, found[0].key_sha256):
             raise AuthenticationError(_INVALID)
+        key, tenant_limits = found
         status = key.status(self._clock())
         if status == "revoked":
             raise AuthenticationError(f"API key {key.prefix} has been revoked")
@@ -296,19 +322,19 @@ class GovernanceService:
             raise AuthenticationError(
                 f"API key {key.prefix} expired at {key.expires_at.isoformat(timespec='seconds')}"
             )
-        return key.principal()
+        return key.principal(tenant_limits)
 
-    async def _lookup(self, key_id: str) -> ApiKey | None:
+    async def _lookup(self, key_id: str) -> tuple[ApiKey, Limits] | None:
         now = time.monotonic()
         hit = self._cache.get(key_id)
         if hit is not None and now - hit[0] < self._ttl_s:
             return hit[1]
-        key = await anyio.to_thread.run_sync(self._store.get_key, key_id)
+        found = await anyio.to_thread.run_sync(self._store.get_key_for_auth, key_id)
         if self._ttl_s > 0:
             if len(self._cache) >= MAX_CACHED_KEYS:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[key_id] = (now, key)
-        return key
+            self._cache[key_id] = (now, found)
+        return found
 
 
 def _check_label(name: str) -> str:

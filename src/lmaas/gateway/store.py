@@ -11,12 +11,24 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from sqlalchemy import JSON, DateTime, ForeignKey, String, delete, func, select, update
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    delete,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from lmaas.core.errors import ConflictError, InternalError
 from lmaas.gateway.keys import Principal, Scope, key_prefix
+from lmaas.gateway.limits import NO_LIMITS, Limits
 from lmaas.registry.metadata import create_db_engine, upgrade_schema
 
 KeyStatus = Literal["active", "revoked", "expired"]
@@ -26,7 +38,25 @@ class _Base(DeclarativeBase):
     """Declarative base of the governance tables (created by migration 0002)."""
 
 
-class TenantRow(_Base):
+class _LimitColumns:
+    rpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm_limit: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    max_concurrent: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.rpm_limit, self.tpm_limit, self.max_concurrent)
+
+
+def _limit_values(limits: Limits) -> dict[str, int | None]:
+    return {
+        "rpm_limit": limits.rpm,
+        "tpm_limit": limits.tpm,
+        "max_concurrent": limits.max_concurrent,
+    }
+
+
+class TenantRow(_LimitColumns, _Base):
     __tablename__ = "tenants"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -34,7 +64,7 @@ class TenantRow(_Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
-class ApiKeyRow(_Base):
+class ApiKeyRow(_LimitColumns, _Base):
     __tablename__ = "api_keys"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -67,6 +97,8 @@ class Tenant:
     name: str
     description: str
     created_at: datetime
+    limits: Limits = NO_LIMITS
+    """Shared by all the tenant's keys."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -83,6 +115,7 @@ class ApiKey:
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
     rotated_at: datetime | None = None
+    limits: Limits = NO_LIMITS
 
     @property
     def prefix(self) -> str:
@@ -97,13 +130,24 @@ class ApiKey:
             return "expired"
         return "active"
 
-    def principal(self) -> Principal:
+    def principal(self, tenant_limits: Limits | None = None) -> Principal:
         """Who a request authenticated by this key runs as."""
-        return Principal(self.id, self.tenant, self.scopes, self.models)
+        return Principal(
+            self.id, self.tenant, self.scopes, self.models, self.limits, tenant_limits or Limits()
+        )
 
 
 def _tenant(row: TenantRow) -> Tenant:
-    return Tenant(row.name, row.description, _utc(row.created_at))
+    return Tenant(row.name, row.description, _utc(row.created_at), row.limits)
+
+
+def _tenant_row(tenant: Tenant) -> TenantRow:
+    return TenantRow(
+        name=tenant.name,
+        description=tenant.description,
+        created_at=tenant.created_at,
+        **_limit_values(tenant.limits),
+    )
 
 
 def _key(row: ApiKeyRow) -> ApiKey:
@@ -118,6 +162,7 @@ def _key(row: ApiKeyRow) -> ApiKey:
         expires_at=_utc_or_none(row.expires_at),
         revoked_at=_utc_or_none(row.revoked_at),
         rotated_at=_utc_or_none(row.rotated_at),
+        limits=row.limits,
     )
 
 
@@ -133,6 +178,7 @@ def _key_row(key: ApiKey) -> ApiKeyRow:
         expires_at=key.expires_at,
         revoked_at=key.revoked_at,
         rotated_at=key.rotated_at,
+        **_limit_values(key.limits),
     )
 
 
@@ -159,9 +205,7 @@ class SqlGovernanceStore:
 
     def add_tenant(self, tenant: Tenant) -> None:
         """Raises: ConflictError when the name is taken."""
-        row = TenantRow(
-            name=tenant.name, description=tenant.description, created_at=tenant.created_at
-        )
+        row = _tenant_row(tenant)
         try:
             with self._sessions.begin() as session:
                 session.add(row)
@@ -186,6 +230,15 @@ class SqlGovernanceStore:
             result = session.execute(delete(TenantRow).where(TenantRow.name == name))
         return bool(getattr(result, "rowcount", 0))
 
+    def set_tenant_limits(self, name: str, limits: Limits) -> Tenant | None:
+        """Replace a tenant's limits; None when no such tenant."""
+        with self._sessions.begin() as session:
+            session.execute(
+                update(TenantRow).where(TenantRow.name == name).values(**_limit_values(limits))
+            )
+            row = session.get(TenantRow, name)
+            return None if row is None else _tenant(row)
+
     def is_empty(self) -> bool:
         """True before the first tenant was ever created (a fresh install)."""
         with self._sessions() as session:
@@ -202,13 +255,7 @@ class SqlGovernanceStore:
         try:
             with self._sessions.begin() as session:
                 if with_tenant is not None:
-                    session.add(
-                        TenantRow(
-                            name=with_tenant.name,
-                            description=with_tenant.description,
-                            created_at=with_tenant.created_at,
-                        )
-                    )
+                    session.add(_tenant_row(with_tenant))
                     session.flush()
                 session.add(_key_row(key))
         except IntegrityError as exc:
@@ -218,6 +265,15 @@ class SqlGovernanceStore:
         with self._sessions() as session:
             row = session.get(ApiKeyRow, key_id)
             return None if row is None else _key(row)
+
+    def get_key_for_auth(self, key_id: str) -> tuple[ApiKey, Limits] | None:
+        """A key with its tenant's limits (one read for the auth cache); None if unknown."""
+        with self._sessions() as session:
+            row = session.get(ApiKeyRow, key_id)
+            if row is None:
+                return None
+            tenant = session.get(TenantRow, row.tenant)
+            return _key(row), tenant.limits if tenant is not None else Limits()
 
     def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
         query = select(ApiKeyRow).order_by(ApiKeyRow.tenant, ApiKeyRow.created_at, ApiKeyRow.id)
@@ -232,6 +288,10 @@ class SqlGovernanceStore:
         """Give a key a new secret (rotation); None when no such key."""
         values = {"key_sha256": key_sha256, "rotated_at": rotated_at, "expires_at": expires_at}
         return self._update(key_id, values)
+
+    def set_key_limits(self, key_id: str, limits: Limits) -> ApiKey | None:
+        """Replace a key's limits; None when no such key."""
+        return self._update(key_id, dict(_limit_values(limits)))
 
     def revoke(self, key_id: str, when: datetime) -> ApiKey | None:
         """Mark a key revoked (kept for the record); None when no such key."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from openai import NotFoundError, OpenAI
+from openai import NotFoundError, OpenAI, RateLimitError
 
 from lmaas.registry.service import RegistryService
 from tests.integration.server.conftest import ECHO
@@ -177,3 +177,15 @@ def test_no_auth_is_refused_off_loopback(tmp_path: Path, host: str) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1
     assert f"--no-auth is refused when binding to '{host}'" in done.stderr
+
+
+def test_a_rate_limited_key_gets_429_with_retry_after(secure: ServerProcess) -> None:
+    key = _new_key(secure, "team-r", scopes=["inference"], limits={"rpm": 2})
+    client = OpenAI(base_url=f"{secure.base_url}/v1", api_key=key, max_retries=0)
+    for _ in range(2):
+        client.completions.create(model="echo", prompt="a", max_tokens=1)
+    with pytest.raises(RateLimitError) as caught:
+        client.completions.create(model="echo", prompt="a", max_tokens=1)
+    assert caught.value.status_code == 429
+    assert int(caught.value.response.headers["retry-after"]) == 30
+    assert caught.value.code == "rate_limit_exceeded"

@@ -3,6 +3,7 @@ SQLite governance DB: deny by default, scopes, per-key model visibility, the adm
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from starlette.routing import Route
 from lmaas.api.auth import PUBLIC_PATHS
 from lmaas.api.context import principal_of
 from lmaas.gateway.service import GovernanceService, IssuedKey
+from lmaas.testing.fakes import FakeEngineClient
 
 pytestmark = pytest.mark.anyio
 
@@ -43,8 +45,10 @@ def admin(governance: GovernanceService) -> IssuedKey:
 
 
 @pytest.fixture
-def secure_app(make_app: Callable[..., FastAPI], governance: GovernanceService) -> FastAPI:
-    return make_app(auth=governance, governance=governance)
+def secure_app(
+    make_app: Callable[..., FastAPI], governance: GovernanceService, engine: FakeEngineClient
+) -> FastAPI:
+    return make_app(engine, auth=governance, governance=governance)
 
 
 @pytest.fixture
@@ -273,3 +277,69 @@ async def test_openapi_documents_the_admin_routes_and_the_key_schemes(
 async def test_admin_routes_without_governance_are_501(client: httpx.AsyncClient) -> None:
     response = await client.get("/admin/keys")
     assert response.status_code == 501
+
+
+async def test_rate_limits_answer_429_with_retry_after_in_both_envelopes(
+    anon: httpx.AsyncClient, admin: IssuedKey
+) -> None:
+    key = _auth(await _key(anon, admin, scopes=["inference"], limits={"rpm": 2}))
+    for _ in range(2):
+        ok = await anon.post("/v1/chat/completions", json=chat_body(), headers=key)
+        assert ok.status_code == 200
+    refused = await anon.post("/v1/chat/completions", json=chat_body(), headers=key)
+    assert refused.status_code == 429
+    assert int(refused.headers["retry-after"]) == 30
+    error = refused.json()["error"]
+    assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
+    assert "2 requests per minute" in error["message"]
+    v2 = await anon.post(
+        "/v2/models/fake-embed/infer",
+        json={"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a"]}]},
+        headers=key,
+    )
+    assert v2.status_code == 429 and "requests per minute" in v2.json()["error"]
+    assert (await anon.get("/v1/models", headers=key)).status_code == 200  # no model call
+
+
+async def test_tenant_limits_are_shared_and_limits_change_through_the_api(
+    anon: httpx.AsyncClient, admin: IssuedKey
+) -> None:
+    auth = _auth(admin.secret)
+    created = await anon.post(
+        "/admin/tenants", json={"name": "team-t", "limits": {"tpm": 100}}, headers=auth
+    )
+    assert created.json()["limits"] == {"rpm": None, "tpm": 100, "max_concurrent": None}
+    one = _auth(await _key(anon, admin, tenant="team-t", scopes=["inference"]))
+    two = _auth(await _key(anon, admin, tenant="team-t", scopes=["inference"]))
+    body = chat_body(max_tokens=50)  # reserves ~58 of the tenant's 100 tokens per minute
+    assert (await anon.post("/v1/chat/completions", json=body, headers=one)).status_code == 200
+    # the first request settled to its real (small) count, so 58 more fit for the other key
+    assert (await anon.post("/v1/chat/completions", json=body, headers=two)).status_code == 200
+    long_prompt = chat_body("word " * 100, max_tokens=1)
+    too_big = await anon.post("/v1/chat/completions", json=long_prompt, headers=one)
+    assert too_big.status_code == 429 and too_big.json()["error"]["param"] == "max_tokens"
+    changed = await anon.put("/admin/tenants/team-t/limits", json={"rpm": 1}, headers=auth)
+    assert changed.json()["limits"] == {"rpm": 1, "tpm": None, "max_concurrent": None}
+    assert (await anon.post("/v1/chat/completions", json=body, headers=one)).status_code == 200
+    assert (await anon.post("/v1/chat/completions", json=body, headers=two)).status_code == 429
+    bad = await anon.put("/admin/tenants/team-t/limits", json={"rpm": 0}, headers=auth)
+    assert bad.status_code == 400
+
+
+async def test_concurrency_limit_holds_while_a_stream_is_open(
+    anon: httpx.AsyncClient, admin: IssuedKey, engine: FakeEngineClient
+) -> None:
+    key_body = {"scopes": ["inference"], "limits": {"max_concurrent": 1}}
+    key = _auth(await _key(anon, admin, **key_body))
+    engine.token_delay_s = 0.05
+    stream_body = chat_body("a b c d e f", stream=True, max_tokens=6)
+    streaming = asyncio.create_task(
+        anon.post("/v1/chat/completions", json=stream_body, headers=key)
+    )
+    await asyncio.sleep(0.1)  # the stream is open, a token every 50 ms
+    busy = await anon.post("/v1/chat/completions", json=chat_body(), headers=key)
+    assert busy.status_code == 429 and "in flight" in busy.json()["error"]["message"]
+    assert (await streaming).status_code == 200
+    assert (
+        await anon.post("/v1/chat/completions", json=chat_body(), headers=key)
+    ).status_code == 200

@@ -21,7 +21,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _run(home: Path, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, [*args, "--home", str(home)], input=stdin)
+    result = CliRunner().invoke(
+        app, [*args, "--home", str(home)], input=stdin, env={"COLUMNS": "160"}
+    )
     return result.exit_code, result.stdout, result.stderr
 
 
@@ -93,3 +95,25 @@ def test_key_errors_are_one_clear_line(home: Path) -> None:
         assert code == 1 and message in err and out == ""
     code, _, err = _run(home, "keys", "revoke", "nope")
     assert code == 1 and "not a key id" in err
+
+
+def test_limits_on_tenants_and_keys(home: Path) -> None:
+    code, _, err = _run(
+        home, "tenants", "create", "team-a", "--rpm", "100", "--max-concurrent", "8"
+    )
+    assert code == 0, err
+    code, out, err = _run(
+        home, "keys", "create", "--tenant", "team-a", "--scope", "inference", "--tpm", "5000"
+    )
+    assert code == 0, err
+    key_id = _authenticate(home, out.strip())
+    assert "5000 tpm" in _run(home, "keys", "list")[1]
+    code, out, _ = _run(home, "keys", "limits", key_id, "--rpm", "10", "--tpm", "0")
+    assert code == 0 and out.strip() == f"lmaas-{key_id}: 10 rpm"
+    limits = json.loads(_run(home, "keys", "show", key_id)[1])["limits"]
+    assert limits == {"rpm": 10, "tpm": None, "max_concurrent": None}
+    code, out, _ = _run(home, "tenants", "limits", "team-a", "--max-concurrent", "0")
+    assert out.strip() == "tenant team-a: 100 rpm"
+    assert "100 rpm" in _run(home, "tenants", "list")[1]
+    code, _, err = _run(home, "keys", "limits", key_id, "--rpm", "-5")
+    assert code == 1 and "positive integer" in err

@@ -12,6 +12,7 @@ from lmaas.core.errors import (
     NotFoundError,
 )
 from lmaas.gateway.keys import Scope
+from lmaas.gateway.limits import Limits
 from lmaas.gateway.service import GovernanceService
 from lmaas.registry.metadata import create_db_engine
 from tests.unit.gateway.gov_helpers import FakeClock
@@ -187,3 +188,24 @@ async def test_the_cache_serves_hits_and_forgets_keys_changed_here(
     finally:
         cached.close()
         other.close()
+
+
+async def test_limits_are_stored_on_keys_and_tenants_and_reach_the_principal(
+    governance: GovernanceService,
+) -> None:
+    governance.create_tenant("team-a", limits=Limits(rpm=100, tpm=None, max_concurrent=8))
+    issued = governance.create_key("team-a", ["inference"], limits=Limits(rpm=10, tpm=5000))
+    principal = await governance.authenticate(issued.secret)
+    assert principal.key_limits == Limits(rpm=10, tpm=5000)
+    assert principal.tenant_limits == Limits(rpm=100, max_concurrent=8)
+    assert principal.is_limited
+    governance.set_key_limits(issued.key.id, Limits(max_concurrent=2))
+    governance.set_tenant_limits("team-a", Limits())
+    principal = await governance.authenticate(issued.secret)
+    assert principal.key_limits == Limits(max_concurrent=2)
+    assert principal.tenant_limits == Limits()
+    assert governance.get_key(issued.key.id).limits == Limits(max_concurrent=2)
+    with pytest.raises(InvalidRequestError, match="positive integer"):
+        governance.set_key_limits(issued.key.id, Limits(rpm=0))
+    with pytest.raises(NotFoundError):
+        governance.set_tenant_limits("ghost", Limits(rpm=1))

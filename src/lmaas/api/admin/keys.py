@@ -14,6 +14,7 @@ from lmaas.api.admin.schemas import (
     KeyListResponse,
     KeyResponse,
     KeyRotateRequest,
+    LimitsBody,
 )
 from lmaas.api.services import governance_of
 
@@ -28,7 +29,12 @@ def _now() -> datetime:
 def create_key(body: KeyCreateRequest, request: Request) -> IssuedKeyResponse:
     """Issue a key for a tenant; ``secret`` is in this response only (the DB keeps its hash)."""
     issued = governance_of(request).create_key(
-        body.tenant, body.scopes, body.models, name=body.name, expires_in=body.expires_in
+        body.tenant,
+        body.scopes,
+        body.models,
+        name=body.name,
+        expires_in=body.expires_in,
+        limits=body.limits.to_limits(),
     )
     return IssuedKeyResponse.issued(issued, _now())
 
@@ -55,6 +61,12 @@ def rotate_key(
     expires_in = body.expires_in if body is not None else None
     issued = governance_of(request).rotate_key(key_id, expires_in=expires_in)
     return IssuedKeyResponse.issued(issued, _now())
+
+
+@router.put("/{key_id}/limits")
+def set_key_limits(key_id: str, body: LimitsBody, request: Request) -> KeyResponse:
+    """Replace the key's limits (absent or null fields: unlimited)."""
+    return KeyResponse.of(governance_of(request).set_key_limits(key_id, body.to_limits()), _now())
 
 
 @router.post("/{key_id}/revoke")

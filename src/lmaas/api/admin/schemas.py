@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmaas.gateway.limits import Limits
 from lmaas.gateway.service import IssuedKey
 from lmaas.gateway.store import ApiKey, KeyStatus, Tenant
 
@@ -15,9 +16,29 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LimitsBody(BaseModel):
+    """Rate limits; an absent or null field is unlimited."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: int | None = Field(default=None, ge=1, description="Requests per minute.")
+    tpm: int | None = Field(
+        default=None, ge=1, description="Tokens per minute (prompt + max_tokens reserved)."
+    )
+    max_concurrent: int | None = Field(default=None, ge=1, description="Requests in flight.")
+
+    def to_limits(self) -> Limits:
+        return Limits(self.rpm, self.tpm, self.max_concurrent)
+
+    @classmethod
+    def of(cls, limits: Limits) -> LimitsBody:
+        return cls(rpm=limits.rpm, tpm=limits.tpm, max_concurrent=limits.max_concurrent)
+
+
 class TenantCreateRequest(_Request):
     name: str = Field(max_length=64, description="Lower-case letters, digits, '.', '_', '-'.")
     description: str = Field(default="", max_length=256)
+    limits: LimitsBody = Field(default_factory=LimitsBody, description="Shared by its keys.")
 
 
 class TenantResponse(BaseModel):
@@ -25,10 +46,16 @@ class TenantResponse(BaseModel):
     name: str
     description: str
     created_at: datetime
+    limits: LimitsBody
 
     @classmethod
     def of(cls, tenant: Tenant) -> TenantResponse:
-        return cls(name=tenant.name, description=tenant.description, created_at=tenant.created_at)
+        return cls(
+            name=tenant.name,
+            description=tenant.description,
+            created_at=tenant.created_at,
+            limits=LimitsBody.of(tenant.limits),
+        )
 
 
 class TenantListResponse(BaseModel):
@@ -46,6 +73,7 @@ class KeyCreateRequest(_Request):
     )
     name: str = Field(default="", max_length=64, description="A label for people.")
     expires_in: str | None = Field(default=None, description="Lifetime: 90s, 15m, 12h, 30d, 2w.")
+    limits: LimitsBody = Field(default_factory=LimitsBody)
 
 
 class KeyRotateRequest(_Request):
@@ -69,6 +97,7 @@ class KeyResponse(BaseModel):
     expires_at: datetime | None
     revoked_at: datetime | None
     rotated_at: datetime | None
+    limits: LimitsBody
 
     @classmethod
     def of(cls, key: ApiKey, now: datetime) -> KeyResponse:
@@ -109,4 +138,5 @@ def _key_fields(key: ApiKey, now: datetime) -> dict[str, object]:
         "expires_at": key.expires_at,
         "revoked_at": key.revoked_at,
         "rotated_at": key.rotated_at,
+        "limits": LimitsBody.of(key.limits),
     }

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 
 from lmaas.api.admin.schemas import (
+    LimitsBody,
     TenantCreateRequest,
     TenantDeletedResponse,
     TenantListResponse,
@@ -21,7 +22,9 @@ router = APIRouter(prefix="/admin/tenants", tags=["admin"])
 @router.post("", status_code=201)
 def create_tenant(body: TenantCreateRequest, request: Request) -> TenantResponse:
     """Create a tenant (a team that owns keys); 409 when the name is taken."""
-    return TenantResponse.of(governance_of(request).create_tenant(body.name, body.description))
+    governance = governance_of(request)
+    tenant = governance.create_tenant(body.name, body.description, body.limits.to_limits())
+    return TenantResponse.of(tenant)
 
 
 @router.get("")
@@ -35,6 +38,12 @@ def list_tenants(request: Request) -> TenantListResponse:
 def get_tenant(name: str, request: Request) -> TenantResponse:
     """One tenant; 404 when unknown."""
     return TenantResponse.of(governance_of(request).get_tenant(name))
+
+
+@router.put("/{name}/limits")
+def set_tenant_limits(name: str, body: LimitsBody, request: Request) -> TenantResponse:
+    """Replace the limits the tenant's keys share (absent or null fields: unlimited)."""
+    return TenantResponse.of(governance_of(request).set_tenant_limits(name, body.to_limits()))
 
 
 @router.delete("/{name}")

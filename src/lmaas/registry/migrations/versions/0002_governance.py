@@ -1,4 +1,4 @@
-"""Governance: tenants and API keys (hashes only).
+"""Governance: tenants and API keys (hashes only), with their rate limits.
 
 Revision ID: 0002
 Revises: 0001
@@ -23,6 +23,9 @@ def upgrade() -> None:
         sa.Column("name", sa.String(64), primary_key=True),
         sa.Column("description", sa.String(256), nullable=False, server_default=""),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("rpm_limit", sa.Integer(), nullable=True),
+        sa.Column("tpm_limit", sa.BigInteger(), nullable=True),
+        sa.Column("max_concurrent", sa.Integer(), nullable=True),
     )
     op.create_table(
         "api_keys",
@@ -41,6 +44,9 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("rotated_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("rpm_limit", sa.Integer(), nullable=True),
+        sa.Column("tpm_limit", sa.BigInteger(), nullable=True),
+        sa.Column("max_concurrent", sa.Integer(), nullable=True),
     )
     op.create_index("ix_api_keys_tenant", "api_keys", ["tenant"])
 
