@@ -94,7 +94,7 @@ def serve(
     try:
         check_auth_binding(settings)
         governance = open_governance(settings)
-        issued = governance.bootstrap_admin_key()
+        issued = governance.bootstrap_admin_key() if settings.auth.enabled else None
         if issued is not None:
             announce_admin_key(issued, lambda text: print(text, file=sys.stderr, flush=True))
         registry = open_registry(settings)

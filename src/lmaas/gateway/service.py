@@ -250,13 +250,16 @@ class GovernanceService:
         return revoked or key
 
     def bootstrap_admin_key(self) -> IssuedKey | None:
-        """On a fresh install (no tenant yet), create tenant ``admin`` and an admin key.
+        """On an install without any admin key, create one (in tenant ``admin``).
+
+        Revoked and expired admin keys count: a lost admin key is replaced on purpose, from the
+        host (``lmaas keys create --tenant admin --scope admin``), never by a restart.
 
         Returns:
-            The new key, whose secret the caller prints once; None when the install already has
-            tenants (also when another process won the race to bootstrap).
+            The new key, whose secret the caller prints once; None when an admin key exists
+            (also when another process won the race to create the tenant).
         """
-        if not self._store.is_empty():
+        if any(Scope.ADMIN in key.scopes for key in self._store.list_keys()):
             return None
         now = self._clock()
         key_id = new_key_id()
@@ -270,7 +273,8 @@ class GovernanceService:
             key_sha256=hash_key(secret),
             created_at=now,
         )
-        tenant = Tenant(ADMIN_TENANT, "created on first start", now)
+        missing = self._store.get_tenant(ADMIN_TENANT) is None
+        tenant = Tenant(ADMIN_TENANT, "created on first start", now) if missing else None
         try:
             self._store.add_key(key, with_tenant=tenant)
         except ConflictError:

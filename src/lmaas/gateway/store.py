@@ -19,7 +19,6 @@ from sqlalchemy import (
     Integer,
     String,
     delete,
-    func,
     select,
     update,
 )
@@ -238,11 +237,6 @@ class SqlGovernanceStore:
             )
             row = session.get(TenantRow, name)
             return None if row is None else _tenant(row)
-
-    def is_empty(self) -> bool:
-        """True before the first tenant was ever created (a fresh install)."""
-        with self._sessions() as session:
-            return session.scalar(select(func.count()).select_from(TenantRow)) == 0
 
     # ---------------------------------------------------------------- keys
 

@@ -148,11 +148,18 @@ def test_the_db_never_holds_a_key_in_clear(secure: ServerProcess) -> None:
         assert secret.split("-", 2)[2].encode() not in data
 
 
-def test_a_restart_keeps_the_admin_key_and_does_not_print_it(
+def test_the_first_secure_start_prints_the_admin_key_and_a_restart_does_not(
     tmp_path: Path, tiny_dirs: dict[str, Path]
 ) -> None:
     home = tmp_path / "home"
     _import_echo_models(home, tiny_dirs["chat"], ["echo"])
+    open_start = start_server(home, ["echo"])  # --no-auth: no admin key is made or printed
+    try:
+        open_start.wait_ready(120)
+        assert open_start.admin_key is None and "Authentication is OFF" in open_start.log()
+        assert httpx.get(f"{open_start.base_url}/v1/models").status_code == 200
+    finally:
+        open_start.stop()
     first = start_server(home, ["echo"], auth=True)
     try:
         first.wait_ready(120)

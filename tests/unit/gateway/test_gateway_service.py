@@ -135,6 +135,20 @@ async def test_the_admin_key_is_created_once_on_a_fresh_install(
     assert first.key.scopes == {Scope.ADMIN}
     assert governance.bootstrap_admin_key() is None
     assert (await governance.authenticate(first.secret)).is_admin
+    governance.create_tenant("ops")
+    governance.create_key("ops", ["admin"])
+    governance.revoke_key(first.key.id)
+    assert governance.bootstrap_admin_key() is None  # a revoked admin key still counts
+
+
+def test_an_admin_key_is_bootstrapped_when_only_other_tenants_exist(
+    governance: GovernanceService,
+) -> None:
+    governance.create_tenant("admin")  # e.g. made with the CLI before the first start
+    governance.create_tenant("team-a")
+    governance.create_key("team-a", ["inference"])
+    issued = governance.bootstrap_admin_key()
+    assert issued is not None and issued.key.tenant == "admin"
 
 
 def test_the_last_active_admin_key_cannot_be_removed(governance: GovernanceService) -> None:
