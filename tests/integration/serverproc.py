@@ -1,8 +1,14 @@
-"""Start a real ``lmaas serve`` process on a free loopback port, for integration tests."""
+"""Start a real ``lmaas serve`` process on a free loopback port, for integration tests.
+
+By default the server runs with ``--no-auth`` (allowed on loopback), so tests of other features
+need no keys; ``auth=True`` starts it secure by default and reads the first-start admin key from
+its log (it is printed only when the home's DB has no tenant yet).
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+ADMIN_KEY_RE = re.compile(r"admin key: (lmaas-[0-9a-f]{12}-[A-Za-z0-9_-]+)")
 
 
 def free_port() -> int:
@@ -29,6 +37,12 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    @property
+    def admin_key(self) -> str | None:
+        """The admin key this start printed (first start with auth only), else None."""
+        match = ADMIN_KEY_RE.search(self.log())
+        return match.group(1) if match else None
 
     def wait_ready(self, timeout_s: float = 120.0, *, require_ready: bool = True) -> None:
         deadline = time.monotonic() + timeout_s
@@ -57,14 +71,24 @@ class ServerProcess:
         return self.process.returncode
 
 
-def start_server(home: Path, models: list[str], *extra: str) -> ServerProcess:
+def start_server(
+    home: Path,
+    models: list[str],
+    *extra: str,
+    auth: bool = False,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """Start ``lmaas serve`` on ``home``; ``auth=False`` adds ``--no-auth`` (loopback only)."""
     port = free_port()
     log_path = home / f"serve-{port}.log"
     home.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, "-m", "lmaas.cli", "serve", "--home", str(home), "--port", str(port)]
     for model in models:
         args += ["--model", model]
-    env = {**os.environ, "LMAAS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    if not auth:
+        args.append("--no-auth")
+    args += extra
+    full_env = {**os.environ, "LMAAS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     with log_path.open("wb") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     return ServerProcess(process, f"http://127.0.0.1:{port}", log_path)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
+from lmaas.api.admin.keys import router as admin_keys_router
+from lmaas.api.admin.tenants import router as admin_tenants_router
+from lmaas.api.auth import METRICS_PATH, PUBLIC_PATHS, AuthMiddleware
 from lmaas.api.context import JsonResponse
 from lmaas.api.errors import install_error_handlers
 from lmaas.api.kserve_v2.router import router as v2_router
@@ -51,6 +55,8 @@ _ROUTERS = (
     audio_router,
     v2_router,
     system_router,
+    admin_tenants_router,
+    admin_keys_router,
 )
 
 
@@ -73,7 +79,8 @@ def create_app(services: ApiServices) -> FastAPI:
         services: The engine, limits, metrics and lifecycle hook the app runs on.
 
     Returns:
-        A FastAPI app; its lifespan enters ``services.lifespan()`` when one is given.
+        A FastAPI app; its lifespan enters ``services.lifespan()`` when one is given. With
+        ``services.auth`` every route but the probes needs a key (``lmaas.api.auth``).
     """
     app = FastAPI(
         title="lmaas",
@@ -87,6 +94,12 @@ def create_app(services: ApiServices) -> FastAPI:
     for router in _ROUTERS:
         app.include_router(router)
     install_error_handlers(app)
+    if services.auth is not None:
+        # Added first, so it runs inside the request-context middleware (ids, metrics, body cap).
+        app.add_middleware(
+            AuthMiddleware, authenticator=services.auth, public_metrics=services.public_metrics
+        )
+        _document_auth(app, services.public_metrics)
     app.add_middleware(
         RequestContextMiddleware,
         metrics=services.metrics,
@@ -94,3 +107,26 @@ def create_app(services: ApiServices) -> FastAPI:
         body_caps={TRANSCRIPTIONS_PATH: transcription_body_cap(services.config)},
     )
     return app
+
+
+def _document_auth(app: FastAPI, public_metrics: bool) -> None:
+    """Declare the two ways to send a key in ``/openapi.json`` (and the open routes as open)."""
+    build = app.openapi
+    public = PUBLIC_PATHS | ({METRICS_PATH} if public_metrics else set())
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "lmaas-<id>-<secret>"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+        }
+        schema["security"] = [{"bearer": []}, {"apiKey": []}]
+        for path, operations in schema.get("paths", {}).items():
+            if path in public:
+                for operation in operations.values():
+                    operation["security"] = []
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override hook

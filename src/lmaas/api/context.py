@@ -10,6 +10,8 @@ from typing import Any
 
 from starlette.responses import Response
 
+from lmaas.gateway.keys import Principal
+
 REQUEST_ID_KEY = "lmaas.request_id"
 MODEL_LABEL_KEY = "lmaas.model"
 START_TIME_KEY = "lmaas.start_time"
@@ -41,6 +43,18 @@ def request_id_of(scope: MutableMapping[str, Any]) -> str:
 def set_model_label(scope: MutableMapping[str, Any], model: str) -> None:
     """Label this request's metrics with ``model`` (only for models that exist: bounded labels)."""
     scope[MODEL_LABEL_KEY] = model
+
+
+def set_principal(scope: MutableMapping[str, Any], principal: Principal) -> None:
+    """Record who this request runs as, where handlers read it: ``request.state.principal``."""
+    scope.setdefault("state", {})["principal"] = principal
+
+
+def principal_of(scope: MutableMapping[str, Any]) -> Principal | None:
+    """The authenticated principal of this request; None when the server runs without auth."""
+    state = scope.get("state")
+    principal = state.get("principal") if isinstance(state, dict) else None
+    return principal if isinstance(principal, Principal) else None
 
 
 def json_bytes(payload: object) -> bytes:

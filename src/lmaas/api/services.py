@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -9,8 +10,17 @@ from typing import Protocol
 
 from starlette.requests import Request
 
+from lmaas.api.auth import Authenticator
+from lmaas.api.context import principal_of
+from lmaas.core.errors import NotSupportedError
 from lmaas.engine.protocol import EngineClient
+from lmaas.gateway.limited import LimitedEngineClient
+from lmaas.gateway.limits import InProcessLimiter
+from lmaas.gateway.service import GovernanceService
+from lmaas.gateway.visibility import ScopedEngineClient
 from lmaas.observability.metrics import Metrics
+
+_SCOPED_SERVICES_KEY = "lmaas.scoped_services"
 
 
 class ApiConfig(Protocol):
@@ -69,6 +79,12 @@ class ApiServices:
         is_draining: True once shutdown started: readiness turns 503.
         version: The lmaas version reported by ``GET /v2``.
         lifespan: Optional async context manager factory wired into the app's lifespan.
+        auth: Checks the key of every request but the probes; None serves without
+            authentication, which only the composition root may decide (``lmaas serve
+            --no-auth``, loopback only).
+        governance: Tenants and keys, for the ``/admin`` routes (501 without it).
+        public_metrics: Serve ``/metrics`` without a key.
+        limiter: Enforces the rate limits of keys and tenants (in this process).
     """
 
     engine: EngineClient
@@ -77,10 +93,45 @@ class ApiServices:
     is_draining: Callable[[], bool] = _never_draining
     version: str = "0.0.0"
     lifespan: Lifespan | None = None
+    auth: Authenticator | None = None
+    governance: GovernanceService | None = None
+    public_metrics: bool = False
+    limiter: InProcessLimiter = field(default_factory=InProcessLimiter)
 
 
 def services_of(request: Request) -> ApiServices:
-    """The services :func:`lmaas.api.create_app` stored on the app."""
+    """The services as the caller of ``request`` may use them.
+
+    With authentication on, ``engine`` is the principal's view of the engine, in every route
+    that goes through here: listings hold only the models its key may see and any other model is
+    404 (:class:`~lmaas.gateway.visibility.ScopedEngineClient`), and each model call is admitted
+    against the key's and the tenant's rate limits (:class:`~lmaas.gateway.limited.
+    LimitedEngineClient`, 429 past one).
+    """
     services = request.app.state.lmaas_services
     assert isinstance(services, ApiServices)
-    return services
+    principal = principal_of(request.scope)
+    if principal is None or (principal.sees_every_model and not principal.is_limited):
+        return services
+    scoped = request.scope.get(_SCOPED_SERVICES_KEY)
+    if not isinstance(scoped, ApiServices):
+        engine: EngineClient = services.engine
+        if not principal.sees_every_model:
+            engine = ScopedEngineClient(engine, principal)
+        if principal.is_limited:
+            engine = LimitedEngineClient(engine, principal, services.limiter)
+        scoped = dataclasses.replace(services, engine=engine)
+        request.scope[_SCOPED_SERVICES_KEY] = scoped
+    return scoped
+
+
+def governance_of(request: Request) -> GovernanceService:
+    """The tenants-and-keys service, for the admin routes.
+
+    Raises:
+        NotSupportedError: the server was built without one.
+    """
+    governance = services_of(request).governance
+    if governance is None:
+        raise NotSupportedError("tenants and API keys are not configured on this server")
+    return governance

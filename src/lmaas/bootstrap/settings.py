@@ -50,6 +50,20 @@ class EngineConfig(BaseModel):
     """``auto``, ``float32``, ``bfloat16`` or ``float16``."""
 
 
+class AuthConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    enabled: bool = True
+    """Every route but the health probes needs an API key. ``lmaas serve --no-auth`` turns this
+    off, and is refused unless the server binds to a loopback address only."""
+    public_metrics: bool = False
+    """Serve ``/metrics`` without a key (a Prometheus scraper on a private network)."""
+    key_cache_ttl_s: float = Field(default=5.0, ge=0, le=3600)
+    """How long a gateway trusts a key record it read from the DB: a key revoked or rotated by
+    another process (the CLI, another gateway) stops working within this time (0: at once, one
+    DB read per request). Changes through this gateway's admin API apply at once."""
+
+
 class Settings(BaseSettings):
     """Root of lmaas configuration."""
 
@@ -65,6 +79,7 @@ class Settings(BaseSettings):
     """Never try to reach a model hub."""
     server: ServerConfig = Field(default_factory=ServerConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'lmaas.db'}"

@@ -27,6 +27,7 @@ from lmaas.core.messages import WorkerSpec
 from lmaas.core.types import ModelState
 from lmaas.engine.local import Deployment, LocalEngineClient
 from lmaas.engine.worker_handle import SupervisionPolicy
+from lmaas.gateway.service import GovernanceService
 from lmaas.observability.metrics import Metrics
 from lmaas.registry.manifest import Manifest
 from lmaas.registry.service import RegistryService
@@ -163,7 +164,11 @@ def build_gateway(
     settings: Settings,
     deployments: list[Deployment],
     on_ready: Callable[[LocalEngineClient], None] | None = None,
+    *,
+    governance: GovernanceService,
 ) -> Gateway:
+    """Wire the engine, the API, and tenants and keys: the app checks keys on every route but
+    the probes unless ``settings.auth.enabled`` is off (the caller checked the bind address)."""
     metrics = Metrics()
 
     def on_state(model: str, state: ModelState) -> None:
@@ -185,6 +190,7 @@ def build_gateway(
         finally:
             announcer.cancel()
             await engine.aclose()
+            governance.close()
 
     services = ApiServices(
         engine=engine,
@@ -193,6 +199,9 @@ def build_gateway(
         is_draining=lambda: engine.draining,
         version=__version__,
         lifespan=lifespan,
+        auth=governance if settings.auth.enabled else None,
+        governance=governance,
+        public_metrics=settings.auth.public_metrics,
     )
     return Gateway(app=create_app(services), engine=engine, metrics=metrics)
 

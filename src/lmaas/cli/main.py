@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -12,6 +13,7 @@ from rich.console import Console
 from lmaas import __version__
 from lmaas.bootstrap.settings import Settings
 from lmaas.cli.bench import bench_app
+from lmaas.cli.governance import keys_app, tenants_app
 from lmaas.cli.models import models_app
 from lmaas.core.errors import LmaasError
 from lmaas.core.types import ModelState, Task
@@ -24,10 +26,12 @@ app = typer.Typer(
 )
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
 _err = Console(stderr=True)
 
 
-def _settings(home: Path | None, **server: object) -> Settings:
+def _settings(home: Path | None, no_auth: bool = False, **server: object) -> Settings:
     base = Settings()
     update: dict[str, object] = {}
     if home is not None:
@@ -35,6 +39,8 @@ def _settings(home: Path | None, **server: object) -> Settings:
     changes = {k: v for k, v in server.items() if v is not None}
     if changes:
         update["server"] = base.server.model_copy(update=changes)
+    if no_auth:
+        update["auth"] = base.auth.model_copy(update={"enabled": False})
     return base.model_copy(update=update)
 
 
@@ -57,8 +63,24 @@ def serve(
     drain_timeout: Annotated[
         float | None, typer.Option(help="Seconds in-flight requests may take on SIGTERM.")
     ] = None,
+    no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--no-auth",
+            help="Serve without API keys; refused unless --host is a loopback address.",
+        ),
+    ] = False,
 ) -> None:
-    """Start the gateway and one worker process per served model."""
+    """Start the gateway and one worker process per served model.
+
+    Every route but the health probes needs an API key. On the first start lmaas creates an
+    admin key and prints it once.
+    """
+    from lmaas.bootstrap.governance import (
+        announce_admin_key,
+        check_auth_binding,
+        open_governance,
+    )
     from lmaas.bootstrap.server import bind_socket, run_gateway
     from lmaas.bootstrap.wiring import (
         build_gateway,
@@ -68,8 +90,13 @@ def serve(
     )
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = _settings(home, host=host, port=port, drain_timeout_s=drain_timeout)
+    settings = _settings(home, no_auth, host=host, port=port, drain_timeout_s=drain_timeout)
     try:
+        check_auth_binding(settings)
+        governance = open_governance(settings)
+        issued = governance.bootstrap_admin_key() if settings.auth.enabled else None
+        if issued is not None:
+            announce_admin_key(issued, lambda text: print(text, file=sys.stderr, flush=True))
         registry = open_registry(settings)
         manifests = resolve_models(registry, model or [], lambda m: _err.print(f"[dim]{m}[/]"))
         deployments = [deployment_for(registry, m, settings) for m in manifests]
@@ -81,14 +108,19 @@ def serve(
     )
     base_url = f"http://{url_host}:{sock.getsockname()[1]}"
 
+    auth = settings.auth.enabled
     gateway = build_gateway(
-        settings, deployments, on_ready=lambda engine: _print_banner(base_url, engine)
+        settings,
+        deployments,
+        on_ready=lambda engine: _print_banner(base_url, engine, auth),
+        governance=governance,
     )
     run_gateway(gateway, settings, sock)
 
 
-def _print_banner(base_url: str, engine: LocalEngineClient) -> None:
+def _print_banner(base_url: str, engine: LocalEngineClient, auth: bool) -> None:
     console = Console()
+    key_header = ' -H "Authorization: Bearer $LMAAS_API_KEY"' if auth else ""
     console.print(f"\n[bold green]lmaas {__version__} is serving at {base_url}[/]")
     for served in engine.list_models():
         note = f" ({served.error})" if served.error else ""
@@ -101,17 +133,24 @@ def _print_banner(base_url: str, engine: LocalEngineClient) -> None:
     if chat is not None:
         console.print("\nTry it:")
         console.print(
-            f"curl {base_url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"curl {base_url}/v1/chat/completions{key_header} -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{chat.name}", "messages": [{{"role": "user", '
             f'"content": "Hello!"}}], "max_tokens": 16}}\'',
             soft_wrap=True,
         )
     if embed is not None:
         console.print(
-            f"curl {base_url}/v1/embeddings -H 'Content-Type: application/json' "
+            f"curl {base_url}/v1/embeddings{key_header} -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{embed.name}", "input": "Large models as a service"}}\'',
             soft_wrap=True,
         )
+    if auth:
+        console.print(
+            "\nEvery route but the health probes needs an API key: export LMAAS_API_KEY=<key> "
+            "(the admin key printed on the first start, or one from `lmaas keys create`)."
+        )
+    else:
+        console.print("\n[yellow]Authentication is OFF (--no-auth, loopback only).[/]")
     console.print(f"\nOpenAPI: {base_url}/docs   metrics: {base_url}/metrics\n")
 
 

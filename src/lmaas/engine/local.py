@@ -21,7 +21,7 @@ from lmaas.core.messages import (
     WorkerSpec,
 )
 from lmaas.core.types import ModelState, Task
-from lmaas.engine.protocol import ServedModel
+from lmaas.engine.protocol import ServedModel, model_not_served
 from lmaas.engine.worker_handle import (
     StateListener,
     StatsListener,
@@ -99,7 +99,7 @@ class LocalEngineClient:
         try:
             return self._handles[name]
         except KeyError:
-            raise ModelNotFoundError(f"model {name!r} is not served here", param="model") from None
+            raise model_not_served(name) from None
 
     # ------------------------------------------------------------------ EngineClient
 

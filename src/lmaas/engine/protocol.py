@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from lmaas.core.errors import ModelNotFoundError
 from lmaas.core.messages import (
     EmbedRequest,
     EmbedResult,
@@ -37,6 +38,12 @@ class ServedModel:
     """Known once the worker has loaded the model."""
     error: str | None = None
     """Why the model failed to load, when state is FAILED."""
+
+
+def model_not_served(name: str) -> ModelNotFoundError:
+    """The one error for a model that is not served, so that a model hidden from a caller
+    (``lmaas.gateway.visibility``) answers exactly like one that does not exist."""
+    return ModelNotFoundError(f"model {name!r} is not served here", param="model")
 
 
 class EngineClient(Protocol):

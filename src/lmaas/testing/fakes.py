@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 from lmaas.core.errors import (
     InvalidRequestError,
-    ModelNotFoundError,
     ModelNotReadyError,
     WorkerCrashedError,
 )
@@ -28,7 +27,7 @@ from lmaas.core.messages import (
     TokenLogprob,
 )
 from lmaas.core.types import ModelState, Task
-from lmaas.engine.protocol import EngineClient, ServedModel
+from lmaas.engine.protocol import EngineClient, ServedModel, model_not_served
 
 
 @dataclass(slots=True)
@@ -145,7 +144,7 @@ class FakeEngineClient:
     def get_model(self, name: str, version: str | None = None) -> ServedModel:
         spec = self.models.get(name)
         if spec is None or (version is not None and version != spec.version):
-            raise ModelNotFoundError(f"model '{name}' does not exist", param="model")
+            raise model_not_served(name)
         return self._served(spec)
 
     def is_ready(self) -> bool:
@@ -156,7 +155,7 @@ class FakeEngineClient:
             raise self.error
         spec = self.models.get(name)
         if spec is None:
-            raise ModelNotFoundError(f"model '{name}' does not exist", param="model")
+            raise model_not_served(name)
         if spec.state is not ModelState.READY:
             raise ModelNotReadyError(f"model '{name}' is {spec.state.value}", retry_after_s=2.0)
         return spec

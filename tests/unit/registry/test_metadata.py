@@ -36,7 +36,7 @@ def test_migrations_create_the_schema_and_are_idempotent(database_url: str) -> N
         assert {"models", "model_versions", "alembic_version"} <= tables
         with engine.connect() as conn:
             revisions = conn.execute(text("SELECT version_num FROM alembic_version")).all()
-        assert revisions == [("0001",)]
+        assert revisions == [("0002",)]
     finally:
         engine.dispose()
     MetadataStore(database_url).close()  # opening a migrated DB again is a no-op

@@ -1,0 +1,1 @@
+"""Admin routes (``/admin/*``): every one needs a key with the ``admin`` scope."""

@@ -1,0 +1,347 @@
+"""Tenants and API keys as a service: what the admin API, the CLI and the auth middleware share.
+
+Keys are checked on every request, so :meth:`GovernanceService.authenticate` keeps a short-lived
+in-memory cache of key records (never secrets): a hit costs one SHA-256 and one constant-time
+compare; a miss reads the DB on a worker thread (the event loop never waits on the DB). A key
+revoked or rotated through this service stops working at once; one changed by another process
+(the CLI, another gateway) within ``key_cache_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import anyio.to_thread
+
+from lmaas.core.errors import (
+    AuthenticationError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from lmaas.core.types import is_valid_name
+from lmaas.gateway.keys import (
+    Principal,
+    Scope,
+    check_model_patterns,
+    hash_key,
+    key_matches,
+    key_prefix,
+    new_key_id,
+    new_secret_key,
+    normalize_key_id,
+    parse_duration,
+    parse_key_id,
+    parse_scopes,
+)
+from lmaas.gateway.limits import Limits
+from lmaas.gateway.store import ApiKey, SqlGovernanceStore, Tenant
+
+logger = logging.getLogger("lmaas.gateway")
+
+ADMIN_TENANT = "admin"
+"""The tenant of the admin key created on first start."""
+MAX_CACHED_KEYS = 10_000
+_INVALID = "invalid API key"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True, frozen=True)
+class IssuedKey:
+    """A key just created or rotated: the only time its secret exists outside the caller."""
+
+    key: ApiKey
+    secret: str
+
+
+class GovernanceService:
+    """Create, list, show, rotate and revoke tenants and keys; authenticate requests.
+
+    Args:
+        store: Where tenants and key hashes live.
+        key_cache_ttl_s: How long a key record read from the DB is trusted (0: never cached).
+        clock: Current UTC time (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        store: SqlGovernanceStore,
+        *,
+        key_cache_ttl_s: float = 5.0,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self._store = store
+        self._ttl_s = key_cache_ttl_s
+        self._clock = clock
+        self._cache: dict[str, tuple[float, tuple[ApiKey, Limits] | None]] = {}
+
+    @classmethod
+    def open(cls, database_url: str, *, key_cache_ttl_s: float = 5.0) -> GovernanceService:
+        """A service over the metadata DB at ``database_url`` (migrated on open)."""
+        return cls(SqlGovernanceStore(database_url), key_cache_ttl_s=key_cache_ttl_s)
+
+    def close(self) -> None:
+        self._store.close()
+
+    # ---------------------------------------------------------------- tenants
+
+    def create_tenant(
+        self, name: str, description: str = "", limits: Limits | None = None
+    ) -> Tenant:
+        """Create a tenant, with limits its keys share. Raises: InvalidRequestError (bad name or
+        limit), ConflictError (taken)."""
+        if not is_valid_name(name):
+            raise InvalidRequestError(
+                f"invalid tenant name {name[:70]!r}: use 1-64 lower-case letters, digits, "
+                "'.', '_' or '-', starting with a letter or digit",
+                param="name",
+            )
+        tenant = Tenant(name, description[:256], self._clock(), (limits or Limits()).checked())
+        self._store.add_tenant(tenant)
+        return tenant
+
+    def set_tenant_limits(self, name: str, limits: Limits) -> Tenant:
+        """Replace a tenant's limits (None fields: unlimited). Raises: NotFoundError,
+        InvalidRequestError."""
+        tenant = self._store.set_tenant_limits(name, limits.checked())
+        if tenant is None:
+            raise NotFoundError(f"tenant {name[:70]!r} does not exist", param="name")
+        self._cache.clear()  # every key of the tenant carries its limits
+        return tenant
+
+    def list_tenants(self) -> list[Tenant]:
+        return self._store.list_tenants()
+
+    def get_tenant(self, name: str) -> Tenant:
+        """Raises: NotFoundError."""
+        tenant = self._store.get_tenant(name)
+        if tenant is None:
+            raise NotFoundError(f"tenant {name[:70]!r} does not exist", param="name")
+        return tenant
+
+    def delete_tenant(self, name: str) -> Tenant:
+        """Delete a tenant and every key of it.
+
+        Raises:
+            NotFoundError: no such tenant.
+            ConflictError: it holds the last active admin key (the API would lock itself out).
+        """
+        tenant = self.get_tenant(name)
+        keys = self._store.list_keys(name)
+        self._refuse_losing_every_admin({k.id for k in keys})
+        self._store.delete_tenant(name)
+        for key in keys:
+            self._cache.pop(key.id, None)
+        return tenant
+
+    # ---------------------------------------------------------------- keys
+
+    def create_key(
+        self,
+        tenant: str,
+        scopes: list[str],
+        models: list[str] | None = None,
+        *,
+        name: str = "",
+        expires_in: str | None = None,
+        limits: Limits | None = None,
+    ) -> IssuedKey:
+        """Issue a key; its secret is in the result and nowhere else.
+
+        Args:
+            tenant: An existing tenant.
+            scopes: ``admin``, ``models:read``, ``inference``.
+            models: Names or globs of the models the key may see (default: all).
+            name: A label for people (``ci``, ``alice-laptop``).
+            expires_in: ``30d``, ``12h``...; never expires when None.
+            limits: Requests/tokens per minute and concurrency of the key (default: none).
+
+        Raises:
+            NotFoundError: no such tenant.
+            InvalidRequestError: a bad scope, model pattern, name or duration.
+        """
+        self.get_tenant(tenant)
+        now = self._clock()
+        key_id = new_key_id()
+        secret = new_secret_key(key_id)
+        key = ApiKey(
+            id=key_id,
+            tenant=tenant,
+            name=_check_label(name),
+            scopes=parse_scopes(scopes),
+            models=check_model_patterns(models if models is not None else ["*"]),
+            key_sha256=hash_key(secret),
+            created_at=now,
+            expires_at=None if expires_in is None else now + parse_duration(expires_in),
+            limits=(limits or Limits()).checked(),
+        )
+        self._store.add_key(key)
+        return IssuedKey(key, secret)
+
+    def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        return self._store.list_keys(tenant)
+
+    def get_key(self, key_id: str) -> ApiKey:
+        """``key_id`` as ``<id>`` or ``lmaas-<id>``. Raises: NotFoundError, InvalidRequestError."""
+        key = self._store.get_key(normalize_key_id(key_id))
+        if key is None:
+            raise NotFoundError(f"key {key_prefix(normalize_key_id(key_id))} does not exist")
+        return key
+
+    def rotate_key(self, key_id: str, *, expires_in: str | None = None) -> IssuedKey:
+        """Give a key a new secret; the old one stops working. Same id, scopes and models.
+
+        Args:
+            key_id: The key.
+            expires_in: A new lifetime from now; the old expiry is kept when None.
+
+        Raises:
+            NotFoundError: no such key.
+            ConflictError: the key is revoked.
+            InvalidRequestError: the key expired and no new lifetime was given.
+        """
+        key = self.get_key(key_id)
+        now = self._clock()
+        status = key.status(now)
+        if status == "revoked":
+            raise ConflictError(f"key {key.prefix} is revoked; create a new key instead")
+        expires_at = key.expires_at if expires_in is None else now + parse_duration(expires_in)
+        if expires_at is not None and expires_at <= now:
+            raise InvalidRequestError(
+                f"key {key.prefix} expired; rotate it with a new expires_in", param="expires_in"
+            )
+        secret = new_secret_key(key.id)
+        rotated = self._store.replace_hash(key.id, hash_key(secret), now, expires_at)
+        self._cache.pop(key.id, None)
+        if rotated is None:  # deleted in between
+            raise NotFoundError(f"key {key.prefix} does not exist")
+        return IssuedKey(rotated, secret)
+
+    def set_key_limits(self, key_id: str, limits: Limits) -> ApiKey:
+        """Replace a key's limits (None fields: unlimited). Raises: NotFoundError,
+        InvalidRequestError."""
+        key = self.get_key(key_id)
+        updated = self._store.set_key_limits(key.id, limits.checked())
+        self._cache.pop(key.id, None)
+        if updated is None:
+            raise NotFoundError(f"key {key.prefix} does not exist")
+        return updated
+
+    def revoke_key(self, key_id: str) -> ApiKey:
+        """Revoke a key for good (the row stays, for the record); revoking twice is a no-op.
+
+        Raises:
+            NotFoundError: no such key.
+            ConflictError: it is the last active admin key.
+        """
+        key = self.get_key(key_id)
+        if key.revoked_at is not None:
+            return key
+        self._refuse_losing_every_admin({key.id})
+        revoked = self._store.revoke(key.id, self._clock())
+        self._cache.pop(key.id, None)
+        return revoked or key
+
+    def bootstrap_admin_key(self) -> IssuedKey | None:
+        """On an install without any admin key, create one (in tenant ``admin``).
+
+        Revoked and expired admin keys count: a lost admin key is replaced on purpose, from the
+        host (``lmaas keys create --tenant admin --scope admin``), never by a restart.
+
+        Returns:
+            The new key, whose secret the caller prints once; None when an admin key exists
+            (also when another process won the race to create the tenant).
+        """
+        if any(Scope.ADMIN in key.scopes for key in self._store.list_keys()):
+            return None
+        now = self._clock()
+        key_id = new_key_id()
+        secret = new_secret_key(key_id)
+        key = ApiKey(
+            id=key_id,
+            tenant=ADMIN_TENANT,
+            name="bootstrap",
+            scopes=frozenset({Scope.ADMIN}),
+            models=("*",),
+            key_sha256=hash_key(secret),
+            created_at=now,
+        )
+        missing = self._store.get_tenant(ADMIN_TENANT) is None
+        tenant = Tenant(ADMIN_TENANT, "created on first start", now) if missing else None
+        try:
+            self._store.add_key(key, with_tenant=tenant)
+        except ConflictError:
+            return None
+        return IssuedKey(key, secret)
+
+    def _refuse_losing_every_admin(self, removed_ids: set[str]) -> None:
+        now = self._clock()
+        admins = [
+            k
+            for k in self._store.list_keys()
+            if Scope.ADMIN in k.scopes and k.status(now) == "active"
+        ]
+        if admins and all(k.id in removed_ids for k in admins):
+            raise ConflictError(
+                "this would remove the last active admin key; create another admin key first "
+                "(lmaas keys create --tenant admin --scope admin)"
+            )
+
+    # ---------------------------------------------------------------- authentication
+
+    async def authenticate(self, secret: str) -> Principal:
+        """The principal of a presented key.
+
+        Raises:
+            AuthenticationError: malformed, unknown, wrong, revoked or expired key.
+        """
+        key_id = parse_key_id(secret)
+        if key_id is None:
+            raise AuthenticationError(_INVALID)
+        return self._check(await self._lookup(key_id), secret)
+
+    def authenticate_sync(self, secret: str) -> Principal:
+        """:meth:`authenticate` without the cache, for callers outside an event loop."""
+        key_id = parse_key_id(secret)
+        if key_id is None:
+            raise AuthenticationError(_INVALID)
+        return self._check(self._store.get_key_for_auth(key_id), secret)
+
+    def _check(self, found: tuple[ApiKey, Limits] | None, secret: str) -> Principal:
+        if found is None or not key_matches(secret, found[0].key_sha256):
+            raise AuthenticationError(_INVALID)
+        key, tenant_limits = found
+        status = key.status(self._clock())
+        if status == "revoked":
+            raise AuthenticationError(f"API key {key.prefix} has been revoked")
+        if status == "expired":
+            assert key.expires_at is not None
+            raise AuthenticationError(
+                f"API key {key.prefix} expired at {key.expires_at.isoformat(timespec='seconds')}"
+            )
+        return key.principal(tenant_limits)
+
+    async def _lookup(self, key_id: str) -> tuple[ApiKey, Limits] | None:
+        now = time.monotonic()
+        hit = self._cache.get(key_id)
+        if hit is not None and now - hit[0] < self._ttl_s:
+            return hit[1]
+        found = await anyio.to_thread.run_sync(self._store.get_key_for_auth, key_id)
+        if self._ttl_s > 0:
+            if len(self._cache) >= MAX_CACHED_KEYS:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key_id] = (now, found)
+        return found
+
+
+def _check_label(name: str) -> str:
+    if len(name) > 64 or any(not c.isprintable() for c in name):
+        raise InvalidRequestError("a key name is at most 64 printable characters", param="name")
+    return name
