@@ -228,6 +228,15 @@ def worker_memory(server_pid: int) -> dict[str, int] | None:
     return None
 
 
+ADMIN_KEY_RE = re.compile(r"admin key: (lmaas-[0-9a-f]{12}-[A-Za-z0-9_-]+)")
+
+
+def admin_key(log: Path) -> str | None:
+    """The admin key a fresh ``lmaas serve`` prints once (secure by default)."""
+    match = ADMIN_KEY_RE.search(log.read_text(errors="replace"))
+    return match.group(1) if match else None
+
+
 def kv_bytes_needed(model_dir: Path, num_seqs: int, tokens: int) -> int:
     """KV-cache bytes for ``num_seqs`` sequences of ``tokens`` tokens in bf16."""
     config = json.loads((model_dir / "config.json").read_text())
@@ -282,7 +291,11 @@ def run_lmaas(args: argparse.Namespace, model_dir: Path, work: Path) -> dict[str
         why = wait_http(proc, f"{base_url}/v2/health/ready", 300, log, "failed to load")
         if why is not None:
             return {"error": f"lmaas serve did not start: {why}"}
-        result: dict[str, Any] = bench(args, base_url, MODEL_NAME, vocab_size=32000)
+        # Measured as deployed: with authentication on, through the key of the fresh install.
+        key = admin_key(log)
+        if key is None:
+            return {"error": f"lmaas serve printed no admin key (log: {log})"}
+        result: dict[str, Any] = bench(args, base_url, MODEL_NAME, vocab_size=32000, api_key=key)
         result["memory"] = worker_memory(proc.pid)
     weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     allocated = kv_bytes_allocated(log)
