@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmaas.api.engine_calls import run_infer
 from lmaas.api.kserve_v2.encoding import OutputTensor
+from lmaas.api.kserve_v2.tensor import infer_tensor
 from lmaas.api.kserve_v2.tensors import InferInput, Tensor
 from lmaas.api.services import ApiServices
 from lmaas.api.sse import aclose_quietly
@@ -216,5 +217,6 @@ TASK_HANDLERS: dict[Task, InferHandler] = {
     Task.EMBEDDING: infer_embedding,
     Task.CHAT: infer_generation,
     Task.COMPLETION: infer_generation,
+    Task.TENSOR: infer_tensor,
 }
 """v2 inference per task; each task's module adds its handler here."""
