@@ -59,10 +59,12 @@ def _export(
     dest: Path,
     inputs: list[str],
     outputs: list[str],
+    *,
+    dynamic_batch: bool = True,
 ) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch")
-    dynamic = {name: {0: batch} for name in inputs}
+    dynamic = {name: {0: batch} for name in inputs} if dynamic_batch else None
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -78,10 +80,12 @@ def _export(
     return dest
 
 
-def build_tiny_mlp(dest: Path, *, seed: int = 0) -> Path:
-    """Write ``x FP32 [-1, 4] → y FP32 [-1, 3]`` (Linear, ReLU, Linear) to ``dest``."""
+def build_tiny_mlp(dest: Path, *, seed: int = 0, dynamic_batch: bool = True) -> Path:
+    """Write ``x FP32 [-1, 4] → y FP32 [-1, 3]`` (Linear, ReLU, Linear) to ``dest``; with
+    ``dynamic_batch=False`` the batch axis is fixed at 2."""
     torch.manual_seed(seed)
-    return _export(_Mlp(), (torch.randn(2, MLP_IN),), dest, ["x"], ["y"])
+    example = (torch.randn(2, MLP_IN),)
+    return _export(_Mlp(), example, dest, ["x"], ["y"], dynamic_batch=dynamic_batch)
 
 
 def build_tiny_two_io(dest: Path, *, seed: int = 0) -> Path:
