@@ -136,6 +136,7 @@ def deployment_for(registry: RegistryService, manifest: Manifest, settings: Sett
         context_length=serving.max_context or manifest.context_length,
         max_batch_size=serving.max_batch_size,
         options=options,
+        cache_dir=str(settings.home / "cache" / manifest.name / manifest.version),
     )
     return Deployment(spec=spec, task=manifest.task, created_at=manifest.created_at.timestamp())
 

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -120,9 +120,18 @@ def import_command(
         bool, typer.Option("--trust-remote-code", help="Accept models that ship Python code.")
     ] = False,
     description: Annotated[str | None, typer.Option(help="Free text for the manifest.")] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="serving.backend: auto, torch or onnxruntime (default: auto)."),
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(help="A serving option KEY=VALUE (repeatable), e.g. quantize=int8."),
+    ] = None,
     home: HomeOption = None,
 ) -> None:
     """Import a model as the next version of its name."""
+    serving = _serving_overrides(backend, option or [])
     with _registry(home) as registry:
         manifest = registry.import_model(
             source,
@@ -131,6 +140,7 @@ def import_command(
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
             description=description,
+            serving=serving,
             progress=RichImportProgress(Console(stderr=True)),
         )
         where = registry.model_dir(manifest)
@@ -138,6 +148,19 @@ def import_command(
         f"imported {manifest.ref} ({manifest.task.value}, {manifest.format.value}, "
         f"{_format_bytes(manifest.size_bytes)}) into {where}"
     )
+
+
+def _serving_overrides(backend: str | None, options: list[str]) -> dict[str, Any] | None:
+    serving: dict[str, Any] = {}
+    if backend is not None:
+        serving["backend"] = backend
+    pairs = [item.partition("=") for item in options]
+    bad = [key for key, sep, _ in pairs if not sep or not key]
+    if bad:
+        raise typer.BadParameter(f"--option must look like KEY=VALUE, got {bad[0]!r}")
+    if pairs:
+        serving["options"] = {key: value for key, _, value in pairs}
+    return serving or None
 
 
 def _table(manifests: list[Manifest]) -> Table:

@@ -43,6 +43,9 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     verify_checksums: bool = True
     options: dict[str, str] = msgspec.field(default_factory=dict)
     """Free-form serving options from the manifest (``serving`` section)."""
+    cache_dir: str | None = None
+    """A directory the worker may write derived artifacts into (an exported or quantised ONNX
+    graph); the version directory itself is immutable. None: a per-user temp directory."""
 
 
 # ---------------------------------------------------------------- requests (gateway → worker)

@@ -1,7 +1,9 @@
-"""Choosing a runner for a worker spec by (task, format).
+"""Choosing a runner for a worker spec by (task, format, ``options["backend"]``).
 
-The torch runners are imported inside :func:`create_runner`, so importing the catalog costs
-nothing and pulls in no heavy dependency.
+The runners are imported inside :func:`create_runner`, so importing the catalog costs nothing
+and pulls in no heavy dependency. The backend (the manifest's ``serving.backend``) is ``auto``
+(by format: ONNX graphs run on onnxruntime, safetensors on torch), ``torch`` or ``onnxruntime``
+(a safetensors encoder is then exported to ONNX at load time).
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ def create_runner(spec: WorkerSpec) -> Runner:
     Raises:
         NotSupportedError: no runtime serves this task in this format.
     """
-    if spec.format == ModelFormat.SAFETENSORS.value:
+    backend = spec.options.get("backend", "auto")
+    if spec.task == Task.EMBEDDING.value and _embedding_on_onnx(spec.format, backend):
+        from lmaas.runtimes.embedding.onnx import OnnxEmbeddingRunner
+
+        return OnnxEmbeddingRunner(spec)
+    if spec.task == Task.TENSOR.value and spec.format == ModelFormat.ONNX.value:
+        from lmaas.runtimes.tensor.onnx import OnnxTensorRunner
+
+        return OnnxTensorRunner(spec)
+    if spec.format == ModelFormat.SAFETENSORS.value and backend != "onnxruntime":
         if spec.task in _GENERATION_TASKS:
             from lmaas.runtimes.llm.torch import TorchCausalLMRunner
 
@@ -48,9 +59,11 @@ def create_runner(spec: WorkerSpec) -> Runner:
     if spec.task == Task.SPEECH_TO_TEXT.value:
         return _speech_runner(spec)
     raise NotSupportedError(
-        f"no runtime serves task {spec.task!r} in format {spec.format!r} yet; supported: "
-        "chat/completion, embedding, rerank, classification, seq2seq and image-classification "
-        "models in safetensors format, speech-to-text in ct2 or safetensors format"
+        f"no runtime serves task {spec.task!r} in format {spec.format!r} on backend "
+        f"{backend!r} yet; supported: chat/completion, embedding, rerank, classification, "
+        "seq2seq and image-classification models in safetensors format on torch, embedding "
+        "models on onnxruntime (safetensors or onnx), tensor models in onnx format, "
+        "speech-to-text in ct2 or safetensors format"
     )
 
 
@@ -67,3 +80,9 @@ def _speech_runner(spec: WorkerSpec) -> Runner:
     raise NotSupportedError(
         f"speech-to-text models in format {spec.format!r} are not supported; use ct2 or safetensors"
     )
+
+
+def _embedding_on_onnx(fmt: str, backend: str) -> bool:
+    if fmt == ModelFormat.ONNX.value:
+        return backend != "torch"
+    return fmt == ModelFormat.SAFETENSORS.value and backend == "onnxruntime"

@@ -25,13 +25,9 @@ def load_hf_model(spec: WorkerSpec, auto_class: str, dtype: torch.dtype) -> tupl
     # Per-shard progress bars mean nothing in a server log.
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     model_dir = Path(spec.model_dir)
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"model directory {model_dir} does not exist")
     trust = spec.options.get("trust_remote_code") == "true"
+    tokenizer = load_hf_tokenizer(spec)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            str(model_dir), local_files_only=True, trust_remote_code=trust
-        )
         model = getattr(transformers, auto_class).from_pretrained(
             str(model_dir),
             dtype=dtype,
@@ -42,3 +38,23 @@ def load_hf_model(spec: WorkerSpec, auto_class: str, dtype: torch.dtype) -> tupl
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ...
         raise ModelLoadError(f"cannot load {model_dir} as {auto_class}: {exc}") from exc
     return model, tokenizer
+
+
+def load_hf_tokenizer(spec: WorkerSpec) -> Any:
+    """The tokenizer in ``spec.model_dir`` (local files only; custom code as for models).
+
+    Raises:
+        ModelLoadError: the directory is missing or has no loadable tokenizer.
+    """
+    import transformers
+
+    model_dir = Path(spec.model_dir)
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model directory {model_dir} does not exist")
+    trust = spec.options.get("trust_remote_code") == "true"
+    try:
+        return transformers.AutoTokenizer.from_pretrained(
+            str(model_dir), local_files_only=True, trust_remote_code=trust
+        )
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ...
+        raise ModelLoadError(f"cannot load the tokenizer of {model_dir}: {exc}") from exc

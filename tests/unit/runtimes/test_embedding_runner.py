@@ -64,7 +64,9 @@ def test_model_info_and_token_counts(tiny_embedder_dir: Path) -> None:
     [short, long] = runner.embed(
         [EmbedRequest("s", texts=["hello world"]), EmbedRequest("l", texts=[TEXTS[3]])]
     )
-    num_tokens = len(runner._tokenizer("hello world")["input_ids"])  # [CLS] … [SEP] included
+    num_tokens = len(
+        runner.sentences.tokenizer("hello world")["input_ids"]
+    )  # [CLS] … [SEP] included
     assert isinstance(short, EmbedResult) and short.prompt_tokens == num_tokens
     assert isinstance(long, EmbedResult) and long.prompt_tokens == 128  # truncated, honestly
     assert np.allclose(np.linalg.norm(_matrix(short), axis=1), 1.0, atol=1e-5)
@@ -72,7 +74,7 @@ def test_model_info_and_token_counts(tiny_embedder_dir: Path) -> None:
 
 def test_token_id_inputs_match_text_inputs(tiny_embedder_dir: Path) -> None:
     runner = _runner(tiny_embedder_dir)
-    ids = runner._tokenizer(["hello there world"])["input_ids"]
+    ids = runner.sentences.tokenizer(["hello there world"])["input_ids"]
     [from_ids, from_text] = runner.embed(
         [EmbedRequest("i", token_ids=ids), EmbedRequest("t", texts=["hello there world"])]
     )

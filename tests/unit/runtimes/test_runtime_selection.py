@@ -66,3 +66,23 @@ def test_missing_model_dir_is_a_load_error(tmp_path: Path) -> None:
         TorchCausalLMRunner(make_spec(tmp_path / "nope")).load()
     with pytest.raises(ModelLoadError, match="does not exist"):
         TorchEmbeddingRunner(make_spec(tmp_path / "nope", "embedding")).load()
+
+
+def test_catalog_picks_the_embedding_backend(tmp_path: Path) -> None:
+    from lmaas.runtimes.embedding.onnx import OnnxEmbeddingRunner
+    from lmaas.runtimes.tensor.onnx import OnnxTensorRunner
+
+    def runner(fmt: str, backend: str, task: str = "embedding") -> object:
+        options = {} if backend == "auto" else {"backend": backend}
+        return create_runner(make_spec(tmp_path, task, format=fmt, options=options))
+
+    assert isinstance(runner("safetensors", "auto"), TorchEmbeddingRunner)
+    assert isinstance(runner("safetensors", "torch"), TorchEmbeddingRunner)
+    assert isinstance(runner("safetensors", "onnxruntime"), OnnxEmbeddingRunner)
+    assert isinstance(runner("onnx", "auto"), OnnxEmbeddingRunner)
+    assert isinstance(runner("onnx", "onnxruntime"), OnnxEmbeddingRunner)
+    assert isinstance(runner("onnx", "auto", "tensor"), OnnxTensorRunner)
+    with pytest.raises(NotSupportedError, match="backend 'torch'"):
+        runner("onnx", "torch")
+    with pytest.raises(NotSupportedError, match="backend 'onnxruntime'"):
+        runner("safetensors", "onnxruntime", "chat")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmaas.api.context import json_bytes
-from lmaas.api.kserve_v2.tensors import InferInput
+from lmaas.api.kserve_v2.tensors import STRUCT_CODES, InferInput
 from lmaas.core.errors import InvalidRequestError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -15,14 +15,15 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 @dataclass(slots=True)
 class OutputTensor:
-    """One output: FP32 carries floats (or their little-endian bytes), BYTES carries bytes."""
+    """One output: numeric datatypes carry numbers (or their little-endian bytes), BYTES
+    carries bytes."""
 
     name: str
     datatype: str
     shape: list[int]
     values: list[Any] | None = None
     raw: bytes | None = None
-    """FP32 data already packed little-endian (as the engine returns embeddings)."""
+    """Data already packed little-endian in ``datatype`` (as the engine returns embeddings)."""
 
     def to_binary(self) -> bytes:
         if self.raw is not None:
@@ -30,13 +31,14 @@ class OutputTensor:
         values = self.values or []
         if self.datatype == "BYTES":
             return b"".join(struct.pack("<I", len(v)) + v for v in values)
-        return struct.pack(f"<{len(values)}f", *values)
+        return struct.pack(f"<{len(values)}{STRUCT_CODES[self.datatype]}", *values)
 
     def to_json(self) -> list[Any]:
         if self.datatype == "BYTES":
             return [v.decode("utf-8", "replace") for v in self.values or []]
         if self.raw is not None:
-            return list(struct.unpack(f"<{len(self.raw) // 4}f", self.raw))
+            code = STRUCT_CODES[self.datatype]
+            return list(struct.unpack(f"<{len(self.raw) // struct.calcsize(code)}{code}", self.raw))
         return list(self.values or [])
 
 

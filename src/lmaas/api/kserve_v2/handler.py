@@ -13,6 +13,7 @@ from lmaas.api.kserve_v2 import text_heads
 from lmaas.api.kserve_v2.encoding import OutputTensor
 from lmaas.api.kserve_v2.image import infer_image_classification
 from lmaas.api.kserve_v2.speech import infer_transcription
+from lmaas.api.kserve_v2.tensor import infer_tensor
 from lmaas.api.kserve_v2.tensors import InferInput, Tensor
 from lmaas.api.services import ApiServices
 from lmaas.api.sse import aclose_quietly
@@ -224,5 +225,6 @@ TASK_HANDLERS: dict[Task, InferHandler] = {
     Task.SPEECH_TO_TEXT: infer_transcription,
     Task.SEQ2SEQ: infer_generation,
     Task.IMAGE_CLASSIFICATION: infer_image_classification,
+    Task.TENSOR: infer_tensor,
 }
 """v2 inference per task; each task's module adds its handler here."""

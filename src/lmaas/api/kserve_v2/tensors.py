@@ -22,10 +22,11 @@ ITEM_BYTES: dict[str, int] = {
 }  # fmt: skip
 """Every datatype of the protocol with its element size (0: variable, BYTES)."""
 
-_STRUCT_CODE = {
+STRUCT_CODES: dict[str, str] = {
     "BOOL": "?", "UINT8": "B", "UINT16": "H", "UINT32": "I", "UINT64": "Q",
     "INT8": "b", "INT16": "h", "INT32": "i", "INT64": "q", "FP16": "e", "FP32": "f", "FP64": "d",
 }  # fmt: skip
+"""``struct`` format characters of the fixed-size datatypes (little-endian with ``<``)."""
 MAX_ELEMENTS = 1 << 24
 MAX_DIMS = 8
 
@@ -125,7 +126,7 @@ def _decode_binary(raw: bytes, datatype: str, count: int, name: str) -> list[Any
         raise _bad(f"input '{name}': binary BF16 is not supported")
     if len(raw) != count * ITEM_BYTES[datatype]:
         raise _bad(f"input '{name}': {len(raw)} bytes do not fit shape and {datatype}")
-    return list(struct.unpack(f"<{count}{_STRUCT_CODE[datatype]}", raw))
+    return list(struct.unpack(f"<{count}{STRUCT_CODES[datatype]}", raw))
 
 
 def _tensor(raw: Any, binary: bytes, offset: int) -> tuple[Tensor, int]:

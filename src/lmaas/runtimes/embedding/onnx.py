@@ -1,0 +1,216 @@
+"""Sentence embeddings on ONNX Runtime (CPU), from an imported ``model.onnx`` or an export.
+
+Where the graph comes from:
+
+* a version in ``onnx`` format (a directory with ``model.onnx`` beside the tokenizer and the
+  sentence-transformers files) is run as it is;
+* a ``safetensors`` version served with ``serving.backend: onnxruntime`` is exported once, at
+  load time, into the worker's cache directory (see :mod:`lmaas.runtimes.onnx_session`) and the
+  cached graph is reused by later loads and other replicas.
+
+``serving.options.quantize: int8`` runs a dynamically int8-quantised copy of that graph instead
+(also cached). Tokenisation, pooling and normalisation are the torch runner's
+(:class:`~lmaas.runtimes.embedding.sentences.SentenceEmbedder`), so fp32 results match
+sentence-transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from lmaas.core.errors import InternalError, InvalidRequestError, ModelLoadError
+from lmaas.core.messages import (
+    EmbedRequest,
+    EmbedResult,
+    InferRequest,
+    ModelInfo,
+    RequestError,
+    WorkerSpec,
+)
+from lmaas.core.types import ModelFormat
+from lmaas.runtimes.base import Prepared
+from lmaas.runtimes.batching import run_batch
+from lmaas.runtimes.embedding.sentences import SentenceEmbedder
+from lmaas.runtimes.hf_loading import load_hf_tokenizer
+from lmaas.runtimes.onnx_session import (
+    build_once,
+    cache_dir,
+    open_session,
+    quantize_int8,
+    quantize_option,
+    source_digest,
+    worker_threads,
+)
+
+_log = logging.getLogger(__name__)
+
+GRAPH_FILENAME = "model.onnx"
+_OPTIONAL_INPUTS = frozenset({"attention_mask", "token_type_ids"})
+
+
+class OnnxEmbeddingRunner:
+    """Embeds texts (or token id lists) with an encoder graph on ONNX Runtime.
+
+    Implements :class:`lmaas.runtimes.base.BatchRunner` exactly as the torch runner does (one
+    row per input text). The graph must take ``input_ids`` (and may take ``attention_mask`` and
+    ``token_type_ids``) and return token embeddings ``[batch, seq, hidden]`` as its first output
+    (pooled here), or sentence vectors ``[batch, dim]`` (only normalised here).
+
+    Args:
+        spec: The worker spec; options ``quantize`` (``int8``), ``num_threads`` (intra-op
+            threads; default: the worker's cores) and ``matryoshka_dims``.
+    """
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self._spec = spec
+        self._session: ort.InferenceSession | None = None
+        self._sentences: SentenceEmbedder | None = None
+        self._input_names: frozenset[str] = frozenset()
+        self._output_name = ""
+        self._pooled_output = False
+        self.graph_path: Path | None = None
+        """The graph the session runs (the imported one, or a cached export)."""
+
+    @property
+    def sentences(self) -> SentenceEmbedder:
+        if self._sentences is None:
+            raise InternalError("the model is not loaded")
+        return self._sentences
+
+    def load(self) -> ModelInfo:
+        """Load the tokenizer, find or build the graph, open the session. Raises: ModelLoadError."""
+        tokenizer = load_hf_tokenizer(self._spec)
+        quantize = quantize_option(self._spec.options)
+        self.graph_path = self._graph(quantize)
+        self._session = open_session(self.graph_path, worker_threads(self._spec.options))
+        hidden_size = self._check_signature(self._session)
+        config = _read_config(Path(self._spec.model_dir))
+        if hidden_size is None:
+            hidden_size = int(config.get("hidden_size") or self._probe_width(tokenizer))
+        self._sentences = SentenceEmbedder.from_spec(
+            self._spec,
+            tokenizer,
+            hidden_size=hidden_size,
+            max_positions=config.get("max_position_embeddings"),
+            vocab_size=config.get("vocab_size"),
+        )
+        if self._pooled_output and len(self._sentences.config.pooling_modes) != 1:
+            raise ModelLoadError("the graph returns pooled vectors; it cannot pool again")
+        _log.info("loaded %s on onnxruntime (%s)", self.graph_path, quantize or "float32")
+        return self._sentences.model_info(
+            dtype=quantize or "float32", device="cpu", max_batch_size=self._spec.max_batch_size
+        )
+
+    def warmup(self) -> None:
+        """Embed one short text."""
+        self.embed([EmbedRequest(request_id="__lmaas_warmup__", texts=["Hello world"])])
+
+    def health(self) -> bool:
+        return self._session is not None
+
+    def accepts(self) -> tuple[type, ...]:
+        return (EmbedRequest,)
+
+    def embed(self, requests: Sequence[EmbedRequest]) -> list[EmbedResult | RequestError]:
+        """Embed requests in-process (warm-up, benchmarks, tests); the worker batches instead."""
+        results = run_batch(self, requests, self._spec.max_batch_size)
+        return [r for r in results if isinstance(r, EmbedResult | RequestError)]
+
+    def preprocess(self, request: InferRequest) -> Prepared:
+        """Validate and tokenise; one row per input. Raises: InvalidRequestError."""
+        if not isinstance(request, EmbedRequest):
+            raise InvalidRequestError("this model only embeds text")
+        return self.sentences.prepare(request)
+
+    def forward(self, payloads: list[list[int]]) -> list[torch.Tensor]:
+        if self._session is None:
+            raise InternalError("the model is not loaded")
+        ids, mask = self.sentences.pad(payloads)
+        feeds = {"input_ids": ids}
+        if "attention_mask" in self._input_names:
+            feeds["attention_mask"] = mask
+        if "token_type_ids" in self._input_names:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        (out,) = self._session.run([self._output_name], feeds)
+        # Zero-copy views: pooling runs in torch, the same code as the torch runner's.
+        vectors = torch.from_numpy(np.asarray(out, dtype=np.float32))
+        if self._pooled_output:
+            return list(self.sentences.normalize(vectors))
+        return list(self.sentences.pool(vectors, torch.from_numpy(mask)))
+
+    def postprocess(self, prepared: Prepared) -> EmbedResult:
+        return self.sentences.result(prepared)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _graph(self, quantize: str | None) -> Path:
+        spec = self._spec
+        model_dir = Path(spec.model_dir)
+        if spec.format == ModelFormat.ONNX.value:
+            graph = model_dir / GRAPH_FILENAME
+            if not graph.is_file():
+                raise ModelLoadError(f"{model_dir.name} has no {GRAPH_FILENAME}")
+        else:
+            from lmaas.runtimes.embedding.onnx_export import EXPORT_RECIPE, export_encoder
+
+            folder = cache_dir(spec) / f"onnx-{source_digest(spec, EXPORT_RECIPE, _versions())}"
+            graph = build_once(folder / GRAPH_FILENAME, lambda tmp: export_encoder(spec, tmp))
+        if quantize is None:
+            return graph
+        folder = cache_dir(spec) / f"int8-{source_digest(spec, str(graph), _versions())}"
+        return build_once(folder / "model.int8.onnx", lambda tmp: quantize_int8(graph, tmp))
+
+    def _check_signature(self, session: ort.InferenceSession) -> int | None:
+        """Remember the graph's inputs and output; the hidden size if the graph states it."""
+        names = {i.name for i in session.get_inputs()}
+        if "input_ids" not in names or names - {"input_ids"} - _OPTIONAL_INPUTS:
+            raise ModelLoadError(
+                f"an embedding graph takes input_ids (and optionally attention_mask, "
+                f"token_type_ids); this one takes {', '.join(sorted(names))}"
+            )
+        self._input_names = frozenset(names)
+        output = session.get_outputs()[0]
+        if len(output.shape) not in (2, 3):
+            raise ModelLoadError(
+                f"the graph's first output {output.name!r} has shape {output.shape}; expected "
+                "[batch, seq, hidden] token embeddings or [batch, dim] sentence vectors"
+            )
+        self._output_name = output.name
+        self._pooled_output = len(output.shape) == 2
+        last = output.shape[-1]
+        return last if isinstance(last, int) and last > 0 else None
+
+    def _probe_width(self, tokenizer: Any) -> int:
+        """Run the graph once on a short text to see its output width."""
+        assert self._session is not None  # called from load() after the session opened
+        ids = np.asarray([tokenizer("probe")["input_ids"]], dtype=np.int64)
+        feeds = {"input_ids": ids}
+        if "attention_mask" in self._input_names:
+            feeds["attention_mask"] = np.ones_like(ids)
+        if "token_type_ids" in self._input_names:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        (out,) = self._session.run([self._output_name], feeds)
+        return int(np.asarray(out).shape[-1])
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _versions() -> str:
+    return f"torch {torch.__version__} onnxruntime {ort.__version__}"

@@ -1,0 +1,167 @@
+"""ONNX Runtime plumbing every ONNX runner shares: sessions, datatypes, the graph cache, int8.
+
+Graphs a worker derives at load time (an encoder exported from safetensors, an int8 copy of a
+graph) never go into the model's version directory, which is immutable and checksummed. They go
+into the worker's cache directory (:func:`cache_dir`): ``WorkerSpec.cache_dir`` (the gateway
+sets ``<LMAAS_HOME>/cache/<name>/<version>``), else a per-user folder under the system temp
+directory. Each artifact sits in a folder named by a digest of its inputs (the model's files,
+the recipe, the library versions), so a stale graph is never reused, and it is written to a
+temporary name and renamed, so replicas that load at once never read half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import onnxruntime as ort
+
+from lmaas.core.errors import ModelLoadError
+from lmaas.core.messages import WorkerSpec
+
+_log = logging.getLogger(__name__)
+
+ORT_TO_V2: dict[str, str] = {
+    "tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64",
+    "tensor(bfloat16)": "BF16", "tensor(int8)": "INT8", "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32", "tensor(int64)": "INT64", "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64",
+    "tensor(bool)": "BOOL", "tensor(string)": "BYTES",
+}  # fmt: skip
+"""ONNX Runtime element types → Open Inference Protocol v2 datatypes."""
+
+QUANTIZE_CHOICES = ("int8",)
+
+
+def worker_threads(options: Mapping[str, str]) -> int:
+    """Intra-op threads: the ``num_threads`` serving option, else every core this process may
+    run on (a worker owns its process). Raises: ModelLoadError when the option is not a number."""
+    value = options.get("num_threads")
+    if value is not None:
+        try:
+            return max(1, int(value))
+        except ValueError as exc:
+            raise ModelLoadError(f"serving option num_threads={value!r} is not an integer") from exc
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+
+
+def open_session(path: Path, num_threads: int) -> ort.InferenceSession:
+    """A CPU session on ``path`` with ``num_threads`` intra-op threads.
+
+    Idle pool threads do not spin: the worker's helper threads tokenise and decode between
+    forward passes on the same cores. Raises: ModelLoadError when the graph cannot be loaded.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        raise ModelLoadError(f"onnxruntime cannot load {path.name}: {exc}") from exc
+
+
+def quantize_option(options: Mapping[str, str]) -> str | None:
+    """The ``quantize`` serving option (``int8``), or None. Raises: ModelLoadError."""
+    value = options.get("quantize", "").strip().lower()
+    if value in ("", "none", "fp32"):
+        return None
+    if value not in QUANTIZE_CHOICES:
+        raise ModelLoadError(
+            f"serving option quantize={value!r} is not supported; use one of: "
+            f"{', '.join(QUANTIZE_CHOICES)}"
+        )
+    return value
+
+
+def cache_dir(spec: WorkerSpec) -> Path:
+    """Where this worker may write derived graphs (see the module docstring)."""
+    if spec.cache_dir:
+        return Path(spec.cache_dir)
+    user = os.getuid() if hasattr(os, "getuid") else 0
+    root = Path(tempfile.gettempdir()) / f"lmaas-cache-{user}"
+    return root / spec.model_name / spec.model_version
+
+
+def source_digest(spec: WorkerSpec, *parts: str) -> str:
+    """A short digest of the model's files (as the manifest records them) and ``parts``.
+
+    Without recorded digests (a spec built by hand), the files' paths, sizes and modification
+    times stand in for their content.
+    """
+    digest = hashlib.sha256("\0".join(parts).encode())
+    if spec.files:
+        for entry in sorted(spec.files, key=lambda f: f.path):
+            digest.update(f"{entry.path}\0{entry.sha256}\0".encode())
+    else:
+        root = Path(spec.model_dir).resolve()
+        digest.update(str(root).encode())
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def build_once(dest: Path, build: Callable[[Path], None]) -> Path:
+    """Return ``dest``, calling ``build(tmp_path)`` first when it does not exist yet.
+
+    ``build`` writes a complete file at the path it is given; it is then renamed to ``dest``
+    (atomic on one file system), so a reader never sees a partial graph.
+    """
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        build(tmp)
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return dest
+
+
+def quantize_int8(source: Path, dest: Path) -> None:
+    """Dynamic int8 quantisation of ``source`` into ``dest`` (onnxruntime ``quantize_dynamic``).
+
+    The recipe keeps accuracy on transformer encoders (cosine ≥ 0.99 to fp32 on
+    all-MiniLM-L6-v2): weights are quantised per output channel, only MatMuls with a constant
+    weight are quantised (two activations multiplied in attention stay in float), and MatMuls fed
+    by a GELU stay in float too: their inputs carry outliers that one per-tensor activation scale
+    cannot represent.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(source), load_external_data=False)
+    constants = {init.name for init in model.graph.initializer}
+    constants |= {o for node in model.graph.node if node.op_type == "Constant" for o in node.output}
+    gelu_outputs = {o for node in model.graph.node if "Gelu" in node.op_type for o in node.output}
+    excluded = [
+        node.name
+        for node in model.graph.node
+        if node.op_type == "MatMul"
+        and (not any(i in constants for i in node.input) or node.input[0] in gelu_outputs)
+    ]
+    try:
+        quantize_dynamic(
+            str(source),
+            str(dest),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            nodes_to_exclude=excluded,
+        )
+    except Exception as exc:  # the quantiser raises whatever its graph passes raise
+        raise ModelLoadError(f"int8 quantisation of {source.name} failed: {exc}") from exc
+    _log.info("quantised %s to int8 (%d MatMuls kept in float)", source.name, len(excluded))

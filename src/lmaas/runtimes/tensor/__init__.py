@@ -1,0 +1,1 @@
+"""Runners for generic tensor models (any ONNX graph on v2 tensors)."""
