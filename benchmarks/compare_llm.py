@@ -23,18 +23,16 @@ import contextlib
 import json
 import os
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+from bench_servers import admin_key, free_port, server_process, wait_http
 from compare_llm_phases import RESULT_PREFIX, print_result, run_phase
 from compare_llm_report import print_report, summarize
 from rich.console import Console
@@ -120,57 +118,6 @@ def _common(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def server_process(
-    cmd: list[str], log: Path, env: dict[str, str]
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``cmd`` in its own process group; on exit SIGTERM it, then SIGKILL the group."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def log_tail(log: Path, num_lines: int = 4) -> str:
-    """The last few non-blank lines of a server log: usually the exception that stopped it."""
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    return " | ".join(ln.strip() for ln in lines[-num_lines:])
-
-
-def wait_http(
-    proc: subprocess.Popen[bytes], url: str, timeout_s: float, log: Path, fail_marker: str = ""
-) -> str | None:
-    """Poll ``url`` until 200; return None when up, else why not (early on ``fail_marker``)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return f"exited with {proc.returncode}: {log_tail(log)} (log: {log})"
-        if fail_marker and fail_marker in log.read_text(errors="replace"):
-            return f"{log_tail(log, 8)} (log: {log})"
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return None
-        time.sleep(0.5)
-    return f"not ready after {timeout_s:.0f} s: {log_tail(log)} (log: {log})"
-
-
 def bench(
     args: argparse.Namespace, base_url: str, model: str, **kw: Any
 ) -> dict[str, dict[str, Any]]:
@@ -226,15 +173,6 @@ def worker_memory(server_pid: int) -> dict[str, int] | None:
                     found[key] = int(fields[key].split()[0]) * 1024
             return found
     return None
-
-
-ADMIN_KEY_RE = re.compile(r"admin key: (lmaas-[0-9a-f]{12}-[A-Za-z0-9_-]+)")
-
-
-def admin_key(log: Path) -> str | None:
-    """The admin key a fresh ``lmaas serve`` prints once (secure by default)."""
-    match = ADMIN_KEY_RE.search(log.read_text(errors="replace"))
-    return match.group(1) if match else None
 
 
 def kv_bytes_needed(model_dir: Path, num_seqs: int, tokens: int) -> int:

