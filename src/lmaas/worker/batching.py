@@ -67,6 +67,8 @@ class BatchPipeline:
         self._done: queue.SimpleQueue[tuple[str, Prepared | InferResult | LmaasError]] = (
             queue.SimpleQueue()
         )
+        self._num_batches = 0
+        self._num_rows = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -105,6 +107,16 @@ class BatchPipeline:
 
     def num_waiting(self) -> int:
         return len(self._batcher) + len(self._preparing)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for heartbeats (``lmaas_engine_stat``): queue depth and batch sizes so far
+        (rows / batches is the mean batch size)."""
+        return {
+            "waiting": self.num_waiting(),
+            "queued_rows": len(self._batcher),
+            "batches": self._num_batches,
+            "batched_rows": self._num_rows,
+        }
 
     def wait_s(self) -> float | None:
         """How long the loop may block before it must call :meth:`run_once` (None: no limit)."""
@@ -172,6 +184,8 @@ class BatchPipeline:
         self._open[request_id] = (prepared, len(rows))
 
     def _forward(self, batch: list[QueuedRow[Any]]) -> None:
+        self._num_batches += 1
+        self._num_rows += len(batch)
         try:
             outputs = self._runner.forward([row.payload for row in batch])
             if len(outputs) != len(batch):
