@@ -83,23 +83,26 @@ class FileEntry(BaseModel):
 
 
 class Lineage(BaseModel):
-    """Where a version came from when another version was transformed into it.
+    """Where a version came from: the version it was transformed from, or a training run.
 
     Attributes:
-        parent: ``name:version`` of the source version.
+        parent: ``name:version`` of the source version; None for a model trained from scratch
+            (``transform: train``), whose data and settings are in ``parameters``.
         transform: What was done (``quantize-int8``, ``onnx-export``, ``prune-30%``, ``fine-tune``).
         parameters: The transform's parameters, as given.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    parent: str
+    parent: str | None = None
     transform: str = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("parent")
     @classmethod
-    def _valid_parent(cls, value: str) -> str:
+    def _valid_parent(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         name, sep, version = value.partition(":")
         if not sep:
             raise ValueError(f"parent must be 'name:version', got {value!r}")

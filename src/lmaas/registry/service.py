@@ -21,7 +21,7 @@ from lmaas.core.errors import (
 )
 from lmaas.core.hashing import verify_file
 from lmaas.core.types import Task, is_valid_name
-from lmaas.registry.manifest import FileEntry, Lineage, Manifest, ServingDefaults
+from lmaas.registry.manifest import FileEntry, Lineage, Manifest, MetricRecord, ServingDefaults
 from lmaas.registry.metadata import MetadataStore
 from lmaas.registry.sources import (
     ImportPlan,
@@ -122,6 +122,7 @@ class RegistryService:
         description: str | None = None,
         serving: dict[str, Any] | None = None,
         lineage: Lineage | None = None,
+        metrics: list[MetricRecord] | None = None,
         progress: ImportProgress | None = None,
     ) -> Manifest:
         """Import a model as the next version of ``name``.
@@ -135,6 +136,8 @@ class RegistryService:
             description: Free text stored in the manifest.
             serving: Overrides of :class:`ServingDefaults`.
             lineage: Parent version and transform, for versions made from another one.
+            metrics: Measurements taken before the import (a training run's held-out accuracy,
+                a compressed version's size and accuracy delta).
             progress: Receives byte counts while files are copied and hashed.
 
         Returns:
@@ -148,7 +151,9 @@ class RegistryService:
         if name is not None and not is_valid_name(name):
             raise _invalid_name(name)
         defaults = _serving_defaults(serving, trust_remote_code)
-        opts = _ImportOptions(task, allow_pickle, trust_remote_code, description, defaults, lineage)
+        opts = _ImportOptions(
+            task, allow_pickle, trust_remote_code, description, defaults, lineage, metrics or []
+        )
         return self._import_source(source, name, opts, progress or _NoProgress())
 
     def _import_source(
@@ -205,6 +210,7 @@ class RegistryService:
                 "labels": plan.facts.labels,
                 "files": entries,
                 "lineage": options.lineage,
+                "metrics": options.metrics,
                 "serving": options.serving,
                 "source": source_label,
                 "description": options.description,
@@ -332,6 +338,7 @@ class _ImportOptions:
     description: str | None
     serving: ServingDefaults
     lineage: Lineage | None
+    metrics: list[MetricRecord]
 
 
 def _invalid_name(name: str) -> InvalidRequestError:

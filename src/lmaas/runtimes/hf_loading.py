@@ -9,6 +9,7 @@ import torch
 
 from lmaas.core.errors import ModelLoadError
 from lmaas.core.messages import WorkerSpec
+from lmaas.runtimes.int8_weights import load_int8, wants_int8
 
 
 def load_hf_model(spec: WorkerSpec, auto_class: str, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -27,6 +28,8 @@ def load_hf_model(spec: WorkerSpec, auto_class: str, dtype: torch.dtype) -> tupl
     model_dir = Path(spec.model_dir)
     trust = spec.options.get("trust_remote_code") == "true"
     tokenizer = load_hf_tokenizer(spec)
+    if wants_int8(spec.options, model_dir):  # ``lmaas compress --int8`` versions
+        return load_int8(model_dir, auto_class, trust), tokenizer
     try:
         model = getattr(transformers, auto_class).from_pretrained(
             str(model_dir),

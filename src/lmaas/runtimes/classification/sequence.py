@@ -27,6 +27,7 @@ from lmaas.runtimes.device import (
     resolve_dtype,
 )
 from lmaas.runtimes.hf_loading import load_hf_model
+from lmaas.runtimes.int8_weights import wants_int8
 
 _log = logging.getLogger(__name__)
 
@@ -80,13 +81,15 @@ class SequenceClassifier:
 
     def load(self) -> None:
         """Load tokenizer and model. Raises: ModelLoadError."""
-        self._device = resolve_device(self._spec.device)
+        int8 = wants_int8(self._spec.options, Path(self._spec.model_dir))
+        # torch's int8 Linear kernels run on the CPU only.
+        self._device = torch.device("cpu") if int8 else resolve_device(self._spec.device)
         dtype = resolve_dtype(self._spec.dtype, self._device, prefer_float32_on_cpu=True)
         configure_threads(num_threads_option(self._spec.options))
         model, tokenizer = load_hf_model(self._spec, "AutoModelForSequenceClassification", dtype)
         self._model, self._tokenizer = model.to(self._device).eval(), tokenizer
         self.config = model.config
-        self.dtype = dtype_name(dtype)
+        self.dtype = "int8" if int8 else dtype_name(dtype)
         self._pad_id = int(tokenizer.pad_token_id or 0)
         self._uses_token_types = (
             "token_type_ids" in getattr(tokenizer, "model_input_names", ())

@@ -28,6 +28,7 @@ from lmaas.runtimes.device import (
     resolve_device,
     resolve_dtype,
 )
+from lmaas.runtimes.int8_weights import load_int8, wants_int8
 from lmaas.runtimes.vision.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
 
 _log = logging.getLogger(__name__)
@@ -62,8 +63,14 @@ class TorchImageClassificationRunner:
 
     def load(self) -> ModelInfo:
         """Load the image processor and the classifier. Raises: ModelLoadError."""
-        self._device = resolve_device(self._spec.device)
-        self._dtype = resolve_dtype(self._spec.dtype, self._device, prefer_float32_on_cpu=True)
+        int8 = wants_int8(self._spec.options, Path(self._spec.model_dir))
+        # torch's int8 Linear kernels run on the CPU, on float32 activations.
+        self._device = torch.device("cpu") if int8 else resolve_device(self._spec.device)
+        self._dtype = (
+            torch.float32
+            if int8
+            else resolve_dtype(self._spec.dtype, self._device, prefer_float32_on_cpu=True)
+        )
         configure_threads(num_threads_option(self._spec.options))
         self._model, self._processor = _load(self._spec, self._dtype)
         self._model.to(self._device)
@@ -75,7 +82,7 @@ class TorchImageClassificationRunner:
         _log.info("loaded %s on %s (%s)", self._spec.model_dir, self._device, self._dtype)
         return ModelInfo(
             context_length=0,
-            dtype=dtype_name(self._dtype),
+            dtype="int8" if int8 else dtype_name(self._dtype),
             device=str(self._device),
             labels=self._labels,
             inputs=[
@@ -231,6 +238,8 @@ def _load(spec: WorkerSpec, dtype: torch.dtype) -> tuple[Any, Any]:
         processor = transformers.AutoImageProcessor.from_pretrained(  # type: ignore[no-untyped-call]
             str(model_dir), local_files_only=True, trust_remote_code=trust
         )
+        if wants_int8(spec.options, model_dir):
+            return load_int8(model_dir, "AutoModelForImageClassification", trust), processor
         model = transformers.AutoModelForImageClassification.from_pretrained(
             str(model_dir),
             dtype=dtype,
@@ -238,6 +247,8 @@ def _load(spec: WorkerSpec, dtype: torch.dtype) -> tuple[Any, Any]:
             use_safetensors=True,
             trust_remote_code=trust,
         )
+    except ModelLoadError:
+        raise
     except Exception as exc:  # transformers raises OSError, ValueError, ImportError, ...
         raise ModelLoadError(f"cannot load {model_dir} as an image classifier: {exc}") from exc
     return model, processor

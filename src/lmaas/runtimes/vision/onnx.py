@@ -1,0 +1,87 @@
+"""Image classification with an ONNX graph (``lmaas convert --onnx``) on ONNX Runtime.
+
+The version directory is the torch one with ``model.onnx`` in place of the safetensors weights:
+``config.json`` (labels), ``preprocessor_config.json`` (the image processor) and the graph
+(``pixel_values`` ``[N, 3, H, W]`` → ``logits`` ``[N, C]``). Decoding and preprocessing are the
+torch runner's, so a client sees the same API, labels and inputs as for the parent version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmaas.core.errors import InternalError, ModelLoadError
+from lmaas.core.messages import ModelInfo, TensorSpec, WorkerSpec
+from lmaas.runtimes.onnx_session import open_session, worker_threads
+from lmaas.runtimes.vision.torch import TorchImageClassificationRunner
+
+_log = logging.getLogger(__name__)
+
+GRAPH_FILE = "model.onnx"
+
+
+class OnnxImageClassificationRunner(TorchImageClassificationRunner):
+    """:class:`TorchImageClassificationRunner` with the forward pass on ONNX Runtime.
+
+    Args:
+        spec: The worker spec; ``num_threads`` sets the intra-op threads.
+    """
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        super().__init__(spec)
+        self._session: Any = None
+        self._input_name = "pixel_values"
+
+    def load(self) -> ModelInfo:
+        """Load the image processor, the labels and the graph. Raises: ModelLoadError."""
+        import transformers
+
+        model_dir = Path(self._spec.model_dir)
+        graph = model_dir / GRAPH_FILE
+        if not graph.is_file():
+            raise ModelLoadError(f"{model_dir} has no {GRAPH_FILE}")
+        try:
+            self._processor = transformers.AutoImageProcessor.from_pretrained(  # type: ignore[no-untyped-call]
+                str(model_dir), local_files_only=True
+            )
+            config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        except Exception as exc:  # transformers raises OSError, ValueError, ...
+            raise ModelLoadError(f"cannot load the image processor of {model_dir}: {exc}") from exc
+        id2label = config.get("id2label") or {}
+        self._labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+        self._session = open_session(graph, worker_threads(self._spec.options))
+        self._input_name = self._session.get_inputs()[0].name
+        self._pixel_shape = self._processed_shape()
+        channels, height, width = self._pixel_shape
+        _log.info("loaded %s on onnxruntime", graph)
+        return ModelInfo(
+            context_length=0,
+            dtype="float32",
+            device="cpu",
+            labels=self._labels,
+            inputs=[
+                TensorSpec("image", "BYTES", [-1]),
+                TensorSpec("pixel_values", "FP32", [-1, channels, height, width]),
+            ],
+            outputs=[
+                TensorSpec("probabilities", "FP32", [-1, len(self._labels)]),
+                TensorSpec("label", "BYTES", [-1]),
+            ],
+            max_batch_size=self._spec.max_batch_size,
+        )
+
+    def health(self) -> bool:
+        return self._session is not None
+
+    def forward(self, payloads: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self._session is None:
+            raise InternalError("the model is not loaded")
+        batch = torch.stack(payloads).to(torch.float32).numpy()
+        (logits,) = self._session.run(None, {self._input_name: np.ascontiguousarray(batch)})
+        return list(torch.softmax(torch.from_numpy(logits).float(), dim=-1))
