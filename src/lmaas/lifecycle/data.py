@@ -1,7 +1,7 @@
 """Labelled data sets for training and for measuring transformed versions (no torch here).
 
 Images come from a folder (``DIR/<label>/*.png``) or from scikit-learn's ``load_digits`` (1,797
-real 8×8 greyscale scans of handwritten digits, shipped inside scikit-learn: no download). Texts
+real 8x8 greyscale scans of handwritten digits, shipped inside scikit-learn: no download). Texts
 come from JSONL (``{"text": ..., "label": ...}`` per line) or CSV (``text,label`` header).
 
 Splits are deterministic (a seeded shuffle), so a compression or conversion of a trained version

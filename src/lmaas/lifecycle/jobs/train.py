@@ -10,7 +10,7 @@ on the test split through the serving runtime itself, then registered with linea
 The image classifier is a small ``ViTForImageClassification`` with a ``ViTImageProcessor``
 (resize, rescale, normalise to [-1, 1]): the ``image-classification`` runtime serves it as is.
 With the default ``--patch-size`` equal to ``--image-size`` the whole image is one patch, which
-makes the transformer a residual MLP: on 8×8 digits it trains to ≥ 0.95 in a few epochs on a CPU,
+makes the transformer a residual MLP: on 8x8 digits it trains to ≥ 0.95 in a few epochs on a CPU,
 and almost all its weights are in Linear layers, which int8 compression shrinks fourfold.
 """
 
