@@ -14,6 +14,7 @@ from lmaas import __version__
 from lmaas.bootstrap.settings import Settings
 from lmaas.cli.bench import bench_app
 from lmaas.cli.governance import keys_app, tenants_app
+from lmaas.cli.lifecycle import compress_command, convert_command, train_app
 from lmaas.cli.models import models_app
 from lmaas.core.errors import LmaasError
 from lmaas.core.types import ModelState, Task
@@ -28,6 +29,9 @@ app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
+app.add_typer(train_app, name="train")
+app.command("compress")(compress_command)
+app.command("convert")(convert_command)
 _err = Console(stderr=True)
 
 

@@ -59,7 +59,7 @@ class Split:
 def load_digits_images() -> LabelledImages:
     """scikit-learn's digits as greyscale Pillow images (values 0-16 scaled to 0-255)."""
     from PIL import Image
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 
     digits = load_digits()
     images = [

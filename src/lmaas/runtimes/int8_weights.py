@@ -144,7 +144,7 @@ def _quantize_linear(
     """Swap every Linear for torch's dynamic int8 Linear; use the stored int8 rows if given."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notices, once per process
-        quantized: torch.nn.Module = torch.ao.quantization.quantize_dynamic(
+        quantized: torch.nn.Module = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
             model, {torch.nn.Linear}, dtype=torch.qint8
         )
         if stored is None:
@@ -155,5 +155,5 @@ def _quantize_linear(
             qweight = torch._make_per_channel_quantized_tensor(
                 weight, scale.double(), torch.zeros(scale.shape[0], dtype=torch.long), 0
             )
-            module.set_weight_bias(qweight, module.bias())  # type: ignore[operator]
+            module.set_weight_bias(qweight, module.bias())
     return quantized

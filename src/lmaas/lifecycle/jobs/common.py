@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ def run_job(main: Callable[[], int]) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    for chatty in ("onnx_ir", "onnxscript", "alembic"):  # per-pass and migration chatter
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         return main()
     except KeyboardInterrupt:
@@ -214,3 +217,142 @@ def text_requests(data: LabelledTexts, indices: Sequence[int]) -> list[ClassifyR
 def accuracy(probs: np.ndarray, labels: Sequence[int]) -> float:
     """Top-1 accuracy of ``probs`` against integer ``labels``."""
     return float((probs.argmax(axis=1) == np.asarray(labels)).mean())
+
+
+# ---------------------------------------------------------------- the data a version is measured on
+
+
+@dataclass(frozen=True, slots=True)
+class EvalSet:
+    """Held-out examples to compare a transformed version with its parent."""
+
+    requests: list[ClassifyRequest]
+    labels: list[int]
+    digest: str
+    sample: ClassifyRequest
+    """One single-input request, for latency."""
+    images: list[Any] | None = None
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """``--data`` / ``--sklearn-digits``: the held-out data (default: the training run's)."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", default=None)
+    source.add_argument("--sklearn-digits", action="store_true")
+
+
+def eval_set(registry: RegistryService, parent: Manifest, args: argparse.Namespace) -> EvalSet:
+    """The held-out split of the data the parent (or its root ancestor) was trained on.
+
+    ``--data`` or ``--sklearn-digits`` name other data (all of it is then used).
+
+    Raises:
+        InvalidRequestError: no data given and none recorded in the lineage.
+    """
+    from lmaas.lifecycle import data as datasets
+
+    params = root_training(registry, parent)
+    explicit = bool(args.sklearn_digits or args.data)
+    source = datasets.DIGITS_SOURCE if args.sklearn_digits else (args.data or params.get("data"))
+    if not source:
+        raise InvalidRequestError(
+            f"{parent.ref} was not trained by `lmaas train`: pass --data (or --sklearn-digits) "
+            "to measure the new version against it",
+            param="data",
+        )
+    if parent.task is Task.CLASSIFICATION:
+        texts = datasets.load_texts(Path(source))
+        test = _held_out(len(texts.labels), params, explicit)
+        requests = text_requests(texts, test)
+        sample = ClassifyRequest("latency", texts=[texts.texts[test[0]]])
+        labels = [texts.labels[i] for i in test]
+        return EvalSet(requests, labels, datasets.texts_digest(texts, test), sample)
+    images = (
+        datasets.load_digits_images()
+        if source == datasets.DIGITS_SOURCE
+        else datasets.load_image_folder(Path(source))
+    )
+    test = _held_out(len(images.labels), params, explicit)
+    requests = image_requests(images, test)
+    sample = ClassifyRequest("latency", images=[png_bytes(images.images[test[0]])])
+    chosen = [images.images[i] for i in test]
+    labels = [images.labels[i] for i in test]
+    return EvalSet(requests, labels, datasets.images_digest(images, test), sample, chosen)
+
+
+def _held_out(count: int, params: dict[str, Any], explicit: bool) -> list[int]:
+    from lmaas.lifecycle import data as datasets
+
+    if explicit:
+        return list(range(count))
+    parts = datasets.split(
+        count,
+        test_fraction=float(params.get("test_split", 0.2)),
+        val_fraction=float(params.get("val_split", 0.15)),
+        seed=int(params.get("seed", 0)),
+    )
+    return parts.test or parts.val
+
+
+def version_spec(registry: RegistryService, manifest: Manifest) -> WorkerSpec:
+    """A registered version's spec, to load it in this process as a worker would."""
+    spec = worker_spec(
+        manifest.name, registry.model_dir(manifest), manifest.task, manifest.format,
+        dict(manifest.serving.options),
+    )  # fmt: skip
+    if manifest.serving.backend != "auto":
+        spec.options.setdefault("backend", manifest.serving.backend)
+    return spec
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """Accuracy and latency of one version on an :class:`EvalSet`."""
+
+    accuracy: float
+    latency_ms: float
+    probs: np.ndarray
+
+
+def measure(spec: WorkerSpec, data: EvalSet) -> Measured:
+    """Load ``spec`` through its serving runtime and measure it on ``data``."""
+    probe = VersionProbe(spec)
+    probs = probe.probabilities(data.requests)
+    return Measured(accuracy(probs, data.labels), probe.latency_ms(data.sample), probs)
+
+
+def comparison_metrics(
+    parent: Measured, child: Measured, parent_bytes: int, child_bytes: int, digest: str
+) -> list[MetricRecord]:
+    """The child's accuracy, size and latency, and their change against the parent."""
+    return [
+        metric("accuracy", child.accuracy, digest),
+        metric("accuracy_delta", child.accuracy - parent.accuracy, digest),
+        metric("parent_accuracy", parent.accuracy, digest),
+        metric("size_bytes", child_bytes, digest),
+        metric("parent_size_bytes", parent_bytes, digest),
+        metric("size_ratio", parent_bytes / max(1, child_bytes), digest),
+        metric("latency_ms", child.latency_ms, digest),
+        metric("parent_latency_ms", parent.latency_ms, digest),
+    ]
+
+
+def copy_side_files(source: Path, dest: Path, keep: Callable[[Path], bool]) -> None:
+    """Copy the files of a version that ``keep`` accepts (config, tokenizer, processor)."""
+    import shutil
+
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if path.is_file() and path.name != MANIFEST_FILENAME and keep(relative):
+            (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest / relative)
+
+
+def summary(manifest: Manifest, parent: Measured, child: Measured, ratio: float) -> str:
+    """The one line a job prints when it registered a version."""
+    return (
+        f"registered {manifest.ref} from {manifest.lineage.parent if manifest.lineage else '?'}: "
+        f"accuracy {child.accuracy:.4f} (parent {parent.accuracy:.4f}, delta "
+        f"{child.accuracy - parent.accuracy:+.4f}), {ratio:.2f}x smaller on disk, latency "
+        f"{child.latency_ms:.2f} ms (parent {parent.latency_ms:.2f} ms) per single-input request"
+    )

@@ -105,7 +105,7 @@ def fit(
                 inputs, labels = batch(order[start : start + batch_size])
                 loss = torch.nn.functional.cross_entropy(model(**inputs).logits, labels)
                 optimizer.zero_grad()
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 schedule.step()
                 progress.advance(bar)

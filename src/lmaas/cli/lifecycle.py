@@ -1,0 +1,210 @@
+"""``lmaas train``, ``lmaas compress`` and ``lmaas convert``: lifecycle jobs in a child process.
+
+Each command checks its arguments, then runs the job module (``lmaas.lifecycle.jobs.*``) as
+``python -m ...`` with the home and database of the current settings, in the foreground: the job
+draws its own progress bar and log on this terminal. The CLI never imports torch (import-linter
+keeps ``lmaas.cli`` free of it); the job does, in its own process.
+
+Ctrl-C reaches the job (the terminal signals the whole foreground process group); this process
+ignores it while it waits, so the job can stop training, delete its temporary files and exit
+with 130 without ever leaving a half-registered version.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from lmaas.bootstrap.settings import Settings
+
+train_app = typer.Typer(
+    help="Train a model on labelled data and register it as a new version.",
+    no_args_is_help=True,
+)
+
+HomeOption = Annotated[
+    Path | None,
+    typer.Option("--home", help="lmaas home directory (default: $LMAAS_HOME or ~/.lmaas)."),
+]
+NameOption = Annotated[str, typer.Option("--name", help="Model name to register the result as.")]
+EpochsOption = Annotated[int | None, typer.Option(min=1, help="Most training epochs.")]
+PatienceOption = Annotated[
+    int, typer.Option(min=1, help="Stop after this many epochs without a better validation score.")
+]
+ValSplitOption = Annotated[
+    float, typer.Option(min=0.01, max=0.9, help="Fraction held out for early stopping.")
+]
+TestSplitOption = Annotated[
+    float, typer.Option(min=0.0, max=0.9, help="Fraction held out for the reported accuracy.")
+]
+SeedOption = Annotated[int, typer.Option(help="Seed of the split, the weights and the shuffling.")]
+DataOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        help="Held-out data to measure with (default: the split the training run held out).",
+    ),
+]
+DigitsOption = Annotated[
+    bool, typer.Option("--sklearn-digits", help="Measure on scikit-learn's digits.")
+]
+
+
+def run_job(module: str, args: list[str], home: Path | None) -> None:
+    """Run ``python -m lmaas.lifecycle.jobs.<module> ARGS`` and exit with its status."""
+    try:
+        settings = Settings(home=home) if home is not None else Settings()
+    except ValidationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+    settings.home.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", f"lmaas.lifecycle.jobs.{module}", *args,
+        "--home", str(settings.home), "--database-url", settings.resolved_database_url(),
+    ]  # fmt: skip
+    child = subprocess.Popen(command)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if code == 130 or code == -signal.SIGINT:
+        typer.echo("cancelled", err=True)
+    raise typer.Exit(code=130 if code < 0 else code)
+
+
+def _flag(name: str, value: object) -> list[str]:
+    return [] if value is None else [name, str(value)]
+
+
+@train_app.command("image-classifier")
+def train_image_classifier(
+    name: NameOption,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data", exists=True, file_okay=False, help="Folder of images: DIR/<label>/*.png."
+        ),
+    ] = None,
+    sklearn_digits: Annotated[
+        bool, typer.Option("--sklearn-digits", help="Train on scikit-learn's 8x8 digits.")
+    ] = False,
+    epochs: EpochsOption = None,
+    patience: PatienceOption = 3,
+    val_split: ValSplitOption = 0.15,
+    test_split: TestSplitOption = 0.2,
+    image_size: Annotated[int, typer.Option(min=1, help="Side the images are resized to.")] = 8,
+    patch_size: Annotated[
+        int | None, typer.Option(min=1, help="ViT patch side (default: the image size).")
+    ] = None,
+    hidden_size: Annotated[int, typer.Option(min=8, help="Width of the transformer.")] = 128,
+    layers: Annotated[int, typer.Option(min=1, help="Transformer layers.")] = 2,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW, cosine).")] = None,
+    seed: SeedOption = 0,
+    home: HomeOption = None,
+) -> None:
+    """Train a small ViT image classifier (servable by the image-classification runtime)."""
+    if (data is None) == (not sklearn_digits):
+        raise typer.BadParameter("give exactly one of --data DIR or --sklearn-digits")
+    if hidden_size % 4:
+        raise typer.BadParameter("--hidden-size must be a multiple of 4 (attention heads)")
+    if image_size % (patch_size or image_size):
+        raise typer.BadParameter("--image-size must be a multiple of --patch-size")
+    source = ["--sklearn-digits"] if sklearn_digits else ["--data", str(data)]
+    args = [
+        "image-classifier", *source, "--name", name, "--patience", str(patience),
+        "--val-split", str(val_split), "--test-split", str(test_split),
+        "--image-size", str(image_size), "--hidden-size", str(hidden_size),
+        "--layers", str(layers), "--seed", str(seed),
+        *_flag("--epochs", epochs), *_flag("--patch-size", patch_size), *_flag("--lr", lr),
+    ]  # fmt: skip
+    run_job("train", args, home)
+
+
+@train_app.command("text-classifier")
+def train_text_classifier(
+    data: Annotated[
+        Path,
+        typer.Option("--data", exists=True, dir_okay=False, help="Labelled texts: .jsonl or .csv."),
+    ],
+    base: Annotated[str, typer.Option("--base", help="Encoder to fine-tune: NAME[:VERSION].")],
+    name: NameOption,
+    epochs: EpochsOption = None,
+    patience: PatienceOption = 3,
+    val_split: ValSplitOption = 0.15,
+    test_split: TestSplitOption = 0.2,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 5e-5).")] = None,
+    max_length: Annotated[int, typer.Option(min=8, help="Tokens kept per text.")] = 128,
+    seed: SeedOption = 0,
+    home: HomeOption = None,
+) -> None:
+    """Fine-tune an encoder with a classification head (servable by the classification runtime)."""
+    args = [
+        "text-classifier", "--data", str(data), "--base", base, "--name", name,
+        "--patience", str(patience), "--val-split", str(val_split),
+        "--test-split", str(test_split), "--max-length", str(max_length), "--seed", str(seed),
+        *_flag("--epochs", epochs), *_flag("--lr", lr),
+    ]  # fmt: skip
+    run_job("train", args, home)
+
+
+def compress_command(
+    model: Annotated[str, typer.Argument(metavar="MODEL[:VERSION]", help="The parent version.")],
+    int8: Annotated[bool, typer.Option("--int8", help="Int8 Linear weights.")] = False,
+    prune: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Magnitude pruning to this sparsity (no fine-tune)."),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Name of the new version's model.")] = None,
+    data: DataOption = None,
+    sklearn_digits: DigitsOption = False,
+    home: HomeOption = None,
+) -> None:
+    """Compress a classifier into a new version; records size, latency and accuracy delta."""
+    if int8 == (prune is not None):
+        raise typer.BadParameter("give exactly one of --int8 or --prune FRACTION")
+    args = [model, *(["--int8"] if int8 else ["--prune", str(prune)]), *_flag("--name", name)]
+    args += _data_flags(data, sklearn_digits)
+    run_job("compress", args, home)
+
+
+def convert_command(
+    model: Annotated[str, typer.Argument(metavar="MODEL[:VERSION]", help="The parent version.")],
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX.")] = False,
+    name: Annotated[str | None, typer.Option(help="Name of the new version's model.")] = None,
+    max_abs_diff: Annotated[
+        float, typer.Option(min=0.0, help="Largest logit difference the parity check allows.")
+    ] = 1e-4,
+    min_top1_agreement: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of samples whose top-1 must agree.")
+    ] = 1.0,
+    samples: Annotated[
+        int, typer.Option(min=1, help="Random samples when the parent has no held-out data.")
+    ] = 64,
+    data: DataOption = None,
+    sklearn_digits: DigitsOption = False,
+    home: HomeOption = None,
+) -> None:
+    """Convert a version to ONNX; fails (no version) when the parity check does not hold."""
+    if not onnx:
+        raise typer.BadParameter("choose a target format: --onnx")
+    args = [
+        model, "--onnx", *_flag("--name", name), "--max-abs-diff", repr(max_abs_diff),
+        "--min-top1-agreement", repr(min_top1_agreement), "--samples", str(samples),
+        *_data_flags(data, sklearn_digits),
+    ]  # fmt: skip
+    run_job("convert", args, home)
+
+
+def _data_flags(data: Path | None, sklearn_digits: bool) -> list[str]:
+    if data is not None and sklearn_digits:
+        raise typer.BadParameter("give at most one of --data or --sklearn-digits")
+    if sklearn_digits:
+        return ["--sklearn-digits"]
+    return [] if data is None else ["--data", str(data)]

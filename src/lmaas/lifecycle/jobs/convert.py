@@ -1,0 +1,205 @@
+"""``lmaas convert --onnx``: export an image classifier to ONNX, check parity, register it.
+
+Run as ``python -m lmaas.lifecycle.jobs.convert REF --onnx`` (the CLI does). The new version is
+the parent's directory with ``model.onnx`` (``pixel_values`` → ``logits``, dynamic batch) in
+place of the safetensors weights; the registry sees format ``onnx`` and task
+``image-classification``, and the worker serves it with
+:class:`~lmaas.runtimes.vision.onnx.OnnxImageClassificationRunner` (the torch runner's image
+decoding and preprocessing, the forward pass on ONNX Runtime), so clients keep the same API.
+
+Parity: the parent's torch logits and the graph's logits on a sample set (the held-out images of
+the training run, or ``--samples`` random pixel tensors when there is no data) must differ by at
+most ``--max-abs-diff`` (1e-4) everywhere, and agree on the top-1 class for at least
+``--min-top1-agreement`` (1.0) of the samples. Otherwise the job fails with both numbers and
+registers nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmaas.core.errors import InvalidRequestError, LmaasError
+from lmaas.core.types import ModelFormat, Task
+from lmaas.lifecycle.jobs.common import (
+    add_data_args,
+    add_registry_args,
+    comparison_metrics,
+    copy_side_files,
+    dir_size,
+    eval_set,
+    measure,
+    metric,
+    open_registry,
+    register,
+    run_job,
+    summary,
+    version_spec,
+    worker_spec,
+)
+from lmaas.lifecycle.jobs.compress import load_float_model
+from lmaas.registry.manifest import Lineage
+from lmaas.runtimes.onnx_session import open_session
+
+GRAPH_FILE = "model.onnx"
+
+
+class _Logits(torch.nn.Module):
+    """The classifier with a plain tensor output (ONNX graphs have no ``ModelOutput``)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(pixel_values=pixel_values).logits
+        return out
+
+
+def export_image_classifier(model: Any, shape: tuple[int, int, int], dest: Path) -> None:
+    """Export ``model`` (``[N, *shape]`` pixels → logits) with the dynamo exporter.
+
+    Raises:
+        InvalidRequestError: the exporter cannot trace the model.
+    """
+    example = (torch.zeros((2, *shape), dtype=torch.float32),)
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _Logits(model), example, str(dest), input_names=["pixel_values"],
+                output_names=["logits"], dynamo=True,
+                dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}}, optimize=True,
+            )  # fmt: skip
+    except Exception as exc:  # the exporter raises many types; all mean "cannot export"
+        raise InvalidRequestError(f"cannot export the model to ONNX: {exc}") from exc
+
+
+def parity(model: Any, graph: Path, pixels: torch.Tensor) -> tuple[float, float]:
+    """``(max abs logit difference, top-1 agreement)`` of torch and ONNX Runtime on ``pixels``."""
+    session = open_session(graph, 1)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).logits.numpy()
+    (actual,) = session.run(None, {"pixel_values": pixels.numpy()})
+    diff = float(np.abs(expected - actual).max())
+    agreement = float((expected.argmax(axis=1) == actual.argmax(axis=1)).mean())
+    return diff, agreement
+
+
+def _sample_pixels(processor: Any, images: list[Any] | None, count: int) -> torch.Tensor:
+    if images:
+        rgb = [img.convert("RGB") for img in images]
+        pixels: torch.Tensor = processor(images=rgb, return_tensors="pt")["pixel_values"]
+        return pixels.to(torch.float32)
+    from PIL import Image
+
+    probe = processor(images=[Image.new("RGB", (32, 32))], return_tensors="pt")["pixel_values"]
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn((count, *probe.shape[1:]), generator=generator)
+
+
+def convert(args: argparse.Namespace) -> int:
+    """The job: export, check parity, measure, register."""
+    import transformers
+
+    if not args.onnx:
+        raise InvalidRequestError("choose a target format: --onnx")
+    with open_registry(args) as registry, tempfile.TemporaryDirectory() as tmp:
+        parent = registry.resolve(args.model)
+        if parent.task is not Task.IMAGE_CLASSIFICATION:
+            raise InvalidRequestError(
+                f"{parent.ref} is a {parent.task.value} model; ONNX conversion supports "
+                "image-classification models (embedding models are exported at load time with "
+                "serving.backend onnxruntime)",
+                param="model",
+            )
+        parent_dir = registry.model_dir(parent)
+        model = load_float_model(parent, parent_dir)
+        processor = transformers.AutoImageProcessor.from_pretrained(str(parent_dir))  # type: ignore[no-untyped-call]
+        try:
+            data = eval_set(registry, parent, args)
+        except LmaasError:
+            data = None  # no data: parity on random pixels, no accuracy
+        pixels = _sample_pixels(processor, data.images if data else None, args.samples)
+        out = Path(tmp) / "version"
+        out.mkdir()
+        copy_side_files(parent_dir, out, lambda rel: not rel.name.startswith("model."))
+        export_image_classifier(model, tuple(pixels.shape[1:]), out / GRAPH_FILE)  # type: ignore[arg-type]
+        diff, agreement = parity(model, out / GRAPH_FILE, pixels)
+        print(
+            f"parity on {len(pixels)} samples: max abs diff {diff:.3g} (limit "
+            f"{args.max_abs_diff:g}), top-1 agreement {agreement:.4f} (minimum "
+            f"{args.min_top1_agreement:g})",
+            file=sys.stderr,
+            flush=True,
+        )
+        if diff > args.max_abs_diff or agreement < args.min_top1_agreement:
+            raise InvalidRequestError(
+                f"parity check failed: max abs diff {diff:.3g} (limit {args.max_abs_diff:g}), "
+                f"top-1 agreement {agreement:.4f} (minimum {args.min_top1_agreement:g}); "
+                "no version was created"
+            )
+        digest = data.digest if data else "random-pixels"
+        metrics = [
+            metric("parity_max_abs_diff", diff, digest),
+            metric("parity_top1_agreement", agreement, digest),
+        ]
+        options = {k: v for k, v in parent.serving.options.items() if k != "quantize"}
+        serving = {**parent.serving.model_dump(), "options": options, "backend": "auto"}
+        if data is not None:
+            before = measure(version_spec(registry, parent), data)
+            after = measure(worker_spec(parent.name, out, parent.task, ModelFormat.ONNX), data)
+            metrics += comparison_metrics(
+                before, after, parent.size_bytes, dir_size(out), data.digest
+            )
+        manifest = register(
+            registry, out, name=args.name or parent.name, task=parent.task,
+            lineage=Lineage(
+                parent=parent.ref, transform="onnx-export",
+                parameters={
+                    "opset": "dynamo default", "max_abs_diff": args.max_abs_diff,
+                    "min_top1_agreement": args.min_top1_agreement, "samples": len(pixels),
+                },
+            ),
+            metrics=metrics, serving=serving,
+            description=f"ONNX export of {parent.ref} by `lmaas convert`",
+        )  # fmt: skip
+        if data is not None:
+            print(summary(manifest, before, after, parent.size_bytes / dir_size(out)), flush=True)
+        else:
+            print(f"registered {manifest.ref} from {parent.ref}", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The job's arguments (the CLI validates them first and passes them on)."""
+    parser = argparse.ArgumentParser(prog="python -m lmaas.lifecycle.jobs.convert")
+    parser.add_argument("model")
+    parser.add_argument("--onnx", action="store_true")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--max-abs-diff", type=float, default=1e-4)
+    parser.add_argument("--min-top1-agreement", type=float, default=1.0)
+    parser.add_argument("--samples", type=int, default=64)
+    add_data_args(parser)
+    add_registry_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments and run the job."""
+    args = build_parser().parse_args(argv)
+    return run_job(lambda: convert(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
