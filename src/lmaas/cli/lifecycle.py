@@ -68,15 +68,21 @@ def run_job(module: str, args: list[str], home: Path | None) -> None:
         sys.executable, "-m", f"lmaas.lifecycle.jobs.{module}", *args,
         "--home", str(settings.home), "--database-url", settings.resolved_database_url(),
     ]  # fmt: skip
-    child = subprocess.Popen(command)
+    # Ignore Ctrl-C here from before the job exists (no window where it would kill only the
+    # CLI); the job gets the default disposition back, so Python raises KeyboardInterrupt in it.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        child = subprocess.Popen(command, preexec_fn=_default_sigint)
         code = child.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
     if code == 130 or code == -signal.SIGINT:
         typer.echo("cancelled", err=True)
     raise typer.Exit(code=130 if code < 0 else code)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _flag(name: str, value: object) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -53,17 +54,17 @@ def _metrics(manifest: Manifest) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """digits:1 trained, digits-int8:1 and digits-onnx:1 made from it, all through the CLI."""
+    """digits:1 trained through the CLI, digits-int8:1 and digits-onnx:1 made from it."""
     home = tmp_path_factory.mktemp("lifecycle-home")
     trained = _cli(
         home, "train", "image-classifier", "--sklearn-digits", "--name", "digits", *SUITE_TRAINING
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "registered digits:1" in trained.stdout
-    int8 = _cli(home, "compress", "digits:1", "--int8", "--name", "digits-int8")
-    assert int8.returncode == 0, int8.stderr[-3000:]
-    onnx = _cli(home, "convert", "digits:1", "--onnx", "--name", "digits-onnx")
-    assert onnx.returncode == 0, onnx.stderr[-3000:]
+    # The CLI only checks arguments and runs these same job modules in a child process: run
+    # them in-process here to spare the suite two more torch start-ups.
+    assert compress.main(["digits:1", "--int8", "--name", "digits-int8", *_job_args(home)]) == 0
+    assert convert.main(["digits:1", "--onnx", "--name", "digits-onnx", *_job_args(home)]) == 0
     return home
 
 
@@ -191,3 +192,37 @@ def test_text_classifier_fine_tunes_a_registered_encoder(tmp_path: Path) -> None
     assert pets.lineage is not None and pets.lineage.parent == base.ref
     assert "accuracy" in _metrics(pets)
     assert probs.shape == (1, 2) and abs(float(probs.sum()) - 1.0) < 1e-5
+    # The text classifier compresses too, and the classification runtime serves it in int8.
+    assert compress.main(["pets", "--int8", *_job_args(home)]) == 0
+    with _registry(home) as registry:
+        pets8 = registry.get("pets", "2")
+        probe = VersionProbe(version_spec(registry, pets8))
+    assert probe.info.dtype == "int8"
+    assert pets8.lineage is not None and pets8.lineage.parent == "pets:1"
+    assert {"accuracy_delta", "size_ratio"} <= set(_metrics(pets8))
+
+
+def test_ctrl_c_cancels_training_and_registers_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    command = [
+        sys.executable, "-m", "lmaas.cli", "train", "image-classifier", "--sklearn-digits",
+        "--name", "cancelled", "--epochs", "200", "--patience", "200", "--home", str(home),
+    ]  # fmt: skip
+    # A terminal's Ctrl-C signals the whole foreground process group: the CLI and its job.
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, env={**os.environ, "LMAAS_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = ""
+    for line in proc.stderr:
+        seen += line
+        if "epoch 1:" in line:
+            break
+    assert "epoch 1:" in seen, seen[-3000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (seen + rest)[-3000:]
+    assert "no version was registered" in rest
+    with _registry(home) as registry:
+        assert registry.list_models() == []
