@@ -123,6 +123,7 @@ class RegistryService:
         serving: dict[str, Any] | None = None,
         lineage: Lineage | None = None,
         metrics: list[MetricRecord] | None = None,
+        source_label: str | None = None,
         progress: ImportProgress | None = None,
     ) -> Manifest:
         """Import a model as the next version of ``name``.
@@ -138,6 +139,8 @@ class RegistryService:
             lineage: Parent version and transform, for versions made from another one.
             metrics: Measurements taken before the import (a training run's held-out accuracy,
                 a compressed version's size and accuracy delta).
+            source_label: The manifest's ``source`` when the files were made from another
+                version (``digits:1 quantize-int8``); default: the path or hub id.
             progress: Receives byte counts while files are copied and hashed.
 
         Returns:
@@ -152,7 +155,14 @@ class RegistryService:
             raise _invalid_name(name)
         defaults = _serving_defaults(serving, trust_remote_code)
         opts = _ImportOptions(
-            task, allow_pickle, trust_remote_code, description, defaults, lineage, metrics or []
+            task,
+            allow_pickle,
+            trust_remote_code,
+            description,
+            defaults,
+            lineage,
+            metrics or [],
+            source_label,
         )
         return self._import_source(source, name, opts, progress or _NoProgress())
 
@@ -212,7 +222,7 @@ class RegistryService:
                 "lineage": options.lineage,
                 "metrics": options.metrics,
                 "serving": options.serving,
-                "source": source_label,
+                "source": options.source_label or source_label,
                 "description": options.description,
             }
             return self._publish(stage, fields)
@@ -339,6 +349,7 @@ class _ImportOptions:
     serving: ServingDefaults
     lineage: Lineage | None
     metrics: list[MetricRecord]
+    source_label: str | None
 
 
 def _invalid_name(name: str) -> InvalidRequestError:

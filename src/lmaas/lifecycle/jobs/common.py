@@ -95,7 +95,13 @@ def register(
             serving=serving,
             lineage=lineage,
             metrics=metrics,
+            source_label=f"{lineage.parent or parameters_source(lineage)} {lineage.transform}",
         )
+
+
+def parameters_source(lineage: Lineage) -> str:
+    """Where a training run's data came from (its ``data`` parameter)."""
+    return str(lineage.parameters.get("data", "data"))
 
 
 def metric(name: str, value: float, digest: str) -> MetricRecord:
@@ -137,7 +143,12 @@ def worker_spec(
     fmt: ModelFormat,
     options: dict[str, str] | None = None,
 ) -> WorkerSpec:
-    """A spec for loading ``model_dir`` in this process exactly as a worker would."""
+    """A spec for loading ``model_dir`` in this process exactly as a worker would.
+
+    One intra-op thread unless the options say otherwise: parent and child are timed alike,
+    and a shared machine's other load perturbs one thread least.
+    """
+    options = {"num_threads": "1", **(options or {})}
     return WorkerSpec(
         model_name=name,
         model_version="candidate",
@@ -150,7 +161,7 @@ def worker_spec(
         dtype="float32",
         device="cpu",
         verify_checksums=False,
-        options=dict(options or {}),
+        options=options,
     )
 
 
