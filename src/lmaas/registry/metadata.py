@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from lmaas.core.errors import ConflictError, InternalError
 from lmaas.registry.manifest import Manifest
@@ -146,6 +146,11 @@ class MetadataStore:
             self._engine.dispose()
             raise InternalError(f"cannot open the metadata DB: {exc}") from exc
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        """The session factory, shared with :class:`~lmaas.registry.lifecycle_db.LifecycleStore`."""
+        return self._sessions
 
     def add_version(self, manifest: Manifest) -> None:
         """Record a version whose files are already in place.
