@@ -26,6 +26,7 @@ from lmaas.core.errors import InvalidRequestError, ModelLoadError, ModelNotFound
 from lmaas.core.messages import WorkerSpec
 from lmaas.core.types import ModelState
 from lmaas.engine.local import Deployment, LocalEngineClient
+from lmaas.engine.refs import AliasLookup, ResolvingEngineClient
 from lmaas.engine.worker_handle import SupervisionPolicy
 from lmaas.gateway.service import GovernanceService
 from lmaas.observability.metrics import Metrics
@@ -167,9 +168,13 @@ def build_gateway(
     on_ready: Callable[[LocalEngineClient], None] | None = None,
     *,
     governance: GovernanceService,
+    aliases: AliasLookup | None = None,
 ) -> Gateway:
     """Wire the engine, the API, and tenants and keys: the app checks keys on every route but
-    the probes unless ``settings.auth.enabled`` is off (the caller checked the bind address)."""
+    the probes unless ``settings.auth.enabled`` is off (the caller checked the bind address).
+
+    ``aliases`` (the registry's ``alias_target``) lets clients call ``name@alias``; every route
+    also accepts ``name:version`` (:class:`~lmaas.engine.refs.ResolvingEngineClient`)."""
     metrics = Metrics()
 
     def on_state(model: str, state: ModelState) -> None:
@@ -194,7 +199,7 @@ def build_gateway(
             governance.close()
 
     services = ApiServices(
-        engine=engine,
+        engine=ResolvingEngineClient(engine, aliases),
         config=settings.server,
         metrics=metrics,
         is_draining=lambda: engine.draining,

@@ -56,7 +56,8 @@ def serve(
         typer.Option(
             "--model",
             "-m",
-            help="A registered NAME[:VERSION] or a path to import; repeat for several. "
+            help="A registered NAME, NAME:VERSION or NAME@ALIAS, or a path to import; repeat "
+            "for several. Clients may then call the model as NAME, NAME:VERSION or NAME@ALIAS. "
             "Default: every registered model, or the demo models on an empty store.",
         ),
     ] = None,
@@ -114,6 +115,7 @@ def serve(
         deployments,
         on_ready=lambda engine: _print_banner(base_url, engine, auth),
         governance=governance,
+        aliases=registry.alias_target,
     )
     run_gateway(gateway, settings, sock)
 
