@@ -14,7 +14,7 @@ from lmaas import __version__
 from lmaas.bootstrap.settings import Settings
 from lmaas.cli.bench import bench_app
 from lmaas.cli.governance import keys_app, tenants_app
-from lmaas.cli.models import models_app
+from lmaas.cli.versions import models_app
 from lmaas.core.errors import LmaasError
 from lmaas.core.types import ModelState, Task
 from lmaas.engine.local import LocalEngineClient

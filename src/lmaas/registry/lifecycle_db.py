@@ -212,16 +212,12 @@ class LifecycleStore:
     def history(self, name: str) -> list[AliasMove]:
         """Every alias move of ``name``, oldest first."""
         query = (
-            select(AliasHistoryRow)
-            .where(AliasHistoryRow.name == name)
-            .order_by(AliasHistoryRow.id)
+            select(AliasHistoryRow).where(AliasHistoryRow.name == name).order_by(AliasHistoryRow.id)
         )
         with self._sessions() as session:
             rows = session.scalars(query).all()
             return [
-                AliasMove(
-                    r.name, r.alias, r.version, r.previous_version, _utc(r.moved_at), r.actor
-                )
+                AliasMove(r.name, r.alias, r.version, r.previous_version, _utc(r.moved_at), r.actor)
                 for r in rows
             ]
 

@@ -22,8 +22,8 @@ from lmaas.core.errors import (
 )
 from lmaas.core.hashing import verify_file
 from lmaas.core.types import LATEST_ALIAS, Task, is_valid_name, parse_model_ref
-from lmaas.registry.manifest import FileEntry, Lineage, Manifest, ServingDefaults
 from lmaas.registry.lifecycle_db import AliasMove, LifecycleStore, StoredMetric
+from lmaas.registry.manifest import FileEntry, Lineage, Manifest, ServingDefaults
 from lmaas.registry.metadata import MetadataStore
 from lmaas.registry.sources import (
     ImportPlan,
@@ -329,7 +329,9 @@ class RegistryService:
         else:
             removed = [self.get(name, version)]
         aliases = self._lifecycle.aliases(name)
-        held = sorted(f"{name}@{a}" for a, v in aliases.items() if v in {m.version for m in removed})
+        held = sorted(
+            f"{name}@{a}" for a, v in aliases.items() if v in {m.version for m in removed}
+        )
         if held:
             raise ConflictError(
                 f"{', '.join(held)} still point(s) at a version being removed; move or remove "
@@ -349,7 +351,6 @@ class RegistryService:
         """
         for entry in manifest.files:
             verify_file(self._store.file_path(manifest, entry.path), entry, manifest.ref)
-
 
     # ------------------------------------------------------------------ aliases, tags, metrics
 
@@ -400,9 +401,7 @@ class RegistryService:
             self.get(name)
         return moves
 
-    def set_tags(
-        self, ref: str, tags: dict[str, str], remove: list[str] | None = None
-    ) -> Manifest:
+    def set_tags(self, ref: str, tags: dict[str, str], remove: list[str] | None = None) -> Manifest:
         """Add or replace tags of the version ``ref`` names, and delete the keys in ``remove``.
 
         Raises:

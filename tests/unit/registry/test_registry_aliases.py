@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -122,7 +123,9 @@ def test_audit_hook_sees_every_committed_move(
             ("production", "1", "k1"),
             ("production", None, ""),
         ]
-        assert [(h.alias, h.version) for h in reg.history("m")] == [(m.alias, m.version) for m in seen]
+        assert [(h.alias, h.version) for h in reg.history("m")] == [
+            (m.alias, m.version) for m in seen
+        ]
 
 
 def test_concurrent_moves_keep_alias_and_history_consistent(
@@ -147,7 +150,7 @@ def test_concurrent_moves_keep_alias_and_history_consistent(
     history = registry.history("m")
     assert len(history) == 15
     # Each move's previous version is the version the move before it set: no lost update.
-    for before, after in zip(history, history[1:], strict=False):
+    for before, after in itertools.pairwise(history):
         assert after.previous_version == before.version
     assert registry.aliases("m")["production"] == history[-1].version
 
