@@ -10,6 +10,7 @@ from fastapi import APIRouter, FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
+from lmaas.api.admin.evaluations import router as admin_evaluations_router
 from lmaas.api.admin.keys import router as admin_keys_router
 from lmaas.api.admin.tenants import router as admin_tenants_router
 from lmaas.api.auth import METRICS_PATH, PUBLIC_PATHS, AuthMiddleware
@@ -57,6 +58,7 @@ _ROUTERS = (
     system_router,
     admin_tenants_router,
     admin_keys_router,
+    admin_evaluations_router,
 )
 
 

@@ -18,6 +18,7 @@ from lmaas.gateway.limited import LimitedEngineClient
 from lmaas.gateway.limits import InProcessLimiter
 from lmaas.gateway.service import GovernanceService
 from lmaas.gateway.visibility import ScopedEngineClient
+from lmaas.lifecycle.jobs import EvaluationJobs
 from lmaas.observability.metrics import Metrics
 
 _SCOPED_SERVICES_KEY = "lmaas.scoped_services"
@@ -85,6 +86,7 @@ class ApiServices:
         governance: Tenants and keys, for the ``/admin`` routes (501 without it).
         public_metrics: Serve ``/metrics`` without a key.
         limiter: Enforces the rate limits of keys and tenants (in this process).
+        evaluations: Evaluation jobs, for ``/admin/evaluations`` (501 without it).
     """
 
     engine: EngineClient
@@ -97,6 +99,7 @@ class ApiServices:
     governance: GovernanceService | None = None
     public_metrics: bool = False
     limiter: InProcessLimiter = field(default_factory=InProcessLimiter)
+    evaluations: EvaluationJobs | None = None
 
 
 def services_of(request: Request) -> ApiServices:

@@ -23,15 +23,16 @@ from lmaas import __version__
 from lmaas.api.app import ApiServices, create_app
 from lmaas.bootstrap.settings import Settings
 from lmaas.core.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
-from lmaas.core.messages import WorkerSpec
 from lmaas.core.types import ModelState
 from lmaas.engine.local import Deployment, LocalEngineClient
 from lmaas.engine.refs import AliasLookup, ResolvingEngineClient
 from lmaas.engine.worker_handle import SupervisionPolicy
 from lmaas.gateway.service import GovernanceService
+from lmaas.lifecycle.jobs import EvaluationJobs
 from lmaas.observability.metrics import Metrics
 from lmaas.registry.manifest import Manifest
 from lmaas.registry.service import RegistryService
+from lmaas.registry.serving import worker_spec_for
 
 _log = logging.getLogger("lmaas.serve")
 
@@ -115,29 +116,12 @@ def install_demo_models(registry: RegistryService, log: Callable[[str], None]) -
 
 
 def deployment_for(registry: RegistryService, manifest: Manifest, settings: Settings) -> Deployment:
-    serving = manifest.serving
-    options = dict(serving.options)
-    if serving.kv_cache_bytes is not None and "kv_cache_bytes" not in options:
-        options["kv_cache_bytes"] = str(serving.kv_cache_bytes)
-    if serving.matryoshka_dims:
-        options["matryoshka_dims"] = ",".join(str(d) for d in serving.matryoshka_dims)
-    if serving.backend != "auto":
-        options.setdefault("backend", serving.backend)
-    spec = WorkerSpec(
-        model_name=manifest.name,
-        model_version=manifest.version,
-        task=manifest.task.value,
-        format=manifest.format.value,
-        model_dir=str(registry.model_dir(manifest)),
-        files=manifest.file_digests(),
-        requests_endpoint="",
-        results_endpoint="",
-        dtype=serving.dtype if serving.dtype != "auto" else settings.engine.dtype,
-        device=serving.device if serving.device != "auto" else settings.engine.device,
-        context_length=serving.max_context or manifest.context_length,
-        max_batch_size=serving.max_batch_size,
-        options=options,
-        cache_dir=str(settings.home / "cache" / manifest.name / manifest.version),
+    spec = worker_spec_for(
+        manifest,
+        registry.model_dir(manifest),
+        dtype=settings.engine.dtype,
+        device=settings.engine.device,
+        cache_dir=settings.home / "cache" / manifest.name / manifest.version,
     )
     return Deployment(spec=spec, task=manifest.task, created_at=manifest.created_at.timestamp())
 
@@ -187,6 +171,10 @@ def build_gateway(
         on_stats=metrics.set_engine_stats,
     )
 
+    evaluations = EvaluationJobs(
+        settings.home, settings.resolved_database_url(), device=settings.engine.device
+    )
+
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
         await engine.start()
@@ -195,6 +183,7 @@ def build_gateway(
             yield
         finally:
             announcer.cancel()
+            await evaluations.aclose()
             await engine.aclose()
             governance.close()
 
@@ -208,6 +197,7 @@ def build_gateway(
         auth=governance if settings.auth.enabled else None,
         governance=governance,
         public_metrics=settings.auth.public_metrics,
+        evaluations=evaluations,
     )
     return Gateway(app=create_app(services), engine=engine, metrics=metrics)
 

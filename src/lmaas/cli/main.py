@@ -13,6 +13,7 @@ from rich.console import Console
 from lmaas import __version__
 from lmaas.bootstrap.settings import Settings
 from lmaas.cli.bench import bench_app
+from lmaas.cli.evaluate import eval_command
 from lmaas.cli.governance import keys_app, tenants_app
 from lmaas.cli.versions import models_app
 from lmaas.core.errors import LmaasError
@@ -28,6 +29,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
+app.command("eval")(eval_command)
 _err = Console(stderr=True)
 
 
