@@ -116,4 +116,5 @@ def field_of(data: EvalData, index: int, *names: str, kind: type = str) -> Any:
                     f"{data.where(index)}: {name!r} must be a {kind.__name__}"
                 )
             return value
-    raise InvalidRequestError(f"{data.where(index)}: missing field {' or '.join(names)!r}")
+    wanted = " or ".join(repr(name) for name in names)
+    raise InvalidRequestError(f"{data.where(index)}: missing field {wanted}")
