@@ -251,6 +251,36 @@ def run_generation(
     return {rid: "".join(parts) for rid, parts in texts.items()}
 
 
+_REQUIRED_FIELDS: dict[Task, tuple[tuple[str, ...], ...]] = {
+    Task.CLASSIFICATION: (("text",), ("label",)),
+    Task.IMAGE_CLASSIFICATION: (("image",), ("label",)),
+    Task.EMBEDDING: (("query",), ("positive",)),
+    Task.CHAT: (("messages", "prompt", "input"), ("reference", "target")),
+    Task.COMPLETION: (("prompt", "input"), ("reference", "target")),
+    Task.SEQ2SEQ: (("prompt", "input"), ("reference", "target")),
+}
+
+
+def check_examples(task: Task, data: EvalData) -> None:
+    """Refuse data that misses a field the task needs, before any model is loaded.
+
+    Raises:
+        NotSupportedError: No evaluation for this task.
+        InvalidRequestError: An example lacks a field (the message names its line).
+    """
+    required = _REQUIRED_FIELDS.get(task)
+    if required is None:
+        raise NotSupportedError(
+            f"no evaluation for {task.value} models yet; supported: "
+            + ", ".join(t.value for t in _REQUIRED_FIELDS)
+        )
+    for i, row in enumerate(data.rows):
+        for names in required:
+            if not any(name in row for name in names):
+                wanted = " or ".join(repr(name) for name in names)
+                raise InvalidRequestError(f"{data.where(i)}: missing field {wanted}")
+
+
 def evaluate_with_runner(
     runner: Runner,
     info: ModelInfo,

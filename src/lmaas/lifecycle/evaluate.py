@@ -23,7 +23,12 @@ from typing import Any, Protocol
 from lmaas.core.errors import InternalError, LmaasError
 from lmaas.core.types import Task
 from lmaas.lifecycle.datasets import EvalData, field_of, load_eval_data
-from lmaas.lifecycle.eval_tasks import EvalOptions, TaskScores, evaluate_with_runner
+from lmaas.lifecycle.eval_tasks import (
+    EvalOptions,
+    TaskScores,
+    check_examples,
+    evaluate_with_runner,
+)
 from lmaas.registry.lifecycle_db import StoredMetric
 from lmaas.registry.manifest import Manifest
 from lmaas.registry.service import RegistryService
@@ -83,6 +88,9 @@ def evaluate(
         NotSupportedError: No evaluation for the task, or no runner for the model.
         ModelLoadError: The model cannot be loaded.
     """
+    perplexity = _is_perplexity(manifest.task, data)
+    if not perplexity:
+        check_examples(manifest.task, data)  # fail fast, before a large model loads
     registry.verify(manifest)
     cache = (cache_root or Path("/tmp")) / manifest.name / manifest.version
     spec = worker_spec_for(
@@ -90,7 +98,7 @@ def evaluate(
     )
     measured_at = datetime.now(UTC)
     progress.start(len(data.rows), f"evaluating {manifest.ref} on {data.path.name}")
-    if _is_perplexity(manifest.task, data):
+    if perplexity:
         from lmaas.lifecycle.perplexity import causal_lm_perplexity
 
         texts = [field_of(data, i, "text") for i in range(len(data.rows))]

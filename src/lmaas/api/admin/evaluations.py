@@ -91,7 +91,7 @@ def _jobs(request: Request) -> EvaluationJobs:
 
 
 @router.post("", status_code=202)
-def create_evaluation(body: EvaluationCreateRequest, request: Request) -> EvaluationResponse:
+async def create_evaluation(body: EvaluationCreateRequest, request: Request) -> EvaluationResponse:
     """Queue an evaluation; poll ``GET /admin/evaluations/{id}`` for progress and result."""
     path = Path(body.data)
     if not path.is_absolute():
