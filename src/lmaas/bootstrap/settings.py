@@ -64,6 +64,19 @@ class AuthConfig(BaseModel):
     DB read per request). Changes through this gateway's admin API apply at once."""
 
 
+class UsageConfig(BaseModel):
+    """Usage metering (``LMAAS_USAGE__*``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    enabled: bool = True
+    """Write one usage record per request that reached the engine."""
+    flush_interval_ms: int = Field(default=500, ge=10, le=60_000)
+    """Longest a record waits in memory before it is written: what a crash may lose."""
+    batch_size: int = Field(default=500, ge=1, le=100_000)
+    """Write as soon as this many records wait."""
+
+
 class Settings(BaseSettings):
     """Root of lmaas configuration."""
 
@@ -80,6 +93,7 @@ class Settings(BaseSettings):
     server: ServerConfig = Field(default_factory=ServerConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    usage: UsageConfig = Field(default_factory=UsageConfig)
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'lmaas.db'}"

@@ -28,6 +28,7 @@ from lmaas.core.types import ModelState
 from lmaas.engine.local import Deployment, LocalEngineClient
 from lmaas.engine.worker_handle import SupervisionPolicy
 from lmaas.gateway.service import GovernanceService
+from lmaas.gateway.usage import UsageMeter
 from lmaas.observability.metrics import Metrics
 from lmaas.registry.manifest import Manifest
 from lmaas.registry.service import RegistryService
@@ -167,6 +168,7 @@ def build_gateway(
     on_ready: Callable[[LocalEngineClient], None] | None = None,
     *,
     governance: GovernanceService,
+    meter: UsageMeter | None = None,
 ) -> Gateway:
     """Wire the engine, the API, and tenants and keys: the app checks keys on every route but
     the probes unless ``settings.auth.enabled`` is off (the caller checked the bind address)."""
@@ -185,12 +187,18 @@ def build_gateway(
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
         await engine.start()
+        if meter is not None:
+            await meter.start()
         announcer = asyncio.create_task(_announce_when_ready(engine, settings, on_ready))
         try:
             yield
         finally:
             announcer.cancel()
             await engine.aclose()
+            if meter is not None:
+                # After the drain (uvicorn waited for in-flight requests): write what is left.
+                await meter.aclose()
+                meter.close()
             governance.close()
 
     services = ApiServices(
@@ -203,6 +211,7 @@ def build_gateway(
         auth=governance if settings.auth.enabled else None,
         governance=governance,
         public_metrics=settings.auth.public_metrics,
+        meter=meter,
     )
     return Gateway(app=create_app(services), engine=engine, metrics=metrics)
 

@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -85,6 +87,7 @@ def _governance(home: Path | None) -> Iterator[GovernanceService]:
     try:
         settings = Settings(home=home) if home is not None else Settings()
         service = open_governance(settings)
+        service.actor = cli_actor()
     except (LmaasError, ValidationError) as exc:
         _fail(exc.message if isinstance(exc, LmaasError) else str(exc))
     try:
@@ -93,6 +96,15 @@ def _governance(home: Path | None) -> Iterator[GovernanceService]:
         _fail(exc.message)
     finally:
         service.close()
+
+
+def cli_actor() -> str:
+    """Who the audit trail names for a CLI command: ``cli:<os user>``."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no user name in the environment nor the passwd database
+        user = f"uid-{os.getuid()}"
+    return f"cli:{user}"
 
 
 def _when(value: datetime | None) -> str:
