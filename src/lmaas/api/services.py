@@ -14,7 +14,7 @@ from lmaas.api.auth import Authenticator
 from lmaas.api.context import principal_of
 from lmaas.core.errors import NotSupportedError
 from lmaas.engine.protocol import EngineClient
-from lmaas.gateway.limited import LimitedEngineClient
+from lmaas.gateway.limited import LimitedEngineClient, Limiter
 from lmaas.gateway.limits import InProcessLimiter
 from lmaas.gateway.service import GovernanceService
 from lmaas.gateway.visibility import ScopedEngineClient
@@ -84,7 +84,8 @@ class ApiServices:
             --no-auth``, loopback only).
         governance: Tenants and keys, for the ``/admin`` routes (501 without it).
         public_metrics: Serve ``/metrics`` without a key.
-        limiter: Enforces the rate limits of keys and tenants (in this process).
+        limiter: Enforces the rate limits of keys and tenants (in this process, or in Redis
+            for several gateways).
     """
 
     engine: EngineClient
@@ -96,7 +97,7 @@ class ApiServices:
     auth: Authenticator | None = None
     governance: GovernanceService | None = None
     public_metrics: bool = False
-    limiter: InProcessLimiter = field(default_factory=InProcessLimiter)
+    limiter: Limiter = field(default_factory=InProcessLimiter)
 
 
 def services_of(request: Request) -> ApiServices:

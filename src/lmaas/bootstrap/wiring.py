@@ -27,6 +27,8 @@ from lmaas.core.messages import WorkerSpec
 from lmaas.core.types import ModelState
 from lmaas.engine.local import Deployment, LocalEngineClient
 from lmaas.engine.worker_handle import SupervisionPolicy
+from lmaas.gateway.limited import Limiter
+from lmaas.gateway.limits import InProcessLimiter
 from lmaas.gateway.service import GovernanceService
 from lmaas.observability.metrics import Metrics
 from lmaas.registry.manifest import Manifest
@@ -182,6 +184,8 @@ def build_gateway(
         on_stats=metrics.set_engine_stats,
     )
 
+    limiter = build_limiter(settings)
+
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
         await engine.start()
@@ -191,6 +195,8 @@ def build_gateway(
         finally:
             announcer.cancel()
             await engine.aclose()
+            if not isinstance(limiter, InProcessLimiter):
+                await limiter.aclose()
             governance.close()
 
     services = ApiServices(
@@ -203,8 +209,22 @@ def build_gateway(
         auth=governance if settings.auth.enabled else None,
         governance=governance,
         public_metrics=settings.auth.public_metrics,
+        limiter=limiter,
     )
     return Gateway(app=create_app(services), engine=engine, metrics=metrics)
+
+
+def build_limiter(settings: Settings) -> Limiter:
+    """The rate limiter ``settings.limits.backend`` names: in process, or shared in Redis."""
+    if settings.limits.backend == "redis":
+        from lmaas.gateway.redis_limits import RedisLimiter  # redis-py only when asked for
+
+        return RedisLimiter.from_url(
+            settings.redis_url,
+            prefix=settings.limits.key_prefix,
+            lease_ttl_s=settings.limits.lease_ttl_s,
+        )
+    return InProcessLimiter()
 
 
 async def _announce_when_ready(
