@@ -17,6 +17,7 @@ from lmaas.engine.protocol import EngineClient
 from lmaas.gateway.limited import LimitedEngineClient, Limiter
 from lmaas.gateway.limits import InProcessLimiter
 from lmaas.gateway.service import GovernanceService
+from lmaas.gateway.tenancy import TenantEngineClient
 from lmaas.gateway.visibility import ScopedEngineClient
 from lmaas.observability.metrics import Metrics
 
@@ -104,19 +105,20 @@ def services_of(request: Request) -> ApiServices:
     """The services as the caller of ``request`` may use them.
 
     With authentication on, ``engine`` is the principal's view of the engine, in every route
-    that goes through here: listings hold only the models its key may see and any other model is
-    404 (:class:`~lmaas.gateway.visibility.ScopedEngineClient`), and each model call is admitted
-    against the key's and the tenant's rate limits (:class:`~lmaas.gateway.limited.
-    LimitedEngineClient`, 429 past one).
+    that goes through here: each request is stamped with the caller's tenant and weight for the
+    engine's fair share (:class:`~lmaas.gateway.tenancy.TenantEngineClient`), listings hold only
+    the models its key may see and any other model is 404 (:class:`~lmaas.gateway.visibility.
+    ScopedEngineClient`), and each model call is admitted against the key's and the tenant's
+    rate limits (:class:`~lmaas.gateway.limited.LimitedEngineClient`, 429 past one).
     """
     services = request.app.state.lmaas_services
     assert isinstance(services, ApiServices)
     principal = principal_of(request.scope)
-    if principal is None or (principal.sees_every_model and not principal.is_limited):
+    if principal is None:
         return services
     scoped = request.scope.get(_SCOPED_SERVICES_KEY)
     if not isinstance(scoped, ApiServices):
-        engine: EngineClient = services.engine
+        engine: EngineClient = TenantEngineClient(services.engine, principal)
         if not principal.sees_every_model:
             engine = ScopedEngineClient(engine, principal)
         if principal.is_limited:

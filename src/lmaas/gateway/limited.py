@@ -66,7 +66,7 @@ def estimate_prompt_tokens(request: object) -> int:
     if isinstance(request, msgspec.Struct):
         for name in request.__struct_fields__:
             value = getattr(request, name)
-            if isinstance(value, str) and name != "request_id":
+            if isinstance(value, str) and name not in ("request_id", "tenant"):
                 total += _text_tokens(value)
             elif isinstance(value, list) and value and isinstance(value[0], str):
                 total += sum(_text_tokens(v) for v in value if isinstance(v, str))
@@ -83,9 +83,7 @@ class LimitedEngineClient:
         limiter: The gateway's limiter.
     """
 
-    def __init__(
-        self, engine: EngineClient, principal: Principal, limiter: Limiter
-    ) -> None:
+    def __init__(self, engine: EngineClient, principal: Principal, limiter: Limiter) -> None:
         self._engine = engine
         self._subjects = subjects_of(principal)
         self._limiter = limiter

@@ -80,7 +80,7 @@ class GovernanceService:
         self._store = store
         self._ttl_s = key_cache_ttl_s
         self._clock = clock
-        self._cache: dict[str, tuple[float, tuple[ApiKey, Limits] | None]] = {}
+        self._cache: dict[str, tuple[float, tuple[ApiKey, Limits, float] | None]] = {}
 
     @classmethod
     def open(cls, database_url: str, *, key_cache_ttl_s: float = 5.0) -> GovernanceService:
@@ -93,18 +93,31 @@ class GovernanceService:
     # ---------------------------------------------------------------- tenants
 
     def create_tenant(
-        self, name: str, description: str = "", limits: Limits | None = None
+        self,
+        name: str,
+        description: str = "",
+        limits: Limits | None = None,
+        weight: float = 1.0,
     ) -> Tenant:
-        """Create a tenant, with limits its keys share. Raises: InvalidRequestError (bad name or
-        limit), ConflictError (taken)."""
+        """Create a tenant, with limits its keys share and its fair-share weight. Raises:
+        InvalidRequestError (bad name, limit or weight), ConflictError (taken)."""
         if not is_valid_name(name):
             raise InvalidRequestError(
                 f"invalid tenant name {name[:70]!r}: use 1-64 lower-case letters, digits, "
                 "'.', '_' or '-', starting with a letter or digit",
                 param="name",
             )
-        tenant = Tenant(name, description[:256], self._clock(), (limits or Limits()).checked())
+        limits = (limits or Limits()).checked()
+        tenant = Tenant(name, description[:256], self._clock(), limits, check_weight(weight))
         self._store.add_tenant(tenant)
+        return tenant
+
+    def set_tenant_weight(self, name: str, weight: float) -> Tenant:
+        """Set a tenant's fair-share weight. Raises: NotFoundError, InvalidRequestError."""
+        tenant = self._store.set_tenant_weight(name, check_weight(weight))
+        if tenant is None:
+            raise NotFoundError(f"tenant {name[:70]!r} does not exist", param="name")
+        self._cache.clear()  # every key of the tenant carries its weight
         return tenant
 
     def set_tenant_limits(self, name: str, limits: Limits) -> Tenant:
@@ -314,10 +327,10 @@ class GovernanceService:
             raise AuthenticationError(_INVALID)
         return self._check(self._store.get_key_for_auth(key_id), secret)
 
-    def _check(self, found: tuple[ApiKey, Limits] | None, secret: str) -> Principal:
+    def _check(self, found: tuple[ApiKey, Limits, float] | None, secret: str) -> Principal:
         if found is None or not key_matches(secret, found[0].key_sha256):
             raise AuthenticationError(_INVALID)
-        key, tenant_limits = found
+        key, tenant_limits, tenant_weight = found
         status = key.status(self._clock())
         if status == "revoked":
             raise AuthenticationError(f"API key {key.prefix} has been revoked")
@@ -326,9 +339,9 @@ class GovernanceService:
             raise AuthenticationError(
                 f"API key {key.prefix} expired at {key.expires_at.isoformat(timespec='seconds')}"
             )
-        return key.principal(tenant_limits)
+        return key.principal(tenant_limits, tenant_weight)
 
-    async def _lookup(self, key_id: str) -> tuple[ApiKey, Limits] | None:
+    async def _lookup(self, key_id: str) -> tuple[ApiKey, Limits, float] | None:
         now = time.monotonic()
         hit = self._cache.get(key_id)
         if hit is not None and now - hit[0] < self._ttl_s:
@@ -339,6 +352,18 @@ class GovernanceService:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key_id] = (now, found)
         return found
+
+
+MAX_WEIGHT = 1000.0
+
+
+def check_weight(weight: float) -> float:
+    """Raises: InvalidRequestError for a weight outside (0, 1000]."""
+    if not (0 < weight <= MAX_WEIGHT) or weight != weight:
+        raise InvalidRequestError(
+            f"weight must be above 0 and at most {MAX_WEIGHT:g}, not {weight}", param="weight"
+        )
+    return float(weight)
 
 
 def _check_label(name: str) -> str:

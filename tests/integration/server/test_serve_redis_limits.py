@@ -102,7 +102,9 @@ def test_two_gateways_never_admit_past_a_shared_rpm(
 ) -> None:
     home, servers = gateways
     _cli(home, "tenants", "create", "rpm-team")
-    key = _cli(home, "keys", "create", "--tenant", "rpm-team", "--scope", "inference", "--rpm", "12")
+    key = _cli(
+        home, "keys", "create", "--tenant", "rpm-team", "--scope", "inference", "--rpm", "12"
+    )
     started = time.monotonic()
     responses = asyncio.run(_hammer(servers, key, 60, max_tokens=1))
     elapsed = time.monotonic() - started

@@ -13,6 +13,7 @@ from lmaas.api.admin.schemas import (
     TenantDeletedResponse,
     TenantListResponse,
     TenantResponse,
+    TenantWeightRequest,
 )
 from lmaas.api.services import governance_of
 
@@ -23,7 +24,9 @@ router = APIRouter(prefix="/admin/tenants", tags=["admin"])
 def create_tenant(body: TenantCreateRequest, request: Request) -> TenantResponse:
     """Create a tenant (a team that owns keys); 409 when the name is taken."""
     governance = governance_of(request)
-    tenant = governance.create_tenant(body.name, body.description, body.limits.to_limits())
+    tenant = governance.create_tenant(
+        body.name, body.description, body.limits.to_limits(), body.weight
+    )
     return TenantResponse.of(tenant)
 
 
@@ -44,6 +47,12 @@ def get_tenant(name: str, request: Request) -> TenantResponse:
 def set_tenant_limits(name: str, body: LimitsBody, request: Request) -> TenantResponse:
     """Replace the limits the tenant's keys share (absent or null fields: unlimited)."""
     return TenantResponse.of(governance_of(request).set_tenant_limits(name, body.to_limits()))
+
+
+@router.put("/{name}/weight")
+def set_tenant_weight(name: str, body: TenantWeightRequest, request: Request) -> TenantResponse:
+    """Set the tenant's fair-share weight in the engine queues (default 1)."""
+    return TenantResponse.of(governance_of(request).set_tenant_weight(name, body.weight))
 
 
 @router.delete("/{name}")
