@@ -3,12 +3,14 @@
 Two phases, on a no-op model (``lmaas.testing.fake_runners:hash_embedding_runner``: a worker
 that embeds by hashing, so the model costs ~nothing and the gateway is what is measured):
 
+0. **In process**: the app alone (ASGI transport, fake engine), governed vs open: what the
+   gateway's governance code costs, without the noise of sockets and workers.
 1. **Overhead**: the same home served twice at once, one ``lmaas serve`` with governance (auth on;
    a key with generous limits, so every request is authenticated, admitted, settled and metered)
    and one with ``--no-auth``; an open-loop client sends ``/v1/embeddings`` at a fixed rate
    (200 requests/s) to each in alternating blocks (so drift hits both alike) and reports
    p50/p90/p99 latency and the governed-minus-open difference (bar: <= 0.3 ms at p50).
-2. **Admission**: N requests (10,000; ``--quick``: 1,500) at concurrency 64 to the governed
+2. **Admission**: N requests (10,000; ``--quick``: 1,200) at concurrency 64 to the governed
    server with a key limited to ``rpm`` requests per minute; the 200s are counted against what
    the limit allows over the run (the bucket plus its refill): over-admissions must be 0, and
    every 429 must carry ``Retry-After``.
@@ -184,6 +186,52 @@ async def _admission(base: str, key: str, total: int, concurrency: int, rpm: int
     }
 
 
+async def _in_process(num_requests: int) -> dict[str, Any]:
+    """The gateway alone: the app over an in-memory ASGI transport and a fake engine, governed
+    (key cache hit, admission, settling, tenant stamp) vs open, sequentially; no network, no
+    worker, so machine load hardly blurs the difference."""
+    from lmaas.api.app import create_app
+    from lmaas.api.services import ApiServices
+    from lmaas.gateway.limits import Limits
+    from lmaas.gateway.service import GovernanceService
+    from lmaas.testing.fakes import FakeEngineClient
+
+    with tempfile.TemporaryDirectory(prefix="lmaas-govbench-mem-") as tmp:
+        governance = GovernanceService.open(f"sqlite:///{tmp}/lmaas.db", key_cache_ttl_s=5.0)
+        try:
+            governance.create_tenant("bench", limits=Limits(rpm=10**8, tpm=10**9))
+            limits = Limits(rpm=10**8, tpm=10**9, max_concurrent=10**5)
+            key = governance.create_key("bench", ["inference"], limits=limits).secret
+            engine = FakeEngineClient()
+            apps = {
+                "governed": (
+                    create_app(ApiServices(engine=engine, auth=governance, governance=governance)),
+                    {"Authorization": f"Bearer {key}"},
+                ),
+                "no_auth": (create_app(ApiServices(engine=engine)), {}),
+            }
+            body = {"model": "fake-embed", "input": BODY["input"]}
+            latencies: dict[str, list[float]] = {name: [] for name in apps}
+            for _round in range(4):
+                for name, (app, headers) in apps.items():
+                    transport = httpx.ASGITransport(app=app)
+                    async with httpx.AsyncClient(transport=transport, base_url="http://x") as c:
+                        for i in range(num_requests // 4 + 100):
+                            start = time.perf_counter()
+                            response = await c.post("/v1/embeddings", json=body, headers=headers)
+                            if i >= 100:  # the first ones warm up
+                                latencies[name].append(time.perf_counter() - start)
+                            if response.status_code != 200:
+                                raise SystemExit(f"in-process {name}: {response.text}")
+        finally:
+            governance.close()
+    report: dict[str, Any] = {name: _percentiles(v) for name, v in latencies.items()}
+    report["difference_ms"] = {
+        q: report["governed"][q] - report["no_auth"][q] for q in ("p50_ms", "p90_ms", "p99_ms")
+    }
+    return report
+
+
 def _usage_rows(home: Path, key_id: str) -> dict[str, Any]:
     """Rows of the metering table for one key, if this build meters at all."""
     from sqlalchemy import create_engine, inspect, text
@@ -216,10 +264,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
     block_s, blocks = (3.0, 2) if args.quick else (10.0, 6)
-    total = args.requests or (1500 if args.quick else 10_000)
+    total = args.requests or (1200 if args.quick else 10_000)
     rpm = max(10, total // 5)  # the limit binds: most requests must be refused
 
     report: dict[str, Any] = {"quick": args.quick, "limits_backend": args.limits_backend}
+    print("in-process gateway overhead (ASGI, fake engine) ...")
+    report["in_process"] = asyncio.run(_in_process(1200 if args.quick else 20_000))
     with tempfile.TemporaryDirectory(prefix="lmaas-govbench-") as tmp, ExitStack() as stack:
         home = Path(tmp) / "home"
         home.mkdir()
@@ -266,6 +316,17 @@ def main() -> None:
 
     overhead, admission = report["overhead"], report["admission"]
     print()
+    mem = report["in_process"]
+    print(
+        "in process: p50 governed {:.3f} ms, open {:.3f} ms, difference {:.3f} ms "
+        "(p90 {:.3f} ms)".format(
+            mem["governed"]["p50_ms"],
+            mem["no_auth"]["p50_ms"],
+            mem["difference_ms"]["p50_ms"],
+            mem["difference_ms"]["p90_ms"],
+        )
+    )
+    print("over loopback, real servers:")
     print(f"{'':10} {'n':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'failed':>7}")
     for name in ("governed", "no_auth"):
         row = overhead[name]
