@@ -15,9 +15,10 @@ from lmaas.api.context import principal_of
 from lmaas.core.errors import NotSupportedError
 from lmaas.engine.protocol import EngineClient
 from lmaas.gateway.keys import key_prefix
-from lmaas.gateway.limited import LimitedEngineClient
+from lmaas.gateway.limited import LimitedEngineClient, Limiter
 from lmaas.gateway.limits import InProcessLimiter
 from lmaas.gateway.service import GovernanceService
+from lmaas.gateway.tenancy import TenantEngineClient
 from lmaas.gateway.usage import MeteredEngineClient, RequestUsage, SqlUsageStore, UsageMeter
 from lmaas.gateway.visibility import ScopedEngineClient
 from lmaas.observability.metrics import Metrics
@@ -88,7 +89,8 @@ class ApiServices:
             --no-auth``, loopback only).
         governance: Tenants and keys, for the ``/admin`` routes (501 without it).
         public_metrics: Serve ``/metrics`` without a key.
-        limiter: Enforces the rate limits of keys and tenants (in this process).
+        limiter: Enforces the rate limits of keys and tenants (in this process, or in Redis
+            for several gateways).
         meter: Buffers and writes usage records (one per request that reached the engine);
             None: no metering.
     """
@@ -102,7 +104,7 @@ class ApiServices:
     auth: Authenticator | None = None
     governance: GovernanceService | None = None
     public_metrics: bool = False
-    limiter: InProcessLimiter = field(default_factory=InProcessLimiter)
+    limiter: Limiter = field(default_factory=InProcessLimiter)
     meter: UsageMeter | None = None
 
 
@@ -110,20 +112,20 @@ def services_of(request: Request) -> ApiServices:
     """The services as the caller of ``request`` may use them.
 
     With authentication on, ``engine`` is the principal's view of the engine, in every route
-    that goes through here: listings hold only the models its key may see and any other model is
-    404 (:class:`~lmaas.gateway.visibility.ScopedEngineClient`), and each model call is admitted
-    against the key's and the tenant's rate limits (:class:`~lmaas.gateway.limited.
-    LimitedEngineClient`, 429 past one). With metering on, the innermost view counts what each
-    admitted call used (:class:`~lmaas.gateway.usage.MeteredEngineClient`).
+    that goes through here: each request is stamped with the caller's tenant and weight for the
+    engine's fair share (:class:`~lmaas.gateway.tenancy.TenantEngineClient`), listings hold only
+    the models its key may see and any other model is 404 (:class:`~lmaas.gateway.visibility.
+    ScopedEngineClient`), and each model call is admitted against the key's and the tenant's
+    rate limits (:class:`~lmaas.gateway.limited.LimitedEngineClient`, 429 past one). With
+    metering on, the innermost view counts what each admitted call used
+    (:class:`~lmaas.gateway.usage.MeteredEngineClient`).
     """
     services = request.app.state.lmaas_services
     assert isinstance(services, ApiServices)
     principal = principal_of(request.scope)
     usage = request.scope.get(USAGE_KEY)
     metered = isinstance(usage, RequestUsage)
-    if not metered and (
-        principal is None or (principal.sees_every_model and not principal.is_limited)
-    ):
+    if principal is None and not metered:
         return services
     scoped = request.scope.get(_SCOPED_SERVICES_KEY)
     if not isinstance(scoped, ApiServices):
@@ -131,6 +133,8 @@ def services_of(request: Request) -> ApiServices:
         if isinstance(usage, RequestUsage):
             # Innermost: it only sees the calls that passed visibility and the limits.
             engine = MeteredEngineClient(engine, usage)
+        if principal is not None:
+            engine = TenantEngineClient(engine, principal)
         if principal is not None and not principal.sees_every_model:
             engine = ScopedEngineClient(engine, principal)
         if principal is not None and principal.is_limited:

@@ -27,6 +27,8 @@ from lmaas.core.messages import WorkerSpec
 from lmaas.core.types import ModelState
 from lmaas.engine.local import Deployment, LocalEngineClient
 from lmaas.engine.worker_handle import SupervisionPolicy
+from lmaas.gateway.limited import Limiter
+from lmaas.gateway.limits import InProcessLimiter
 from lmaas.gateway.service import GovernanceService
 from lmaas.gateway.usage import UsageMeter
 from lmaas.observability.metrics import Metrics
@@ -184,6 +186,8 @@ def build_gateway(
         on_stats=metrics.set_engine_stats,
     )
 
+    limiter = build_limiter(settings)
+
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
         await engine.start()
@@ -199,6 +203,8 @@ def build_gateway(
                 # After the drain (uvicorn waited for in-flight requests): write what is left.
                 await meter.aclose()
                 meter.close()
+            if not isinstance(limiter, InProcessLimiter):
+                await limiter.aclose()
             governance.close()
 
     services = ApiServices(
@@ -212,8 +218,22 @@ def build_gateway(
         governance=governance,
         public_metrics=settings.auth.public_metrics,
         meter=meter,
+        limiter=limiter,
     )
     return Gateway(app=create_app(services), engine=engine, metrics=metrics)
+
+
+def build_limiter(settings: Settings) -> Limiter:
+    """The rate limiter ``settings.limits.backend`` names: in process, or shared in Redis."""
+    if settings.limits.backend == "redis":
+        from lmaas.gateway.redis_limits import RedisLimiter  # redis-py only when asked for
+
+        return RedisLimiter.from_url(
+            settings.redis_url,
+            prefix=settings.limits.key_prefix,
+            lease_ttl_s=settings.limits.lease_ttl_s,
+        )
+    return InProcessLimiter()
 
 
 async def _announce_when_ready(

@@ -45,6 +45,13 @@ ConcurrentOption = Annotated[
     int | None, typer.Option("--max-concurrent", help="Requests in flight at once.")
 ]
 
+WeightOption = Annotated[
+    float,
+    typer.Option(
+        "--weight", help="Fair-share weight in the engine queues (default 1; 3 = thrice the share)."
+    ),
+]
+
 
 def _limits_text(limits: Limits) -> str:
     parts = [
@@ -117,6 +124,7 @@ def _tenant_dict(tenant: Tenant) -> dict[str, Any]:
         "description": tenant.description,
         "created_at": tenant.created_at.isoformat(),
         "limits": _limits_dict(tenant.limits),
+        "weight": tenant.weight,
     }
 
 
@@ -186,11 +194,13 @@ def tenants_create(
     rpm: RpmOption = None,
     tpm: TpmOption = None,
     max_concurrent: ConcurrentOption = None,
+    weight: WeightOption = 1.0,
     home: HomeOption = None,
 ) -> None:
     """Create a tenant (a team that owns keys), with limits all its keys share."""
     with _governance(home) as governance:
-        tenant = governance.create_tenant(name, description, Limits(rpm, tpm, max_concurrent))
+        limits = Limits(rpm, tpm, max_concurrent)
+        tenant = governance.create_tenant(name, description, limits, weight)
     typer.echo(f"created tenant {tenant.name}")
 
 
@@ -204,7 +214,7 @@ def tenants_list(home: HomeOption = None, as_json: JsonOption = False) -> None:
         typer.echo(json.dumps([_tenant_dict(t) for t in tenants], indent=2))
         return
     now = datetime.now(UTC)
-    table = Table("TENANT", "ACTIVE KEYS", "LIMITS", "CREATED", "DESCRIPTION")
+    table = Table("TENANT", "ACTIVE KEYS", "LIMITS", "WEIGHT", "CREATED", "DESCRIPTION")
     table.box = None
     for tenant in tenants:
         active = sum(1 for k in keys if k.tenant == tenant.name and k.status(now) == "active")
@@ -212,6 +222,7 @@ def tenants_list(home: HomeOption = None, as_json: JsonOption = False) -> None:
             tenant.name,
             str(active),
             _limits_text(tenant.limits),
+            f"{tenant.weight:g}",
             _when(tenant.created_at),
             escape(tenant.description),
         )
@@ -232,7 +243,7 @@ def tenants_show(name: str, home: HomeOption = None, as_json: JsonOption = False
     console = Console()
     console.print(
         f"tenant {tenant.name}  created {_when(tenant.created_at)}  "
-        f"limits {_limits_text(tenant.limits)}",
+        f"limits {_limits_text(tenant.limits)}  weight {tenant.weight:g}",
         highlight=False,
     )
     if tenant.description:
@@ -254,6 +265,19 @@ def tenants_limits(
         merged = _merged(current, rpm, tpm, max_concurrent)
         tenant = governance.set_tenant_limits(name, merged)
     typer.echo(f"tenant {tenant.name}: {_limits_text(tenant.limits)}")
+
+
+@tenants_app.command("weight")
+def tenants_weight(
+    name: str,
+    weight: Annotated[float, typer.Argument(help="Fair-share weight (default 1).")],
+    home: HomeOption = None,
+) -> None:
+    """Set a tenant's fair-share weight: under contention the engine queues serve tenants in
+    proportion to their weights."""
+    with _governance(home) as governance:
+        tenant = governance.set_tenant_weight(name, weight)
+    typer.echo(f"tenant {tenant.name}: weight {tenant.weight:g}")
 
 
 @tenants_app.command("rm")

@@ -68,6 +68,7 @@ def tenant_view(tenant: Tenant) -> dict[str, Any]:
         "description": tenant.description,
         "created_at": _iso(tenant.created_at),
         "limits": _limits_view(tenant.limits),
+        "weight": tenant.weight,
     }
 
 
@@ -122,7 +123,7 @@ class GovernanceService:
         self.actor = actor
         self._ttl_s = key_cache_ttl_s
         self._clock = clock
-        self._cache: dict[str, tuple[float, tuple[ApiKey, Limits] | None]] = {}
+        self._cache: dict[str, tuple[float, tuple[ApiKey, Limits, float] | None]] = {}
 
     @classmethod
     def open(cls, database_url: str, *, key_cache_ttl_s: float = 5.0) -> GovernanceService:
@@ -176,20 +177,33 @@ class GovernanceService:
         name: str,
         description: str = "",
         limits: Limits | None = None,
+        weight: float = 1.0,
         *,
         actor: str | None = None,
     ) -> Tenant:
-        """Create a tenant, with limits its keys share. Raises: InvalidRequestError (bad name or
-        limit), ConflictError (taken)."""
+        """Create a tenant, with limits its keys share and its fair-share weight. Raises:
+        InvalidRequestError (bad name, limit or weight), ConflictError (taken)."""
         if not is_valid_name(name):
             raise InvalidRequestError(
                 f"invalid tenant name {name[:70]!r}: use 1-64 lower-case letters, digits, "
                 "'.', '_' or '-', starting with a letter or digit",
                 param="name",
             )
-        tenant = Tenant(name, description[:256], self._clock(), (limits or Limits()).checked())
+        limits = (limits or Limits()).checked()
+        tenant = Tenant(name, description[:256], self._clock(), limits, check_weight(weight))
         audit = self._entry(actor, "tenant.create", name, None, tenant_view(tenant))
         self._store.add_tenant(tenant, audit)
+        return tenant
+
+    def set_tenant_weight(self, name: str, weight: float, *, actor: str | None = None) -> Tenant:
+        """Set a tenant's fair-share weight. Raises: NotFoundError, InvalidRequestError."""
+        before = self.get_tenant(name)
+        after = replace(before, weight=check_weight(weight))
+        audit = self._entry(actor, "tenant.weight", name, tenant_view(before), tenant_view(after))
+        tenant = self._store.set_tenant_weight(name, after.weight, audit)
+        if tenant is None:
+            raise NotFoundError(f"tenant {name[:70]!r} does not exist", param="name")
+        self._cache.clear()  # every key of the tenant carries its weight
         return tenant
 
     def set_tenant_limits(self, name: str, limits: Limits, *, actor: str | None = None) -> Tenant:
@@ -416,10 +430,10 @@ class GovernanceService:
             raise AuthenticationError(_INVALID)
         return self._check(self._store.get_key_for_auth(key_id), secret)
 
-    def _check(self, found: tuple[ApiKey, Limits] | None, secret: str) -> Principal:
+    def _check(self, found: tuple[ApiKey, Limits, float] | None, secret: str) -> Principal:
         if found is None or not key_matches(secret, found[0].key_sha256):
             raise AuthenticationError(_INVALID)
-        key, tenant_limits = found
+        key, tenant_limits, tenant_weight = found
         status = key.status(self._clock())
         if status == "revoked":
             raise AuthenticationError(f"API key {key.prefix} has been revoked")
@@ -428,9 +442,9 @@ class GovernanceService:
             raise AuthenticationError(
                 f"API key {key.prefix} expired at {key.expires_at.isoformat(timespec='seconds')}"
             )
-        return key.principal(tenant_limits)
+        return key.principal(tenant_limits, tenant_weight)
 
-    async def _lookup(self, key_id: str) -> tuple[ApiKey, Limits] | None:
+    async def _lookup(self, key_id: str) -> tuple[ApiKey, Limits, float] | None:
         now = time.monotonic()
         hit = self._cache.get(key_id)
         if hit is not None and now - hit[0] < self._ttl_s:
@@ -441,6 +455,18 @@ class GovernanceService:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key_id] = (now, found)
         return found
+
+
+MAX_WEIGHT = 1000.0
+
+
+def check_weight(weight: float) -> float:
+    """Raises: InvalidRequestError for a weight outside (0, 1000]."""
+    if not (0 < weight <= MAX_WEIGHT) or weight != weight:
+        raise InvalidRequestError(
+            f"weight must be above 0 and at most {MAX_WEIGHT:g}, not {weight}", param="weight"
+        )
+    return float(weight)
 
 
 def _check_label(name: str) -> str:

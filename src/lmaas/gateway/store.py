@@ -1,8 +1,8 @@
 """Tenants and API keys in the metadata DB (SQLAlchemy 2; schema by the registry's Alembic chain).
 
 The store keeps records, never secrets: a key row holds ``sha256(key)`` only. It shares the DB
-(and the migrations, revision ``0002``) with the model registry, so one ``LMAAS_DATABASE_URL``
-(SQLite by default, PostgreSQL in production) holds all of lmaas's state.
+(and the migrations: ``0002``; the tenant weight, ``0003_gov3``) with the model registry, so one
+``LMAAS_DATABASE_URL`` (SQLite by default, PostgreSQL in production) holds all of lmaas's state.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -63,6 +64,8 @@ class TenantRow(_LimitColumns, _Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     description: Mapped[str] = mapped_column(String(256), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
+    """Fair-share weight (migration 0003_gov3)."""
 
 
 class ApiKeyRow(_LimitColumns, _Base):
@@ -105,6 +108,8 @@ class Tenant:
     created_at: datetime
     limits: Limits = NO_LIMITS
     """Shared by all the tenant's keys."""
+    weight: float = 1.0
+    """Fair share: under contention the engine queues serve tenants in proportion to it."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -136,15 +141,23 @@ class ApiKey:
             return "expired"
         return "active"
 
-    def principal(self, tenant_limits: Limits | None = None) -> Principal:
+    def principal(
+        self, tenant_limits: Limits | None = None, tenant_weight: float = 1.0
+    ) -> Principal:
         """Who a request authenticated by this key runs as."""
         return Principal(
-            self.id, self.tenant, self.scopes, self.models, self.limits, tenant_limits or Limits()
+            self.id,
+            self.tenant,
+            self.scopes,
+            self.models,
+            self.limits,
+            tenant_limits or Limits(),
+            tenant_weight,
         )
 
 
 def _tenant(row: TenantRow) -> Tenant:
-    return Tenant(row.name, row.description, _utc(row.created_at), row.limits)
+    return Tenant(row.name, row.description, _utc(row.created_at), row.limits, row.weight)
 
 
 def _tenant_row(tenant: Tenant) -> TenantRow:
@@ -152,6 +165,7 @@ def _tenant_row(tenant: Tenant) -> TenantRow:
         name=tenant.name,
         description=tenant.description,
         created_at=tenant.created_at,
+        weight=tenant.weight,
         **_limit_values(tenant.limits),
     )
 
@@ -239,6 +253,18 @@ class SqlGovernanceStore:
             _audit(session, audit)
         return bool(getattr(result, "rowcount", 0))
 
+    def set_tenant_weight(
+        self, name: str, weight: float, audit: AuditEntry | None = None
+    ) -> Tenant | None:
+        """Set a tenant's fair-share weight; None when no such tenant."""
+        with self._sessions.begin() as session:
+            session.execute(update(TenantRow).where(TenantRow.name == name).values(weight=weight))
+            row = session.get(TenantRow, name)
+            if row is None:
+                return None
+            _audit(session, audit)
+            return _tenant(row)
+
     def set_tenant_limits(
         self, name: str, limits: Limits, audit: AuditEntry | None = None
     ) -> Tenant | None:
@@ -283,14 +309,17 @@ class SqlGovernanceStore:
             row = session.get(ApiKeyRow, key_id)
             return None if row is None else _key(row)
 
-    def get_key_for_auth(self, key_id: str) -> tuple[ApiKey, Limits] | None:
-        """A key with its tenant's limits (one read for the auth cache); None if unknown."""
+    def get_key_for_auth(self, key_id: str) -> tuple[ApiKey, Limits, float] | None:
+        """A key with its tenant's limits and weight (one read for the auth cache); None if
+        unknown."""
         with self._sessions() as session:
             row = session.get(ApiKeyRow, key_id)
             if row is None:
                 return None
             tenant = session.get(TenantRow, row.tenant)
-            return _key(row), tenant.limits if tenant is not None else Limits()
+            if tenant is None:
+                return _key(row), Limits(), 1.0
+            return _key(row), tenant.limits, tenant.weight
 
     def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
         query = select(ApiKeyRow).order_by(ApiKeyRow.tenant, ApiKeyRow.created_at, ApiKeyRow.id)

@@ -3,17 +3,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 from lmaas.core.errors import ConflictError
 from lmaas.core.types import ModelFormat, Task
 from lmaas.registry.manifest import FileEntry, Manifest
 from lmaas.registry.metadata import (
-    MIGRATIONS_DIR,
     MetadataStore,
     create_db_engine,
+    head_revision,
     normalize_database_url,
     upgrade_schema,
 )
@@ -39,9 +37,7 @@ def test_migrations_create_the_schema_and_are_idempotent(database_url: str) -> N
         assert {"models", "model_versions", "alembic_version"} <= tables
         with engine.connect() as conn:
             revisions = conn.execute(text("SELECT version_num FROM alembic_version")).all()
-        config = Config()
-        config.set_main_option("script_location", str(MIGRATIONS_DIR))
-        assert revisions == [(ScriptDirectory.from_config(config).get_current_head(),)]
+        assert revisions == [(head_revision(),)]
     finally:
         engine.dispose()
     MetadataStore(database_url).close()  # opening a migrated DB again is a no-op

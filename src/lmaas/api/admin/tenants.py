@@ -13,6 +13,7 @@ from lmaas.api.admin.schemas import (
     TenantDeletedResponse,
     TenantListResponse,
     TenantResponse,
+    TenantWeightRequest,
 )
 from lmaas.api.services import actor_of, governance_of
 
@@ -24,7 +25,11 @@ def create_tenant(body: TenantCreateRequest, request: Request) -> TenantResponse
     """Create a tenant (a team that owns keys); 409 when the name is taken."""
     governance = governance_of(request)
     tenant = governance.create_tenant(
-        body.name, body.description, body.limits.to_limits(), actor=actor_of(request)
+        body.name,
+        body.description,
+        body.limits.to_limits(),
+        body.weight,
+        actor=actor_of(request),
     )
     return TenantResponse.of(tenant)
 
@@ -47,6 +52,13 @@ def set_tenant_limits(name: str, body: LimitsBody, request: Request) -> TenantRe
     """Replace the limits the tenant's keys share (absent or null fields: unlimited)."""
     governance = governance_of(request)
     tenant = governance.set_tenant_limits(name, body.to_limits(), actor=actor_of(request))
+    return TenantResponse.of(tenant)
+
+
+@router.put("/{name}/weight")
+def set_tenant_weight(name: str, body: TenantWeightRequest, request: Request) -> TenantResponse:
+    """Set the tenant's fair-share weight in the engine queues (default 1)."""
+    tenant = governance_of(request).set_tenant_weight(name, body.weight, actor=actor_of(request))
     return TenantResponse.of(tenant)
 
 
