@@ -27,7 +27,10 @@ from lmaas.core.types import ModelState
 from lmaas.engine.local import Deployment, LocalEngineClient
 from lmaas.engine.refs import AliasLookup, ResolvingEngineClient
 from lmaas.engine.worker_handle import SupervisionPolicy
+from lmaas.gateway.limited import Limiter
+from lmaas.gateway.limits import InProcessLimiter
 from lmaas.gateway.service import GovernanceService
+from lmaas.gateway.usage import UsageMeter
 from lmaas.lifecycle.jobs import EvaluationJobs
 from lmaas.observability.metrics import Metrics
 from lmaas.registry.manifest import Manifest
@@ -153,6 +156,7 @@ def build_gateway(
     *,
     governance: GovernanceService,
     aliases: AliasLookup | None = None,
+    meter: UsageMeter | None = None,
 ) -> Gateway:
     """Wire the engine, the API, and tenants and keys: the app checks keys on every route but
     the probes unless ``settings.auth.enabled`` is off (the caller checked the bind address).
@@ -174,10 +178,13 @@ def build_gateway(
     evaluations = EvaluationJobs(
         settings.home, settings.resolved_database_url(), device=settings.engine.device
     )
+    limiter = build_limiter(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
         await engine.start()
+        if meter is not None:
+            await meter.start()
         announcer = asyncio.create_task(_announce_when_ready(engine, settings, on_ready))
         try:
             yield
@@ -185,6 +192,12 @@ def build_gateway(
             announcer.cancel()
             await evaluations.aclose()
             await engine.aclose()
+            if meter is not None:
+                # After the drain (uvicorn waited for in-flight requests): write what is left.
+                await meter.aclose()
+                meter.close()
+            if not isinstance(limiter, InProcessLimiter):
+                await limiter.aclose()
             governance.close()
 
     services = ApiServices(
@@ -198,8 +211,23 @@ def build_gateway(
         governance=governance,
         public_metrics=settings.auth.public_metrics,
         evaluations=evaluations,
+        meter=meter,
+        limiter=limiter,
     )
     return Gateway(app=create_app(services), engine=engine, metrics=metrics)
+
+
+def build_limiter(settings: Settings) -> Limiter:
+    """The rate limiter ``settings.limits.backend`` names: in process, or shared in Redis."""
+    if settings.limits.backend == "redis":
+        from lmaas.gateway.redis_limits import RedisLimiter  # redis-py only when asked for
+
+        return RedisLimiter.from_url(
+            settings.redis_url,
+            prefix=settings.limits.key_prefix,
+            lease_ttl_s=settings.limits.lease_ttl_s,
+        )
+    return InProcessLimiter()
 
 
 async def _announce_when_ready(

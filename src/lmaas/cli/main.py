@@ -15,6 +15,7 @@ from lmaas.bootstrap.settings import Settings
 from lmaas.cli.bench import bench_app
 from lmaas.cli.evaluate import eval_command
 from lmaas.cli.governance import keys_app, tenants_app
+from lmaas.cli.usage_audit import audit_app, usage
 from lmaas.cli.versions import models_app
 from lmaas.core.errors import LmaasError
 from lmaas.core.types import ModelState, Task
@@ -30,6 +31,8 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.command("eval")(eval_command)
+app.add_typer(audit_app, name="audit")
+app.command("usage")(usage)
 _err = Console(stderr=True)
 
 
@@ -83,6 +86,7 @@ def serve(
         announce_admin_key,
         check_auth_binding,
         open_governance,
+        open_usage_meter,
     )
     from lmaas.bootstrap.server import bind_socket, run_gateway
     from lmaas.bootstrap.wiring import (
@@ -97,6 +101,7 @@ def serve(
     try:
         check_auth_binding(settings)
         governance = open_governance(settings)
+        meter = open_usage_meter(settings)
         issued = governance.bootstrap_admin_key() if settings.auth.enabled else None
         if issued is not None:
             announce_admin_key(issued, lambda text: print(text, file=sys.stderr, flush=True))
@@ -118,6 +123,7 @@ def serve(
         on_ready=lambda engine: _print_banner(base_url, engine, auth),
         governance=governance,
         aliases=registry.alias_target,
+        meter=meter,
     )
     run_gateway(gateway, settings, sock)
 

@@ -60,6 +60,8 @@ class BatchPipeline:
         self._batcher: DynamicBatcher[Any] = DynamicBatcher(config)
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="lmaas-batch")
         self._preparing: dict[str, Future[Prepared]] = {}
+        self._tenants: dict[str, tuple[str, float]] = {}
+        """Tenant and weight of requests being prepared (fair share in the batcher)."""
         self._open: dict[str, tuple[Prepared, int]] = {}
         """Requests with rows queued or in a batch: (prepared, rows still missing)."""
         self._finishing: set[str] = set()
@@ -67,6 +69,8 @@ class BatchPipeline:
         self._done: queue.SimpleQueue[tuple[str, Prepared | InferResult | LmaasError]] = (
             queue.SimpleQueue()
         )
+        self._num_batches = 0
+        self._num_rows = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -91,10 +95,13 @@ class BatchPipeline:
             return
         future = self._pool.submit(self._runner.preprocess, request)
         self._preparing[request.request_id] = future
+        if request.tenant:
+            self._tenants[request.request_id] = (request.tenant, request.tenant_weight)
         future.add_done_callback(partial(self._completed, "preprocessing", request.request_id))
 
     def abort(self, request_id: str) -> None:
         future = self._preparing.pop(request_id, None)
+        self._tenants.pop(request_id, None)
         if future is not None:
             future.cancel()
         if self._open.pop(request_id, None) is not None:
@@ -105,6 +112,16 @@ class BatchPipeline:
 
     def num_waiting(self) -> int:
         return len(self._batcher) + len(self._preparing)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for heartbeats (``lmaas_engine_stat``): queue depth and batch sizes so far
+        (rows / batches is the mean batch size)."""
+        return {
+            "waiting": self.num_waiting(),
+            "queued_rows": len(self._batcher),
+            "batches": self._num_batches,
+            "batched_rows": self._num_rows,
+        }
 
     def wait_s(self) -> float | None:
         """How long the loop may block before it must call :meth:`run_once` (None: no limit)."""
@@ -144,6 +161,7 @@ class BatchPipeline:
             if isinstance(item, Prepared):
                 self._enqueue(request_id, item)
             elif isinstance(item, LmaasError):
+                self._tenants.pop(request_id, None)
                 if self._preparing.pop(request_id, None) is not None or (
                     request_id in self._finishing
                 ):
@@ -159,8 +177,9 @@ class BatchPipeline:
         if not prepared.rows:
             self._finish(prepared)
             return
+        tenant, weight = self._tenants.pop(request_id, ("", 1.0))
         rows = [
-            QueuedRow(request_id, index, length, payload)
+            QueuedRow(request_id, index, length, payload, tenant=tenant, weight=weight)
             for index, (length, payload) in enumerate(prepared.rows)
         ]
         try:
@@ -172,6 +191,8 @@ class BatchPipeline:
         self._open[request_id] = (prepared, len(rows))
 
     def _forward(self, batch: list[QueuedRow[Any]]) -> None:
+        self._num_batches += 1
+        self._num_rows += len(batch)
         try:
             outputs = self._runner.forward([row.payload for row in batch])
             if len(outputs) != len(batch):

@@ -121,8 +121,10 @@ class WorkerLoop:
 
     def _heartbeat(self) -> Heartbeat:
         if self._gen is None:
-            waiting = self._batch.num_waiting() if self._batch is not None else 0
-            return Heartbeat(num_running=0, num_waiting=waiting)
+            if self._batch is None:
+                return Heartbeat(num_running=0, num_waiting=0)
+            stats = self._batch.stats()
+            return Heartbeat(num_running=0, num_waiting=stats["waiting"], stats=stats)
         stats = self._gen.stats()
         return Heartbeat(
             num_running=self._gen.num_running(), num_waiting=stats.get("waiting", 0), stats=stats

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 from lmaas.core.errors import (
@@ -16,19 +14,10 @@ from lmaas.core.errors import (
 from lmaas.gateway.keys import Scope
 from lmaas.gateway.limits import Limits
 from lmaas.gateway.service import GovernanceService
-from lmaas.registry.metadata import MIGRATIONS_DIR, create_db_engine
+from lmaas.registry.metadata import create_db_engine, head_revision
 from tests.unit.gateway.gov_helpers import FakeClock
 
 pytestmark = pytest.mark.anyio
-
-
-def _head_revision() -> str:
-    """The head of the shipped migrations, read from the scripts (branches add their own)."""
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    head = ScriptDirectory.from_config(config).get_current_head()
-    assert head is not None
-    return head
 
 
 def test_the_migration_creates_the_governance_tables(
@@ -38,9 +27,8 @@ def test_the_migration_creates_the_governance_tables(
     try:
         assert {"tenants", "api_keys", "models"} <= set(inspect(engine).get_table_names())
         with engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).all() == [
-                (_head_revision(),)
-            ]
+            revisions = conn.execute(text("SELECT version_num FROM alembic_version")).all()
+            assert revisions == [(head_revision(),)]
     finally:
         engine.dispose()
 

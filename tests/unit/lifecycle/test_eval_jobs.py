@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import database_url
 from typer.testing import CliRunner
 
 from lmaas.api import ApiServices, DefaultApiConfig, create_app
@@ -22,6 +21,10 @@ from lmaas.core.errors import InvalidRequestError, ModelNotFoundError, NotFoundE
 from lmaas.lifecycle.jobs import EvalJobSpec, EvaluationJobs, JobStatus, run_evaluation
 from lmaas.observability.metrics import Metrics
 from lmaas.testing.fakes import FakeEngineClient
+
+
+def database_url(home: Path) -> str:
+    return f"sqlite:///{home / 'lmaas.db'}"
 
 
 @pytest.fixture

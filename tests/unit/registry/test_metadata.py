@@ -3,29 +3,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 from lmaas.core.errors import ConflictError
 from lmaas.core.types import ModelFormat, Task
 from lmaas.registry.manifest import FileEntry, Manifest
 from lmaas.registry.metadata import (
-    MIGRATIONS_DIR,
     MetadataStore,
     create_db_engine,
+    head_revision,
     normalize_database_url,
     upgrade_schema,
 )
-
-
-def _head_revision() -> str:
-    """The head of the shipped migrations, read from the scripts (branches add their own)."""
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    head = ScriptDirectory.from_config(config).get_current_head()
-    assert head is not None
-    return head
 
 
 def _manifest(name: str, version: str) -> Manifest:
@@ -48,7 +37,7 @@ def test_migrations_create_the_schema_and_are_idempotent(database_url: str) -> N
         assert {"models", "model_versions", "alembic_version"} <= tables
         with engine.connect() as conn:
             revisions = conn.execute(text("SELECT version_num FROM alembic_version")).all()
-        assert revisions == [(_head_revision(),)]
+        assert revisions == [(head_revision(),)]
     finally:
         engine.dispose()
     MetadataStore(database_url).close()  # opening a migrated DB again is a no-op

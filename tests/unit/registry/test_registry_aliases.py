@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import MakeModelDir
 
 from lmaas.core.errors import ConflictError, InvalidRequestError, ModelNotFoundError
 from lmaas.core.types import ModelRef, parse_model_ref
 from lmaas.registry.lifecycle_db import AliasMove, StoredMetric
 from lmaas.registry.service import RegistryService
+
+MakeModelDir = Callable[..., Path]  # the make_model_dir fixture of conftest.py
 
 
 def _three_versions(registry: RegistryService, make_model_dir: MakeModelDir) -> None:

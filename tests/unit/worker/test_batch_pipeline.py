@@ -83,6 +83,7 @@ def test_rows_of_many_requests_share_a_forward() -> None:
     assert results["r2"].data == bytes([2, 3]) and results["r2"].prompt_tokens == 5
     assert all(name.startswith("lmaas-batch") for name in runner.threads)
     assert not pipeline.has_work()
+    assert pipeline.stats() == {"waiting": 0, "queued_rows": 0, "batches": 1, "batched_rows": 8}
     pipeline.close()
 
 

@@ -1,7 +1,7 @@
 """Lifecycle: aliases, alias history, tags and evaluation metrics of model versions.
 
 Revision ID: 0003_life1
-Revises: 0002
+Revises: 0003_gov3
 Create Date: 2026-11-27
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0003_life1"
-down_revision: str | None = "0002"
+down_revision: str | None = "0003_gov3"
 branch_labels: str | None = None
 depends_on: str | None = None
 
