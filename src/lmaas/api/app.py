@@ -10,12 +10,16 @@ from fastapi import APIRouter, FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
+from lmaas.api.admin.audit import router as admin_audit_router
+from lmaas.api.admin.evaluations import router as admin_evaluations_router
 from lmaas.api.admin.keys import router as admin_keys_router
 from lmaas.api.admin.tenants import router as admin_tenants_router
+from lmaas.api.admin.usage import router as admin_usage_router
 from lmaas.api.auth import METRICS_PATH, PUBLIC_PATHS, AuthMiddleware
 from lmaas.api.context import JsonResponse
 from lmaas.api.errors import install_error_handlers
 from lmaas.api.kserve_v2.router import router as v2_router
+from lmaas.api.metering import MeteringMiddleware
 from lmaas.api.middleware import RequestContextMiddleware
 from lmaas.api.openai.audio import TRANSCRIPTIONS_PATH, transcription_body_cap
 from lmaas.api.openai.audio import router as audio_router
@@ -57,6 +61,9 @@ _ROUTERS = (
     system_router,
     admin_tenants_router,
     admin_keys_router,
+    admin_evaluations_router,
+    admin_usage_router,
+    admin_audit_router,
 )
 
 
@@ -94,6 +101,9 @@ def create_app(services: ApiServices) -> FastAPI:
     for router in _ROUTERS:
         app.include_router(router)
     install_error_handlers(app)
+    if services.meter is not None:
+        # Innermost: runs after authentication, sees the final status of every response.
+        app.add_middleware(MeteringMiddleware, meter=services.meter)
     if services.auth is not None:
         # Added first, so it runs inside the request-context middleware (ids, metrics, body cap).
         app.add_middleware(

@@ -14,13 +14,19 @@ from lmaas.api.auth import Authenticator
 from lmaas.api.context import principal_of
 from lmaas.core.errors import NotSupportedError
 from lmaas.engine.protocol import EngineClient
-from lmaas.gateway.limited import LimitedEngineClient
+from lmaas.gateway.keys import key_prefix
+from lmaas.gateway.limited import LimitedEngineClient, Limiter
 from lmaas.gateway.limits import InProcessLimiter
 from lmaas.gateway.service import GovernanceService
+from lmaas.gateway.tenancy import TenantEngineClient
+from lmaas.gateway.usage import MeteredEngineClient, RequestUsage, SqlUsageStore, UsageMeter
 from lmaas.gateway.visibility import ScopedEngineClient
+from lmaas.lifecycle.eval_jobs import EvaluationJobs
 from lmaas.observability.metrics import Metrics
 
 _SCOPED_SERVICES_KEY = "lmaas.scoped_services"
+USAGE_KEY = "lmaas.usage"
+"""Where the metering middleware puts the request's usage accumulator in the ASGI scope."""
 
 
 class ApiConfig(Protocol):
@@ -84,7 +90,11 @@ class ApiServices:
             --no-auth``, loopback only).
         governance: Tenants and keys, for the ``/admin`` routes (501 without it).
         public_metrics: Serve ``/metrics`` without a key.
-        limiter: Enforces the rate limits of keys and tenants (in this process).
+        limiter: Enforces the rate limits of keys and tenants (in this process, or in Redis
+            for several gateways).
+        meter: Buffers and writes usage records (one per request that reached the engine);
+            None: no metering.
+        evaluations: Evaluation jobs, for ``/admin/evaluations`` (501 without it).
     """
 
     engine: EngineClient
@@ -96,33 +106,67 @@ class ApiServices:
     auth: Authenticator | None = None
     governance: GovernanceService | None = None
     public_metrics: bool = False
-    limiter: InProcessLimiter = field(default_factory=InProcessLimiter)
+    limiter: Limiter = field(default_factory=InProcessLimiter)
+    meter: UsageMeter | None = None
+    evaluations: EvaluationJobs | None = None
 
 
 def services_of(request: Request) -> ApiServices:
     """The services as the caller of ``request`` may use them.
 
     With authentication on, ``engine`` is the principal's view of the engine, in every route
-    that goes through here: listings hold only the models its key may see and any other model is
-    404 (:class:`~lmaas.gateway.visibility.ScopedEngineClient`), and each model call is admitted
-    against the key's and the tenant's rate limits (:class:`~lmaas.gateway.limited.
-    LimitedEngineClient`, 429 past one).
+    that goes through here: each request is stamped with the caller's tenant and weight for the
+    engine's fair share (:class:`~lmaas.gateway.tenancy.TenantEngineClient`), listings hold only
+    the models its key may see and any other model is 404 (:class:`~lmaas.gateway.visibility.
+    ScopedEngineClient`), and each model call is admitted against the key's and the tenant's
+    rate limits (:class:`~lmaas.gateway.limited.LimitedEngineClient`, 429 past one). With
+    metering on, the innermost view counts what each admitted call used
+    (:class:`~lmaas.gateway.usage.MeteredEngineClient`).
     """
     services = request.app.state.lmaas_services
     assert isinstance(services, ApiServices)
     principal = principal_of(request.scope)
-    if principal is None or (principal.sees_every_model and not principal.is_limited):
+    usage = request.scope.get(USAGE_KEY)
+    metered = isinstance(usage, RequestUsage)
+    if principal is None and not metered:
         return services
     scoped = request.scope.get(_SCOPED_SERVICES_KEY)
     if not isinstance(scoped, ApiServices):
         engine: EngineClient = services.engine
-        if not principal.sees_every_model:
+        if isinstance(usage, RequestUsage):
+            # Innermost: it only sees the calls that passed visibility and the limits.
+            engine = MeteredEngineClient(engine, usage)
+        if principal is not None:
+            engine = TenantEngineClient(engine, principal)
+        if principal is not None and not principal.sees_every_model:
             engine = ScopedEngineClient(engine, principal)
-        if principal.is_limited:
+        if principal is not None and principal.is_limited:
             engine = LimitedEngineClient(engine, principal, services.limiter)
         scoped = dataclasses.replace(services, engine=engine)
         request.scope[_SCOPED_SERVICES_KEY] = scoped
     return scoped
+
+
+NO_AUTH_ACTOR = "local:no-auth"
+
+
+def actor_of(request: Request) -> str:
+    """Who the audit trail names for a change made by this request: ``lmaas-<key id>``, or
+    ``local:no-auth`` on a server without authentication (loopback only)."""
+    principal = principal_of(request.scope)
+    return NO_AUTH_ACTOR if principal is None else key_prefix(principal.key_id)
+
+
+def usage_store_of(request: Request) -> SqlUsageStore:
+    """The usage table, for ``/admin/usage``.
+
+    Raises:
+        NotSupportedError: the server does not meter usage.
+    """
+    meter = services_of(request).meter
+    if meter is None:
+        raise NotSupportedError("usage metering is not configured on this server")
+    return meter.store
 
 
 def governance_of(request: Request) -> GovernanceService:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from lmaas.bootstrap.settings import Settings
 from lmaas.core.errors import InvalidRequestError
 from lmaas.gateway.service import GovernanceService, IssuedKey
+from lmaas.gateway.usage import SqlUsageStore, UsageMeter
 
 
 def is_loopback(host: str) -> bool:
@@ -41,6 +42,18 @@ def open_governance(settings: Settings) -> GovernanceService:
     settings.home.mkdir(parents=True, exist_ok=True)
     return GovernanceService.open(
         settings.resolved_database_url(), key_cache_ttl_s=settings.auth.key_cache_ttl_s
+    )
+
+
+def open_usage_meter(settings: Settings) -> UsageMeter | None:
+    """The usage meter of the gateway (None when metering is off)."""
+    if not settings.usage.enabled:
+        return None
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return UsageMeter(
+        SqlUsageStore(settings.resolved_database_url()),
+        flush_interval_s=settings.usage.flush_interval_ms / 1000.0,
+        batch_size=settings.usage.batch_size,
     )
 
 

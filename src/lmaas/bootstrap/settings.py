@@ -4,6 +4,7 @@ nesting) and from CLI flags, then frozen. No other module reads ``os.environ``."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +65,32 @@ class AuthConfig(BaseModel):
     DB read per request). Changes through this gateway's admin API apply at once."""
 
 
+class UsageConfig(BaseModel):
+    """Usage metering (``LMAAS_USAGE__*``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    enabled: bool = True
+    """Write one usage record per request that reached the engine."""
+    flush_interval_ms: int = Field(default=500, ge=10, le=60_000)
+    """Longest a record waits in memory before it is written: what a crash may lose."""
+    batch_size: int = Field(default=500, ge=1, le=100_000)
+    """Write as soon as this many records wait."""
+
+
+class LimitsConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    backend: Literal["memory", "redis"] = "memory"
+    """Where rate-limit state lives: ``memory`` (this gateway only) or ``redis`` (shared by every
+    gateway on the same ``redis_url``, so limits hold across replicas)."""
+    lease_ttl_s: float = Field(default=15.0, gt=0, le=3600)
+    """Redis backend: how long a concurrency slot outlives a gateway that died holding it (a
+    live gateway refreshes its slots every third of this)."""
+    key_prefix: str = Field(default="lmaas:limits", min_length=1)
+    """Redis backend: namespace of the limiter's keys (gateways sharing limits share it)."""
+
+
 class Settings(BaseSettings):
     """Root of lmaas configuration."""
 
@@ -80,6 +107,10 @@ class Settings(BaseSettings):
     server: ServerConfig = Field(default_factory=ServerConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    usage: UsageConfig = Field(default_factory=UsageConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis for state shared by several gateways (``limits.backend=redis``)."""
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'lmaas.db'}"

@@ -23,14 +23,19 @@ from lmaas import __version__
 from lmaas.api.app import ApiServices, create_app
 from lmaas.bootstrap.settings import Settings
 from lmaas.core.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
-from lmaas.core.messages import WorkerSpec
 from lmaas.core.types import ModelState
 from lmaas.engine.local import Deployment, LocalEngineClient
+from lmaas.engine.refs import AliasLookup, ResolvingEngineClient
 from lmaas.engine.worker_handle import SupervisionPolicy
+from lmaas.gateway.limited import Limiter
+from lmaas.gateway.limits import InProcessLimiter
 from lmaas.gateway.service import GovernanceService
+from lmaas.gateway.usage import UsageMeter
+from lmaas.lifecycle.eval_jobs import EvaluationJobs
 from lmaas.observability.metrics import Metrics
 from lmaas.registry.manifest import Manifest
 from lmaas.registry.service import RegistryService
+from lmaas.registry.serving import worker_spec_for
 
 _log = logging.getLogger("lmaas.serve")
 
@@ -114,29 +119,12 @@ def install_demo_models(registry: RegistryService, log: Callable[[str], None]) -
 
 
 def deployment_for(registry: RegistryService, manifest: Manifest, settings: Settings) -> Deployment:
-    serving = manifest.serving
-    options = dict(serving.options)
-    if serving.kv_cache_bytes is not None and "kv_cache_bytes" not in options:
-        options["kv_cache_bytes"] = str(serving.kv_cache_bytes)
-    if serving.matryoshka_dims:
-        options["matryoshka_dims"] = ",".join(str(d) for d in serving.matryoshka_dims)
-    if serving.backend != "auto":
-        options.setdefault("backend", serving.backend)
-    spec = WorkerSpec(
-        model_name=manifest.name,
-        model_version=manifest.version,
-        task=manifest.task.value,
-        format=manifest.format.value,
-        model_dir=str(registry.model_dir(manifest)),
-        files=manifest.file_digests(),
-        requests_endpoint="",
-        results_endpoint="",
-        dtype=serving.dtype if serving.dtype != "auto" else settings.engine.dtype,
-        device=serving.device if serving.device != "auto" else settings.engine.device,
-        context_length=serving.max_context or manifest.context_length,
-        max_batch_size=serving.max_batch_size,
-        options=options,
-        cache_dir=str(settings.home / "cache" / manifest.name / manifest.version),
+    spec = worker_spec_for(
+        manifest,
+        registry.model_dir(manifest),
+        dtype=settings.engine.dtype,
+        device=settings.engine.device,
+        cache_dir=settings.home / "cache" / manifest.name / manifest.version,
     )
     return Deployment(spec=spec, task=manifest.task, created_at=manifest.created_at.timestamp())
 
@@ -167,9 +155,14 @@ def build_gateway(
     on_ready: Callable[[LocalEngineClient], None] | None = None,
     *,
     governance: GovernanceService,
+    aliases: AliasLookup | None = None,
+    meter: UsageMeter | None = None,
 ) -> Gateway:
     """Wire the engine, the API, and tenants and keys: the app checks keys on every route but
-    the probes unless ``settings.auth.enabled`` is off (the caller checked the bind address)."""
+    the probes unless ``settings.auth.enabled`` is off (the caller checked the bind address).
+
+    ``aliases`` (the registry's ``alias_target``) lets clients call ``name@alias``; every route
+    also accepts ``name:version`` (:class:`~lmaas.engine.refs.ResolvingEngineClient`)."""
     metrics = Metrics()
 
     def on_state(model: str, state: ModelState) -> None:
@@ -182,19 +175,33 @@ def build_gateway(
         on_stats=metrics.set_engine_stats,
     )
 
+    evaluations = EvaluationJobs(
+        settings.home, settings.resolved_database_url(), device=settings.engine.device
+    )
+    limiter = build_limiter(settings)
+
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
         await engine.start()
+        if meter is not None:
+            await meter.start()
         announcer = asyncio.create_task(_announce_when_ready(engine, settings, on_ready))
         try:
             yield
         finally:
             announcer.cancel()
+            await evaluations.aclose()
             await engine.aclose()
+            if meter is not None:
+                # After the drain (uvicorn waited for in-flight requests): write what is left.
+                await meter.aclose()
+                meter.close()
+            if not isinstance(limiter, InProcessLimiter):
+                await limiter.aclose()
             governance.close()
 
     services = ApiServices(
-        engine=engine,
+        engine=ResolvingEngineClient(engine, aliases),
         config=settings.server,
         metrics=metrics,
         is_draining=lambda: engine.draining,
@@ -203,8 +210,24 @@ def build_gateway(
         auth=governance if settings.auth.enabled else None,
         governance=governance,
         public_metrics=settings.auth.public_metrics,
+        evaluations=evaluations,
+        meter=meter,
+        limiter=limiter,
     )
     return Gateway(app=create_app(services), engine=engine, metrics=metrics)
+
+
+def build_limiter(settings: Settings) -> Limiter:
+    """The rate limiter ``settings.limits.backend`` names: in process, or shared in Redis."""
+    if settings.limits.backend == "redis":
+        from lmaas.gateway.redis_limits import RedisLimiter  # redis-py only when asked for
+
+        return RedisLimiter.from_url(
+            settings.redis_url,
+            prefix=settings.limits.key_prefix,
+            lease_ttl_s=settings.limits.lease_ttl_s,
+        )
+    return InProcessLimiter()
 
 
 async def _announce_when_ready(

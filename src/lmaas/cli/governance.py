@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -41,6 +43,13 @@ TpmOption = Annotated[
 ]
 ConcurrentOption = Annotated[
     int | None, typer.Option("--max-concurrent", help="Requests in flight at once.")
+]
+
+WeightOption = Annotated[
+    float,
+    typer.Option(
+        "--weight", help="Fair-share weight in the engine queues (default 1; 3 = thrice the share)."
+    ),
 ]
 
 
@@ -85,6 +94,7 @@ def _governance(home: Path | None) -> Iterator[GovernanceService]:
     try:
         settings = Settings(home=home) if home is not None else Settings()
         service = open_governance(settings)
+        service.actor = cli_actor()
     except (LmaasError, ValidationError) as exc:
         _fail(exc.message if isinstance(exc, LmaasError) else str(exc))
     try:
@@ -93,6 +103,15 @@ def _governance(home: Path | None) -> Iterator[GovernanceService]:
         _fail(exc.message)
     finally:
         service.close()
+
+
+def cli_actor() -> str:
+    """Who the audit trail names for a CLI command: ``cli:<os user>``."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no user name in the environment nor the passwd database
+        user = f"uid-{os.getuid()}"
+    return f"cli:{user}"
 
 
 def _when(value: datetime | None) -> str:
@@ -105,6 +124,7 @@ def _tenant_dict(tenant: Tenant) -> dict[str, Any]:
         "description": tenant.description,
         "created_at": tenant.created_at.isoformat(),
         "limits": _limits_dict(tenant.limits),
+        "weight": tenant.weight,
     }
 
 
@@ -174,11 +194,13 @@ def tenants_create(
     rpm: RpmOption = None,
     tpm: TpmOption = None,
     max_concurrent: ConcurrentOption = None,
+    weight: WeightOption = 1.0,
     home: HomeOption = None,
 ) -> None:
     """Create a tenant (a team that owns keys), with limits all its keys share."""
     with _governance(home) as governance:
-        tenant = governance.create_tenant(name, description, Limits(rpm, tpm, max_concurrent))
+        limits = Limits(rpm, tpm, max_concurrent)
+        tenant = governance.create_tenant(name, description, limits, weight)
     typer.echo(f"created tenant {tenant.name}")
 
 
@@ -192,7 +214,7 @@ def tenants_list(home: HomeOption = None, as_json: JsonOption = False) -> None:
         typer.echo(json.dumps([_tenant_dict(t) for t in tenants], indent=2))
         return
     now = datetime.now(UTC)
-    table = Table("TENANT", "ACTIVE KEYS", "LIMITS", "CREATED", "DESCRIPTION")
+    table = Table("TENANT", "ACTIVE KEYS", "LIMITS", "WEIGHT", "CREATED", "DESCRIPTION")
     table.box = None
     for tenant in tenants:
         active = sum(1 for k in keys if k.tenant == tenant.name and k.status(now) == "active")
@@ -200,6 +222,7 @@ def tenants_list(home: HomeOption = None, as_json: JsonOption = False) -> None:
             tenant.name,
             str(active),
             _limits_text(tenant.limits),
+            f"{tenant.weight:g}",
             _when(tenant.created_at),
             escape(tenant.description),
         )
@@ -220,7 +243,7 @@ def tenants_show(name: str, home: HomeOption = None, as_json: JsonOption = False
     console = Console()
     console.print(
         f"tenant {tenant.name}  created {_when(tenant.created_at)}  "
-        f"limits {_limits_text(tenant.limits)}",
+        f"limits {_limits_text(tenant.limits)}  weight {tenant.weight:g}",
         highlight=False,
     )
     if tenant.description:
@@ -242,6 +265,19 @@ def tenants_limits(
         merged = _merged(current, rpm, tpm, max_concurrent)
         tenant = governance.set_tenant_limits(name, merged)
     typer.echo(f"tenant {tenant.name}: {_limits_text(tenant.limits)}")
+
+
+@tenants_app.command("weight")
+def tenants_weight(
+    name: str,
+    weight: Annotated[float, typer.Argument(help="Fair-share weight (default 1).")],
+    home: HomeOption = None,
+) -> None:
+    """Set a tenant's fair-share weight: under contention the engine queues serve tenants in
+    proportion to their weights."""
+    with _governance(home) as governance:
+        tenant = governance.set_tenant_weight(name, weight)
+    typer.echo(f"tenant {tenant.name}: weight {tenant.weight:g}")
 
 
 @tenants_app.command("rm")

@@ -13,9 +13,11 @@ from rich.console import Console
 from lmaas import __version__
 from lmaas.bootstrap.settings import Settings
 from lmaas.cli.bench import bench_app
+from lmaas.cli.evaluate import eval_command
 from lmaas.cli.governance import keys_app, tenants_app
 from lmaas.cli.lifecycle import compress_command, convert_command, train_app
-from lmaas.cli.models import models_app
+from lmaas.cli.usage_audit import audit_app, usage
+from lmaas.cli.versions import models_app
 from lmaas.core.errors import LmaasError
 from lmaas.core.types import ModelState, Task
 from lmaas.engine.local import LocalEngineClient
@@ -32,6 +34,9 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(train_app, name="train")
 app.command("compress")(compress_command)
 app.command("convert")(convert_command)
+app.command("eval")(eval_command)
+app.add_typer(audit_app, name="audit")
+app.command("usage")(usage)
 _err = Console(stderr=True)
 
 
@@ -60,7 +65,8 @@ def serve(
         typer.Option(
             "--model",
             "-m",
-            help="A registered NAME[:VERSION] or a path to import; repeat for several. "
+            help="A registered NAME, NAME:VERSION or NAME@ALIAS, or a path to import; repeat "
+            "for several. Clients may then call the model as NAME, NAME:VERSION or NAME@ALIAS. "
             "Default: every registered model, or the demo models on an empty store.",
         ),
     ] = None,
@@ -84,6 +90,7 @@ def serve(
         announce_admin_key,
         check_auth_binding,
         open_governance,
+        open_usage_meter,
     )
     from lmaas.bootstrap.server import bind_socket, run_gateway
     from lmaas.bootstrap.wiring import (
@@ -98,6 +105,7 @@ def serve(
     try:
         check_auth_binding(settings)
         governance = open_governance(settings)
+        meter = open_usage_meter(settings)
         issued = governance.bootstrap_admin_key() if settings.auth.enabled else None
         if issued is not None:
             announce_admin_key(issued, lambda text: print(text, file=sys.stderr, flush=True))
@@ -118,6 +126,8 @@ def serve(
         deployments,
         on_ready=lambda engine: _print_banner(base_url, engine, auth),
         governance=governance,
+        aliases=registry.alias_target,
+        meter=meter,
     )
     run_gateway(gateway, settings, sock)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -26,7 +27,7 @@ from rich.table import Table
 from lmaas.bootstrap.settings import Settings
 from lmaas.core.errors import LmaasError
 from lmaas.core.types import Task
-from lmaas.registry.manifest import Manifest
+from lmaas.registry.manifest import Lineage, Manifest
 from lmaas.registry.service import RegistryService
 
 models_app = typer.Typer(
@@ -128,10 +129,22 @@ def import_command(
         list[str] | None,
         typer.Option(help="A serving option KEY=VALUE (repeatable), e.g. quantize=int8."),
     ] = None,
+    parent: Annotated[
+        str | None,
+        typer.Option(help="Lineage: the NAME:VERSION this model was made from."),
+    ] = None,
+    transform: Annotated[
+        str | None, typer.Option(help="Lineage: what was done to the parent (e.g. fine-tune).")
+    ] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(help="Lineage: a transform parameter KEY=VALUE (repeatable)."),
+    ] = None,
     home: HomeOption = None,
 ) -> None:
     """Import a model as the next version of its name."""
     serving = _serving_overrides(backend, option or [])
+    lineage = _lineage(parent, transform, param or [])
     with _registry(home) as registry:
         manifest = registry.import_model(
             source,
@@ -141,6 +154,7 @@ def import_command(
             trust_remote_code=trust_remote_code,
             description=description,
             serving=serving,
+            lineage=lineage,
             progress=RichImportProgress(Console(stderr=True)),
         )
         where = registry.model_dir(manifest)
@@ -148,6 +162,34 @@ def import_command(
         f"imported {manifest.ref} ({manifest.task.value}, {manifest.format.value}, "
         f"{_format_bytes(manifest.size_bytes)}) into {where}"
     )
+
+
+def parse_pairs(items: list[str], flag: str) -> dict[str, str]:
+    """``KEY=VALUE`` command-line items as a dict.
+
+    Raises:
+        typer.BadParameter: An item has no ``=`` or no key.
+    """
+    pairs = [item.partition("=") for item in items]
+    bad = [item for item, (key, sep, _) in zip(items, pairs, strict=True) if not sep or not key]
+    if bad:
+        raise typer.BadParameter(f"{flag} must look like KEY=VALUE, got {bad[0]!r}")
+    return {key: value for key, _, value in pairs}
+
+
+def _lineage(parent: str | None, transform: str | None, params: list[str]) -> Lineage | None:
+    if parent is None:
+        if transform is not None or params:
+            raise typer.BadParameter("--transform and --param need --parent NAME:VERSION")
+        return None
+    try:
+        return Lineage(
+            parent=parent,
+            transform=transform or "import",
+            parameters=parse_pairs(params, "--param"),
+        )
+    except ValidationError as exc:
+        raise typer.BadParameter(f"--parent: {exc.errors()[0]['msg']}") from None
 
 
 def _serving_overrides(backend: str | None, options: list[str]) -> dict[str, Any] | None:
@@ -190,13 +232,39 @@ def list_command(
 
 @models_app.command("show")
 def show_command(
-    ref: Annotated[str, typer.Argument(metavar="NAME[:VERSION]", help="Latest if no version.")],
+    ref: Annotated[
+        str, typer.Argument(metavar="NAME[:VERSION|@ALIAS]", help="Latest if no version.")
+    ],
+    manifest_only: Annotated[
+        bool, typer.Option("--manifest-only", help="Print lmaas.yaml only.")
+    ] = False,
     home: HomeOption = None,
 ) -> None:
-    """Print a version's manifest (lmaas.yaml)."""
+    """Print a version's manifest (lmaas.yaml), then its aliases, tags and stored metrics."""
     with _registry(home) as registry:
         manifest = registry.resolve(ref)
+        state = _registry_state(registry, manifest)
     typer.echo(manifest.to_yaml(), nl=False)
+    if not manifest_only:
+        typer.echo("# registry state (changes after import; not part of lmaas.yaml):")
+        typer.echo(yaml.safe_dump({"registry": state}, sort_keys=False), nl=False)
+
+
+def _registry_state(registry: RegistryService, manifest: Manifest) -> dict[str, Any]:
+    aliases = sorted(a for a, v in registry.aliases(manifest.name).items() if v == manifest.version)
+    metrics = [
+        {
+            "metric": m.metric,
+            "value": m.value,
+            "dataset": m.dataset,
+            "dataset_digest": m.dataset_digest,
+            "split": m.split,
+            "num_examples": m.num_examples,
+            "measured_at": m.measured_at.isoformat(),
+        }
+        for m in registry.metrics(manifest)
+    ]
+    return {"aliases": aliases, "tags": registry.tags(manifest), "metrics": metrics}
 
 
 @models_app.command("rm")

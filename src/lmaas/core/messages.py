@@ -98,6 +98,10 @@ class GenerateRequest(msgspec.Struct, frozen=True, tag="generate"):
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     add_generation_prompt: bool = True
+    tenant: str = ""
+    """Who asks: the gateway stamps the caller's tenant; engine queues share fairly by it."""
+    tenant_weight: float = 1.0
+    """The tenant's share weight (its service under contention is proportional to it)."""
 
 
 class EmbedRequest(msgspec.Struct, frozen=True, tag="embed"):
@@ -107,6 +111,10 @@ class EmbedRequest(msgspec.Struct, frozen=True, tag="embed"):
     texts: list[str] | None = None
     token_ids: list[list[int]] | None = None
     dimensions: int | None = None
+    tenant: str = ""
+    """Who asks: the gateway stamps the caller's tenant; engine queues share fairly by it."""
+    tenant_weight: float = 1.0
+    """The tenant's share weight (its service under contention is proportional to it)."""
 
 
 class TensorData(msgspec.Struct, frozen=True, array_like=True):
@@ -139,6 +147,10 @@ class RerankRequest(msgspec.Struct, frozen=True, tag="rerank"):
     request_id: str
     query: str
     documents: list[str]
+    tenant: str = ""
+    """Who asks: the gateway stamps the caller's tenant; engine queues share fairly by it."""
+    tenant_weight: float = 1.0
+    """The tenant's share weight (its service under contention is proportional to it)."""
 
 
 class ClassifyRequest(msgspec.Struct, frozen=True, tag="classify"):
@@ -148,6 +160,10 @@ class ClassifyRequest(msgspec.Struct, frozen=True, tag="classify"):
     texts: list[str] | None = None
     images: list[bytes] | None = None
     pixel_values: TensorData | None = None
+    tenant: str = ""
+    """Who asks: the gateway stamps the caller's tenant; engine queues share fairly by it."""
+    tenant_weight: float = 1.0
+    """The tenant's share weight (its service under contention is proportional to it)."""
 
 
 class TranscribeRequest(msgspec.Struct, frozen=True, tag="transcribe"):
@@ -161,6 +177,10 @@ class TranscribeRequest(msgspec.Struct, frozen=True, tag="transcribe"):
     temperature: float = 0.0
     timestamps: bool = True
     """Also return segments with start and end times."""
+    tenant: str = ""
+    """Who asks: the gateway stamps the caller's tenant; engine queues share fairly by it."""
+    tenant_weight: float = 1.0
+    """The tenant's share weight (its service under contention is proportional to it)."""
 
 
 class TensorRequest(msgspec.Struct, frozen=True, tag="tensor"):
@@ -170,6 +190,10 @@ class TensorRequest(msgspec.Struct, frozen=True, tag="tensor"):
     inputs: list[TensorData]
     outputs: list[str] | None = None
     """Output names to return; None: all of them."""
+    tenant: str = ""
+    """Who asks: the gateway stamps the caller's tenant; engine queues share fairly by it."""
+    tenant_weight: float = 1.0
+    """The tenant's share weight (its service under contention is proportional to it)."""
 
 
 InferRequest = EmbedRequest | RerankRequest | ClassifyRequest | TranscribeRequest | TensorRequest

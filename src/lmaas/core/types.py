@@ -1,9 +1,10 @@
-"""Shared value types: tasks, formats, model states."""
+"""Shared value types: tasks, formats, model states, model references."""
 
 from __future__ import annotations
 
 import enum
 import re
+from dataclasses import dataclass
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 """Model names and versions: lower-case, no path separators, at most 64 characters."""
@@ -46,3 +47,46 @@ class ModelState(enum.StrEnum):
     FAILED = "failed"
     RESTARTING = "restarting"
     STOPPED = "stopped"
+
+
+LATEST_ALIAS = "latest"
+"""Built-in alias: ``name@latest`` is the highest version; it cannot be set or removed."""
+
+
+@dataclass(slots=True, frozen=True)
+class ModelRef:
+    """What a client names: ``name``, ``name:version`` or ``name@alias`` (at most one of them).
+
+    Attributes:
+        name: The model name.
+        version: The version after ``:``, or None.
+        alias: The alias after ``@``, or None.
+    """
+
+    name: str
+    version: str | None = None
+    alias: str | None = None
+
+    def __str__(self) -> str:
+        if self.version is not None:
+            return f"{self.name}:{self.version}"
+        if self.alias is not None:
+            return f"{self.name}@{self.alias}"
+        return self.name
+
+
+def parse_model_ref(ref: str) -> ModelRef | None:
+    """Split ``name``, ``name:version`` or ``name@alias``; None when the text cannot be a ref.
+
+    Every part must match :data:`NAME_PATTERN`, so a malformed reference reads as an unknown
+    model (404), never as a different one.
+    """
+    name, at, alias = ref.partition("@")
+    name, colon, version = name.partition(":")
+    if (at and colon) or not is_valid_name(name):
+        return None
+    if colon:
+        return ModelRef(name, version=version) if is_valid_name(version) else None
+    if at:
+        return ModelRef(name, alias=alias) if is_valid_name(alias) else None
+    return ModelRef(name)

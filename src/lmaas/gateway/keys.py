@@ -166,6 +166,7 @@ class Principal:
         models: Names or globs of the models the key may see and call.
         key_limits: Rate limits of the key.
         tenant_limits: Rate limits of its tenant (shared by all the tenant's keys).
+        tenant_weight: The tenant's fair-share weight in the engine queues.
     """
 
     key_id: str
@@ -174,6 +175,7 @@ class Principal:
     models: tuple[str, ...] = ("*",)
     key_limits: Limits = NO_LIMITS
     tenant_limits: Limits = NO_LIMITS
+    tenant_weight: float = 1.0
 
     @property
     def is_limited(self) -> bool:

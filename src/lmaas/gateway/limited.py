@@ -3,8 +3,10 @@
 Like :mod:`lmaas.gateway.visibility`, this is a per-request view of the engine that
 ``lmaas.api.services.services_of`` hands to routes, so every model call of every route (chat,
 completions, embeddings, rerank, classify, transcriptions, v2 infer, and routes yet to come)
-is limited with no code in the route. Admission happens when the call is made, before anything
-is streamed, so a refused request is a plain 429 with ``Retry-After``. The reservation is
+is limited with no code in the route. Admission happens before anything is streamed (with the
+in-process limiter when the call is made; with a shared one (Redis), which must await, when the
+stream's first item is asked for, which every route does before it answers), so a refused
+request is a plain 429 with ``Retry-After``. The reservation is
 settled to the tokens the worker reports (prompt + generated) when the call ends, streams
 included (when the stream is closed, also by a client that went away).
 """
@@ -25,7 +27,10 @@ from lmaas.core.messages import (
 )
 from lmaas.engine.protocol import EngineClient, ServedModel
 from lmaas.gateway.keys import Principal, key_prefix
-from lmaas.gateway.limits import Admission, InProcessLimiter, Subject
+from lmaas.gateway.limits import Hold, InProcessLimiter, SharedLimiter, Subject
+
+Limiter = InProcessLimiter | SharedLimiter
+"""The in-process limiter (one gateway) or a shared one (several gateways)."""
 
 CHARS_PER_TOKEN = 4
 """Prompt tokens are estimated from text at admission (the gateway does not tokenize); the
@@ -61,7 +66,7 @@ def estimate_prompt_tokens(request: object) -> int:
     if isinstance(request, msgspec.Struct):
         for name in request.__struct_fields__:
             value = getattr(request, name)
-            if isinstance(value, str) and name != "request_id":
+            if isinstance(value, str) and name not in ("request_id", "tenant"):
                 total += _text_tokens(value)
             elif isinstance(value, list) and value and isinstance(value[0], str):
                 total += sum(_text_tokens(v) for v in value if isinstance(v, str))
@@ -75,12 +80,10 @@ class LimitedEngineClient:
     Args:
         engine: The engine (already the principal's view of it).
         principal: Whose limits apply.
-        limiter: The process's limiter.
+        limiter: The gateway's limiter.
     """
 
-    def __init__(
-        self, engine: EngineClient, principal: Principal, limiter: InProcessLimiter
-    ) -> None:
+    def __init__(self, engine: EngineClient, principal: Principal, limiter: Limiter) -> None:
         self._engine = engine
         self._subjects = subjects_of(principal)
         self._limiter = limiter
@@ -105,7 +108,11 @@ class LimitedEngineClient:
     def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[SeqDelta]:
         prompt = estimate_prompt_tokens(request)
         reserve = prompt + self._generation_budget(model, request, prompt)
-        admission = self._limiter.admit(self._subjects, reserve)
+        limiter = self._limiter
+        if not isinstance(limiter, InProcessLimiter):
+            start = _Start(self._engine, model, request, limiter, self._subjects, reserve)
+            return _SettledStream(None, None, start)
+        admission = limiter.admit(self._subjects, reserve)
         try:
             stream = self._engine.generate(model, request)
         except BaseException:
@@ -113,8 +120,14 @@ class LimitedEngineClient:
             raise
         return _SettledStream(stream, admission)
 
+    async def _admit(self, tokens: int) -> Hold:
+        limiter = self._limiter
+        if isinstance(limiter, InProcessLimiter):
+            return limiter.admit(self._subjects, tokens)
+        return await limiter.admit_async(self._subjects, tokens)
+
     async def embed(self, model: str, request: EmbedRequest) -> EmbedResult:
-        admission = self._limiter.admit(self._subjects, estimate_prompt_tokens(request))
+        admission = await self._admit(estimate_prompt_tokens(request))
         used = 0
         try:
             result = await self._engine.embed(model, request)
@@ -124,7 +137,7 @@ class LimitedEngineClient:
             admission.finish(used)
 
     async def infer(self, model: str, request: InferRequest) -> InferResult:
-        admission = self._limiter.admit(self._subjects, estimate_prompt_tokens(request))
+        admission = await self._admit(estimate_prompt_tokens(request))
         used = 0
         try:
             result = await self._engine.infer(model, request)
@@ -134,31 +147,79 @@ class LimitedEngineClient:
             admission.finish(used)
 
 
+class _Start:
+    """What a stream admitted by a shared limiter does on its first item: admit, then call."""
+
+    __slots__ = ("engine", "limiter", "model", "request", "subjects", "tokens")
+
+    def __init__(
+        self,
+        engine: EngineClient,
+        model: str,
+        request: GenerateRequest,
+        limiter: SharedLimiter,
+        subjects: list[Subject],
+        tokens: int,
+    ) -> None:
+        self.engine = engine
+        self.model = model
+        self.request = request
+        self.limiter = limiter
+        self.subjects = subjects
+        self.tokens = tokens
+
+
 class _SettledStream:
     """A token stream that settles its admission when it ends, fails or is closed (also when
-    it is closed before its first item, which an async generator's ``finally`` would miss)."""
+    it is closed before its first item, which an async generator's ``finally`` would miss).
 
-    __slots__ = ("_admission", "_stream", "_used")
+    With a shared limiter the stream is made lazily: ``start`` admits and calls the engine on
+    the first item (a refusal raises from there, before the route answered anything)."""
 
-    def __init__(self, stream: AsyncIterator[SeqDelta], admission: Admission) -> None:
+    __slots__ = ("_admission", "_start", "_stream", "_used")
+
+    def __init__(
+        self,
+        stream: AsyncIterator[SeqDelta] | None,
+        admission: Hold | None,
+        start: _Start | None = None,
+    ) -> None:
         self._stream = stream
         self._admission = admission
+        self._start = start
         self._used = 0
 
     def __aiter__(self) -> _SettledStream:
         return self
 
+    async def _begin(self) -> AsyncIterator[SeqDelta]:
+        start = self._start
+        assert start is not None
+        self._start = None
+        self._admission = await start.limiter.admit_async(start.subjects, start.tokens)
+        stream = start.engine.generate(start.model, start.request)
+        self._stream = stream
+        return stream
+
     async def __anext__(self) -> SeqDelta:
+        stream = self._stream
         try:
-            delta = await anext(self._stream)
+            if stream is None:
+                if self._start is None:
+                    raise StopAsyncIteration  # closed before it started
+                stream = await self._begin()
+            delta = await anext(stream)
         except BaseException:  # the end, an error or a cancellation: the stream is over
-            self._admission.finish(self._used)
+            if self._admission is not None:
+                self._admission.finish(self._used)
             raise
         self._used += delta.prompt_tokens + delta.num_new_tokens
         return delta
 
     async def aclose(self) -> None:
-        self._admission.finish(self._used)
+        self._start = None
+        if self._admission is not None:
+            self._admission.finish(self._used)
         aclose = getattr(self._stream, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -10,16 +10,17 @@ requests wait for it to refill). Concurrency is a counter held until the request
 Admission checks every limit of the key and of its tenant, then takes from all of them, with no
 ``await`` in between: on one event loop it is atomic, so N concurrent requests can never be
 admitted past a limit. A refused request takes nothing and gets :class:`RateLimitError` (429)
-with the seconds until it would pass (``Retry-After``). Several gateways need a shared store
-(Redis); this one holds for one process.
+with the seconds until it would pass (``Retry-After``). Several gateways need a shared store:
+:mod:`lmaas.gateway.redis_limits` keeps the same rules in Redis; this one holds for one process.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from lmaas.core.errors import InvalidRequestError, RateLimitError
 
@@ -117,6 +118,24 @@ class Admission:
         self._limiter.settle(self._states, self.reserved_tokens - used_tokens)
 
 
+class Hold(Protocol):
+    """An admitted request's hold on its limits (what every limiter's admission offers)."""
+
+    reserved_tokens: int
+
+    def finish(self, used_tokens: int) -> None:
+        """Release the concurrency slots and settle the reservation (once; never awaits)."""
+
+
+class SharedLimiter(Protocol):
+    """A limiter whose state lives outside the process (Redis): admission awaits I/O."""
+
+    async def admit_async(self, subjects: Sequence[Subject], tokens: int) -> Hold:
+        """Raises: RateLimitError past a limit (nothing taken)."""
+
+    async def aclose(self) -> None: ...
+
+
 class InProcessLimiter:
     """Token buckets and in-flight counters per subject, for one gateway process.
 
@@ -188,30 +207,49 @@ class InProcessLimiter:
 def _check(subject: Subject, state: _State, tokens: int) -> None:
     limits = subject.limits
     if limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent:
-        raise RateLimitError(
-            f"{subject.label} has {state.in_flight} requests in flight, its limit of "
-            f"concurrent requests ({limits.max_concurrent}); retry when one finishes",
-            retry_after_s=1.0,
-        )
+        raise rate_limit_error(subject, "concurrency", 1, state.in_flight, tokens)
     if state.requests is not None and limits.rpm is not None:
         wait = state.requests.wait_s(1)
         if wait > 0:
-            raise RateLimitError(
-                f"{subject.label} reached its limit of {limits.rpm} requests per minute",
-                retry_after_s=math.ceil(wait),
-            )
+            raise rate_limit_error(subject, "rpm", math.ceil(wait), 0, tokens)
     if state.tokens is not None and limits.tpm is not None:
         if tokens > limits.tpm:
-            raise RateLimitError(
-                f"this request may use {tokens} tokens (prompt + max_tokens), more than the "
-                f"limit of {limits.tpm} tokens per minute of {subject.label}; lower max_tokens",
-                param="max_tokens",
-                retry_after_s=_SECONDS_PER_MINUTE,
-            )
+            raise rate_limit_error(subject, "too_large", int(_SECONDS_PER_MINUTE), 0, tokens)
         wait = state.tokens.wait_s(tokens)
         if wait > 0:
-            raise RateLimitError(
-                f"{subject.label} reached its limit of {limits.tpm} tokens per minute "
-                f"(this request reserves {tokens})",
-                retry_after_s=math.ceil(wait),
-            )
+            raise rate_limit_error(subject, "tpm", math.ceil(wait), 0, tokens)
+
+
+def rate_limit_error(
+    subject: Subject, reason: str, retry_after_s: int, in_flight: int, tokens: int
+) -> RateLimitError:
+    """The 429 for ``subject`` past one of its limits; every limiter words it the same way.
+
+    Args:
+        reason: ``concurrency``, ``rpm``, ``too_large`` (one request above the tpm limit) or
+            ``tpm``.
+    """
+    limits = subject.limits
+    if reason == "concurrency":
+        return RateLimitError(
+            f"{subject.label} has {in_flight} requests in flight, its limit of "
+            f"concurrent requests ({limits.max_concurrent}); retry when one finishes",
+            retry_after_s=max(1, retry_after_s),
+        )
+    if reason == "rpm":
+        return RateLimitError(
+            f"{subject.label} reached its limit of {limits.rpm} requests per minute",
+            retry_after_s=max(1, retry_after_s),
+        )
+    if reason == "too_large":
+        return RateLimitError(
+            f"this request may use {tokens} tokens (prompt + max_tokens), more than the "
+            f"limit of {limits.tpm} tokens per minute of {subject.label}; lower max_tokens",
+            param="max_tokens",
+            retry_after_s=_SECONDS_PER_MINUTE,
+        )
+    return RateLimitError(
+        f"{subject.label} reached its limit of {limits.tpm} tokens per minute "
+        f"(this request reserves {tokens})",
+        retry_after_s=max(1, retry_after_s),
+    )

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
 import anyio.to_thread
 
@@ -24,6 +25,7 @@ from lmaas.core.errors import (
     NotFoundError,
 )
 from lmaas.core.types import is_valid_name
+from lmaas.gateway.audit import AuditEntry, AuditRecord, ChainReport
 from lmaas.gateway.keys import (
     Principal,
     Scope,
@@ -47,6 +49,43 @@ ADMIN_TENANT = "admin"
 """The tenant of the admin key created on first start."""
 MAX_CACHED_KEYS = 10_000
 _INVALID = "invalid API key"
+SYSTEM_ACTOR = "system"
+BOOTSTRAP_ACTOR = "system:bootstrap"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _limits_view(limits: Limits) -> dict[str, int | None]:
+    return {"rpm": limits.rpm, "tpm": limits.tpm, "max_concurrent": limits.max_concurrent}
+
+
+def tenant_view(tenant: Tenant) -> dict[str, Any]:
+    """A tenant as the audit trail records it."""
+    return {
+        "name": tenant.name,
+        "description": tenant.description,
+        "created_at": _iso(tenant.created_at),
+        "limits": _limits_view(tenant.limits),
+        "weight": tenant.weight,
+    }
+
+
+def key_view(key: ApiKey) -> dict[str, Any]:
+    """A key as the audit trail records it: never the secret, nor its hash."""
+    return {
+        "id": key.id,
+        "tenant": key.tenant,
+        "name": key.name,
+        "scopes": sorted(s.value for s in key.scopes),
+        "models": list(key.models),
+        "created_at": _iso(key.created_at),
+        "expires_at": _iso(key.expires_at),
+        "revoked_at": _iso(key.revoked_at),
+        "rotated_at": _iso(key.rotated_at),
+        "limits": _limits_view(key.limits),
+    }
 
 
 def _utcnow() -> datetime:
@@ -68,6 +107,8 @@ class GovernanceService:
         store: Where tenants and key hashes live.
         key_cache_ttl_s: How long a key record read from the DB is trusted (0: never cached).
         clock: Current UTC time (tests pass a fake one).
+        actor: Who the audit trail names for changes made without an explicit ``actor``
+            (the CLI sets ``cli:<os user>``).
     """
 
     def __init__(
@@ -76,11 +117,13 @@ class GovernanceService:
         *,
         key_cache_ttl_s: float = 5.0,
         clock: Callable[[], datetime] = _utcnow,
+        actor: str = SYSTEM_ACTOR,
     ) -> None:
         self._store = store
+        self.actor = actor
         self._ttl_s = key_cache_ttl_s
         self._clock = clock
-        self._cache: dict[str, tuple[float, tuple[ApiKey, Limits] | None]] = {}
+        self._cache: dict[str, tuple[float, tuple[ApiKey, Limits, float] | None]] = {}
 
     @classmethod
     def open(cls, database_url: str, *, key_cache_ttl_s: float = 5.0) -> GovernanceService:
@@ -90,27 +133,86 @@ class GovernanceService:
     def close(self) -> None:
         self._store.close()
 
+    def _entry(
+        self,
+        actor: str | None,
+        action: str,
+        target: str,
+        before: dict[str, Any] | None,
+        after: dict[str, Any] | None,
+    ) -> AuditEntry:
+        return AuditEntry(actor or self.actor, action, target, before, after)
+
+    # ---------------------------------------------------------------- audit
+
+    def list_audit(
+        self,
+        *,
+        limit: int = 100,
+        after_seq: int | None = None,
+        actor: str | None = None,
+        action: str | None = None,
+        target: str | None = None,
+    ) -> list[AuditRecord]:
+        """Audit rows, newest first (``after_seq``: only rows after it, oldest first)."""
+        if not 1 <= limit <= 10_000:
+            raise InvalidRequestError("limit must be between 1 and 10000", param="limit")
+        return self._store.list_audit(
+            limit=limit,
+            after_seq=after_seq,
+            actor=actor,
+            action=action,
+            target=target,
+            newest_first=after_seq is None,
+        )
+
+    def verify_audit(self) -> ChainReport:
+        """Walk the hash chain; the report names the first row edited, deleted or forged."""
+        return self._store.verify_audit()
+
     # ---------------------------------------------------------------- tenants
 
     def create_tenant(
-        self, name: str, description: str = "", limits: Limits | None = None
+        self,
+        name: str,
+        description: str = "",
+        limits: Limits | None = None,
+        weight: float = 1.0,
+        *,
+        actor: str | None = None,
     ) -> Tenant:
-        """Create a tenant, with limits its keys share. Raises: InvalidRequestError (bad name or
-        limit), ConflictError (taken)."""
+        """Create a tenant, with limits its keys share and its fair-share weight. Raises:
+        InvalidRequestError (bad name, limit or weight), ConflictError (taken)."""
         if not is_valid_name(name):
             raise InvalidRequestError(
                 f"invalid tenant name {name[:70]!r}: use 1-64 lower-case letters, digits, "
                 "'.', '_' or '-', starting with a letter or digit",
                 param="name",
             )
-        tenant = Tenant(name, description[:256], self._clock(), (limits or Limits()).checked())
-        self._store.add_tenant(tenant)
+        limits = (limits or Limits()).checked()
+        tenant = Tenant(name, description[:256], self._clock(), limits, check_weight(weight))
+        audit = self._entry(actor, "tenant.create", name, None, tenant_view(tenant))
+        self._store.add_tenant(tenant, audit)
         return tenant
 
-    def set_tenant_limits(self, name: str, limits: Limits) -> Tenant:
+    def set_tenant_weight(self, name: str, weight: float, *, actor: str | None = None) -> Tenant:
+        """Set a tenant's fair-share weight. Raises: NotFoundError, InvalidRequestError."""
+        before = self.get_tenant(name)
+        after = replace(before, weight=check_weight(weight))
+        audit = self._entry(actor, "tenant.weight", name, tenant_view(before), tenant_view(after))
+        tenant = self._store.set_tenant_weight(name, after.weight, audit)
+        if tenant is None:
+            raise NotFoundError(f"tenant {name[:70]!r} does not exist", param="name")
+        self._cache.clear()  # every key of the tenant carries its weight
+        return tenant
+
+    def set_tenant_limits(self, name: str, limits: Limits, *, actor: str | None = None) -> Tenant:
         """Replace a tenant's limits (None fields: unlimited). Raises: NotFoundError,
         InvalidRequestError."""
-        tenant = self._store.set_tenant_limits(name, limits.checked())
+        before = self.get_tenant(name)
+        after = replace(before, limits=limits.checked())
+        audit = self._entry(actor, "tenant.limits", name, tenant_view(before), tenant_view(after))
+        tenant = self._store.set_tenant_limits(name, after.limits, audit)
         if tenant is None:
             raise NotFoundError(f"tenant {name[:70]!r} does not exist", param="name")
         self._cache.clear()  # every key of the tenant carries its limits
@@ -126,7 +228,7 @@ class GovernanceService:
             raise NotFoundError(f"tenant {name[:70]!r} does not exist", param="name")
         return tenant
 
-    def delete_tenant(self, name: str) -> Tenant:
+    def delete_tenant(self, name: str, *, actor: str | None = None) -> Tenant:
         """Delete a tenant and every key of it.
 
         Raises:
@@ -136,7 +238,8 @@ class GovernanceService:
         tenant = self.get_tenant(name)
         keys = self._store.list_keys(name)
         self._refuse_losing_every_admin({k.id for k in keys})
-        self._store.delete_tenant(name)
+        before = {**tenant_view(tenant), "keys": [k.id for k in keys]}
+        self._store.delete_tenant(name, self._entry(actor, "tenant.delete", name, before, None))
         for key in keys:
             self._cache.pop(key.id, None)
         return tenant
@@ -152,6 +255,7 @@ class GovernanceService:
         name: str = "",
         expires_in: str | None = None,
         limits: Limits | None = None,
+        actor: str | None = None,
     ) -> IssuedKey:
         """Issue a key; its secret is in the result and nowhere else.
 
@@ -182,7 +286,9 @@ class GovernanceService:
             expires_at=None if expires_in is None else now + parse_duration(expires_in),
             limits=(limits or Limits()).checked(),
         )
-        self._store.add_key(key)
+        self._store.add_key(
+            key, audit=self._entry(actor, "key.create", key.id, None, key_view(key))
+        )
         return IssuedKey(key, secret)
 
     def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
@@ -195,7 +301,9 @@ class GovernanceService:
             raise NotFoundError(f"key {key_prefix(normalize_key_id(key_id))} does not exist")
         return key
 
-    def rotate_key(self, key_id: str, *, expires_in: str | None = None) -> IssuedKey:
+    def rotate_key(
+        self, key_id: str, *, expires_in: str | None = None, actor: str | None = None
+    ) -> IssuedKey:
         """Give a key a new secret; the old one stops working. Same id, scopes and models.
 
         Args:
@@ -218,23 +326,27 @@ class GovernanceService:
                 f"key {key.prefix} expired; rotate it with a new expires_in", param="expires_in"
             )
         secret = new_secret_key(key.id)
-        rotated = self._store.replace_hash(key.id, hash_key(secret), now, expires_at)
+        after = replace(key, rotated_at=now, expires_at=expires_at)
+        audit = self._entry(actor, "key.rotate", key.id, key_view(key), key_view(after))
+        rotated = self._store.replace_hash(key.id, hash_key(secret), now, expires_at, audit)
         self._cache.pop(key.id, None)
         if rotated is None:  # deleted in between
             raise NotFoundError(f"key {key.prefix} does not exist")
         return IssuedKey(rotated, secret)
 
-    def set_key_limits(self, key_id: str, limits: Limits) -> ApiKey:
+    def set_key_limits(self, key_id: str, limits: Limits, *, actor: str | None = None) -> ApiKey:
         """Replace a key's limits (None fields: unlimited). Raises: NotFoundError,
         InvalidRequestError."""
         key = self.get_key(key_id)
-        updated = self._store.set_key_limits(key.id, limits.checked())
+        after = replace(key, limits=limits.checked())
+        audit = self._entry(actor, "key.limits", key.id, key_view(key), key_view(after))
+        updated = self._store.set_key_limits(key.id, after.limits, audit)
         self._cache.pop(key.id, None)
         if updated is None:
             raise NotFoundError(f"key {key.prefix} does not exist")
         return updated
 
-    def revoke_key(self, key_id: str) -> ApiKey:
+    def revoke_key(self, key_id: str, *, actor: str | None = None) -> ApiKey:
         """Revoke a key for good (the row stays, for the record); revoking twice is a no-op.
 
         Raises:
@@ -245,7 +357,10 @@ class GovernanceService:
         if key.revoked_at is not None:
             return key
         self._refuse_losing_every_admin({key.id})
-        revoked = self._store.revoke(key.id, self._clock())
+        now = self._clock()
+        after = replace(key, revoked_at=now)
+        audit = self._entry(actor, "key.revoke", key.id, key_view(key), key_view(after))
+        revoked = self._store.revoke(key.id, now, audit)
         self._cache.pop(key.id, None)
         return revoked or key
 
@@ -275,8 +390,9 @@ class GovernanceService:
         )
         missing = self._store.get_tenant(ADMIN_TENANT) is None
         tenant = Tenant(ADMIN_TENANT, "created on first start", now) if missing else None
+        audit = AuditEntry(BOOTSTRAP_ACTOR, "key.create", key.id, None, key_view(key))
         try:
-            self._store.add_key(key, with_tenant=tenant)
+            self._store.add_key(key, with_tenant=tenant, audit=audit)
         except ConflictError:
             return None
         return IssuedKey(key, secret)
@@ -314,10 +430,10 @@ class GovernanceService:
             raise AuthenticationError(_INVALID)
         return self._check(self._store.get_key_for_auth(key_id), secret)
 
-    def _check(self, found: tuple[ApiKey, Limits] | None, secret: str) -> Principal:
+    def _check(self, found: tuple[ApiKey, Limits, float] | None, secret: str) -> Principal:
         if found is None or not key_matches(secret, found[0].key_sha256):
             raise AuthenticationError(_INVALID)
-        key, tenant_limits = found
+        key, tenant_limits, tenant_weight = found
         status = key.status(self._clock())
         if status == "revoked":
             raise AuthenticationError(f"API key {key.prefix} has been revoked")
@@ -326,9 +442,9 @@ class GovernanceService:
             raise AuthenticationError(
                 f"API key {key.prefix} expired at {key.expires_at.isoformat(timespec='seconds')}"
             )
-        return key.principal(tenant_limits)
+        return key.principal(tenant_limits, tenant_weight)
 
-    async def _lookup(self, key_id: str) -> tuple[ApiKey, Limits] | None:
+    async def _lookup(self, key_id: str) -> tuple[ApiKey, Limits, float] | None:
         now = time.monotonic()
         hit = self._cache.get(key_id)
         if hit is not None and now - hit[0] < self._ttl_s:
@@ -339,6 +455,18 @@ class GovernanceService:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key_id] = (now, found)
         return found
+
+
+MAX_WEIGHT = 1000.0
+
+
+def check_weight(weight: float) -> float:
+    """Raises: InvalidRequestError for a weight outside (0, 1000]."""
+    if not (0 < weight <= MAX_WEIGHT) or weight != weight:
+        raise InvalidRequestError(
+            f"weight must be above 0 and at most {MAX_WEIGHT:g}, not {weight}", param="weight"
+        )
+    return float(weight)
 
 
 def _check_label(name: str) -> str:

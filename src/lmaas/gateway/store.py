@@ -1,20 +1,21 @@
 """Tenants and API keys in the metadata DB (SQLAlchemy 2; schema by the registry's Alembic chain).
 
 The store keeps records, never secrets: a key row holds ``sha256(key)`` only. It shares the DB
-(and the migrations, revision ``0002``) with the model registry, so one ``LMAAS_DATABASE_URL``
-(SQLite by default, PostgreSQL in production) holds all of lmaas's state.
+(and the migrations: ``0002``; the tenant weight, ``0003_gov3``) with the model registry, so one
+``LMAAS_DATABASE_URL`` (SQLite by default, PostgreSQL in production) holds all of lmaas's state.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -23,9 +24,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from lmaas.core.errors import ConflictError, InternalError
+from lmaas.gateway.audit import AuditEntry, AuditRecord, ChainReport, append_audit, list_audit
+from lmaas.gateway.audit import verify_chain as _verify_chain
 from lmaas.gateway.keys import Principal, Scope, key_prefix
 from lmaas.gateway.limits import NO_LIMITS, Limits
 from lmaas.registry.metadata import create_db_engine, upgrade_schema
@@ -61,6 +64,8 @@ class TenantRow(_LimitColumns, _Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     description: Mapped[str] = mapped_column(String(256), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
+    """Fair-share weight (migration 0003_gov3)."""
 
 
 class ApiKeyRow(_LimitColumns, _Base):
@@ -78,6 +83,11 @@ class ApiKeyRow(_LimitColumns, _Base):
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     rotated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+def _audit(session: Session, entry: AuditEntry | None) -> None:
+    if entry is not None:
+        append_audit(session, entry)
 
 
 def _utc(value: datetime) -> datetime:
@@ -98,6 +108,8 @@ class Tenant:
     created_at: datetime
     limits: Limits = NO_LIMITS
     """Shared by all the tenant's keys."""
+    weight: float = 1.0
+    """Fair share: under contention the engine queues serve tenants in proportion to it."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -129,15 +141,23 @@ class ApiKey:
             return "expired"
         return "active"
 
-    def principal(self, tenant_limits: Limits | None = None) -> Principal:
+    def principal(
+        self, tenant_limits: Limits | None = None, tenant_weight: float = 1.0
+    ) -> Principal:
         """Who a request authenticated by this key runs as."""
         return Principal(
-            self.id, self.tenant, self.scopes, self.models, self.limits, tenant_limits or Limits()
+            self.id,
+            self.tenant,
+            self.scopes,
+            self.models,
+            self.limits,
+            tenant_limits or Limits(),
+            tenant_weight,
         )
 
 
 def _tenant(row: TenantRow) -> Tenant:
-    return Tenant(row.name, row.description, _utc(row.created_at), row.limits)
+    return Tenant(row.name, row.description, _utc(row.created_at), row.limits, row.weight)
 
 
 def _tenant_row(tenant: Tenant) -> TenantRow:
@@ -145,6 +165,7 @@ def _tenant_row(tenant: Tenant) -> TenantRow:
         name=tenant.name,
         description=tenant.description,
         created_at=tenant.created_at,
+        weight=tenant.weight,
         **_limit_values(tenant.limits),
     )
 
@@ -202,12 +223,14 @@ class SqlGovernanceStore:
 
     # ---------------------------------------------------------------- tenants
 
-    def add_tenant(self, tenant: Tenant) -> None:
+    def add_tenant(self, tenant: Tenant, audit: AuditEntry | None = None) -> None:
         """Raises: ConflictError when the name is taken."""
         row = _tenant_row(tenant)
         try:
             with self._sessions.begin() as session:
                 session.add(row)
+                session.flush()
+                _audit(session, audit)
         except IntegrityError as exc:
             raise ConflictError(f"tenant {tenant.name!r} already exists") from exc
 
@@ -221,26 +244,50 @@ class SqlGovernanceStore:
             rows = session.scalars(select(TenantRow).order_by(TenantRow.name))
             return [_tenant(r) for r in rows]
 
-    def delete_tenant(self, name: str) -> bool:
+    def delete_tenant(self, name: str, audit: AuditEntry | None = None) -> bool:
         """Delete a tenant and its keys; True if it existed."""
         with self._sessions.begin() as session:
             # Explicit, so SQLite connections without the foreign_keys pragma cascade too.
             session.execute(delete(ApiKeyRow).where(ApiKeyRow.tenant == name))
             result = session.execute(delete(TenantRow).where(TenantRow.name == name))
+            _audit(session, audit)
         return bool(getattr(result, "rowcount", 0))
 
-    def set_tenant_limits(self, name: str, limits: Limits) -> Tenant | None:
+    def set_tenant_weight(
+        self, name: str, weight: float, audit: AuditEntry | None = None
+    ) -> Tenant | None:
+        """Set a tenant's fair-share weight; None when no such tenant."""
+        with self._sessions.begin() as session:
+            session.execute(update(TenantRow).where(TenantRow.name == name).values(weight=weight))
+            row = session.get(TenantRow, name)
+            if row is None:
+                return None
+            _audit(session, audit)
+            return _tenant(row)
+
+    def set_tenant_limits(
+        self, name: str, limits: Limits, audit: AuditEntry | None = None
+    ) -> Tenant | None:
         """Replace a tenant's limits; None when no such tenant."""
         with self._sessions.begin() as session:
             session.execute(
                 update(TenantRow).where(TenantRow.name == name).values(**_limit_values(limits))
             )
             row = session.get(TenantRow, name)
-            return None if row is None else _tenant(row)
+            if row is None:
+                return None
+            _audit(session, audit)
+            return _tenant(row)
 
     # ---------------------------------------------------------------- keys
 
-    def add_key(self, key: ApiKey, *, with_tenant: Tenant | None = None) -> None:
+    def add_key(
+        self,
+        key: ApiKey,
+        *,
+        with_tenant: Tenant | None = None,
+        audit: AuditEntry | None = None,
+    ) -> None:
         """Insert a key (and its tenant first, in the same transaction, when given).
 
         Raises:
@@ -252,6 +299,8 @@ class SqlGovernanceStore:
                     session.add(_tenant_row(with_tenant))
                     session.flush()
                 session.add(_key_row(key))
+                session.flush()
+                _audit(session, audit)
         except IntegrityError as exc:
             raise ConflictError(f"key {key.prefix} or its tenant already exists") from exc
 
@@ -260,14 +309,17 @@ class SqlGovernanceStore:
             row = session.get(ApiKeyRow, key_id)
             return None if row is None else _key(row)
 
-    def get_key_for_auth(self, key_id: str) -> tuple[ApiKey, Limits] | None:
-        """A key with its tenant's limits (one read for the auth cache); None if unknown."""
+    def get_key_for_auth(self, key_id: str) -> tuple[ApiKey, Limits, float] | None:
+        """A key with its tenant's limits and weight (one read for the auth cache); None if
+        unknown."""
         with self._sessions() as session:
             row = session.get(ApiKeyRow, key_id)
             if row is None:
                 return None
             tenant = session.get(TenantRow, row.tenant)
-            return _key(row), tenant.limits if tenant is not None else Limits()
+            if tenant is None:
+                return _key(row), Limits(), 1.0
+            return _key(row), tenant.limits, tenant.weight
 
     def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
         query = select(ApiKeyRow).order_by(ApiKeyRow.tenant, ApiKeyRow.created_at, ApiKeyRow.id)
@@ -277,30 +329,63 @@ class SqlGovernanceStore:
             return [_key(r) for r in session.scalars(query)]
 
     def replace_hash(
-        self, key_id: str, key_sha256: str, rotated_at: datetime, expires_at: datetime | None
+        self,
+        key_id: str,
+        key_sha256: str,
+        rotated_at: datetime,
+        expires_at: datetime | None,
+        audit: AuditEntry | None = None,
     ) -> ApiKey | None:
         """Give a key a new secret (rotation); None when no such key."""
         values = {"key_sha256": key_sha256, "rotated_at": rotated_at, "expires_at": expires_at}
-        return self._update(key_id, values)
+        return self._update(key_id, values, audit=audit)
 
-    def set_key_limits(self, key_id: str, limits: Limits) -> ApiKey | None:
+    def set_key_limits(
+        self, key_id: str, limits: Limits, audit: AuditEntry | None = None
+    ) -> ApiKey | None:
         """Replace a key's limits; None when no such key."""
-        return self._update(key_id, dict(_limit_values(limits)))
+        return self._update(key_id, dict(_limit_values(limits)), audit=audit)
 
-    def revoke(self, key_id: str, when: datetime) -> ApiKey | None:
+    def revoke(self, key_id: str, when: datetime, audit: AuditEntry | None = None) -> ApiKey | None:
         """Mark a key revoked (kept for the record); None when no such key."""
-        return self._update(key_id, {"revoked_at": when}, only_if_active=True)
+        return self._update(key_id, {"revoked_at": when}, only_if_active=True, audit=audit)
 
     def _update(
-        self, key_id: str, values: dict[str, object], *, only_if_active: bool = False
+        self,
+        key_id: str,
+        values: dict[str, object],
+        *,
+        only_if_active: bool = False,
+        audit: AuditEntry | None = None,
     ) -> ApiKey | None:
         query = update(ApiKeyRow).where(ApiKeyRow.id == key_id).values(**values)
         if only_if_active:
             query = query.where(ApiKeyRow.revoked_at.is_(None))
         with self._sessions.begin() as session:
-            session.execute(query)
+            changed = bool(getattr(session.execute(query), "rowcount", 0))
             row = session.get(ApiKeyRow, key_id)
-            return None if row is None else _key(row)
+            if row is None:
+                return None
+            if changed:
+                _audit(session, audit)
+            return _key(row)
+
+    # ---------------------------------------------------------------- audit
+
+    def append_audit(self, entry: AuditEntry) -> AuditRecord:
+        """Append one entry on its own (actions that change no governance row)."""
+        with self._sessions.begin() as session:
+            return append_audit(session, entry)
+
+    def list_audit(self, **filters: Any) -> list[AuditRecord]:
+        """Audit rows (see :func:`lmaas.gateway.audit.list_audit` for the filters)."""
+        with self._sessions() as session:
+            return list_audit(session, **filters)
+
+    def verify_audit(self) -> ChainReport:
+        """Walk the audit chain; the report names the first broken row."""
+        with self._sessions() as session:
+            return _verify_chain(session)
 
     def close(self) -> None:
         """Release the connection pool."""

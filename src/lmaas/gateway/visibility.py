@@ -18,6 +18,7 @@ from lmaas.core.messages import (
     InferResult,
     SeqDelta,
 )
+from lmaas.core.types import parse_model_ref
 from lmaas.engine.protocol import EngineClient, ServedModel, model_not_served
 from lmaas.gateway.keys import Principal
 
@@ -35,7 +36,9 @@ class ScopedEngineClient:
         self._principal = principal
 
     def _check(self, name: str) -> None:
-        if not self._principal.may_see(name):
+        # A key's patterns name models; ``name:version`` and ``name@alias`` are checked by name.
+        parsed = parse_model_ref(name)
+        if not self._principal.may_see(name if parsed is None else parsed.name):
             raise model_not_served(name)
 
     def list_models(self) -> list[ServedModel]:

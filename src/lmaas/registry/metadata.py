@@ -14,6 +14,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -28,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from lmaas.core.errors import ConflictError, InternalError
 from lmaas.registry.manifest import Manifest
@@ -114,6 +115,15 @@ def create_db_engine(url: str) -> Engine:
     return engine
 
 
+def head_revision() -> str:
+    """The newest revision of the shipped migrations (what :func:`upgrade_schema` reaches)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
 def upgrade_schema(engine: Engine, revision: str = "head") -> None:
     """Run the shipped Alembic migrations up to ``revision`` (a no-op when already there)."""
     config = Config()
@@ -146,6 +156,11 @@ class MetadataStore:
             self._engine.dispose()
             raise InternalError(f"cannot open the metadata DB: {exc}") from exc
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        """The session factory, shared with :class:`~lmaas.registry.lifecycle_db.LifecycleStore`."""
+        return self._sessions
 
     def add_version(self, manifest: Manifest) -> None:
         """Record a version whose files are already in place.

@@ -7,6 +7,7 @@ and a failed import removes whatever it had published, so the DB never names a m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -20,8 +21,15 @@ from lmaas.core.errors import (
     ModelNotFoundError,
 )
 from lmaas.core.hashing import verify_file
-from lmaas.core.types import Task, is_valid_name
-from lmaas.registry.manifest import FileEntry, Lineage, Manifest, MetricRecord, ServingDefaults
+from lmaas.core.types import LATEST_ALIAS, Task, is_valid_name, parse_model_ref
+from lmaas.registry.lifecycle_db import AliasMove, LifecycleStore, StoredMetric
+from lmaas.registry.manifest import (
+    FileEntry,
+    Lineage,
+    Manifest,
+    MetricRecord,
+    ServingDefaults,
+)
 from lmaas.registry.metadata import MetadataStore
 from lmaas.registry.sources import (
     ImportPlan,
@@ -78,6 +86,8 @@ class RegistryService:
         database_url: SQLAlchemy URL of the metadata DB (migrated on open).
         offline: Never try to reach a model hub.
         hub_endpoint: Base URL of the Hugging Face hub (a mirror); the library default when None.
+        on_alias_moved: Called after every alias move is committed (with its history row): the
+            audit trail's hook. The history table records every move whether or not it is set.
     """
 
     def __init__(
@@ -87,9 +97,12 @@ class RegistryService:
         *,
         offline: bool = False,
         hub_endpoint: str | None = None,
+        on_alias_moved: Callable[[AliasMove], None] | None = None,
     ) -> None:
         self._store = ModelStore(home / "models")
         self._db = MetadataStore(database_url)
+        self._lifecycle = LifecycleStore(self._db.sessions)
+        self._on_alias_moved = on_alias_moved
         self._offline = offline
         self._hub_endpoint = hub_endpoint
         self._store.sweep_staging()
@@ -153,6 +166,8 @@ class RegistryService:
         """
         if name is not None and not is_valid_name(name):
             raise _invalid_name(name)
+        if lineage is not None and lineage.parent is not None:
+            self.resolve(lineage.parent)  # a parent must exist when its child is made
         defaults = _serving_defaults(serving, trust_remote_code)
         opts = _ImportOptions(
             task,
@@ -293,15 +308,26 @@ class RegistryService:
         return manifest
 
     def resolve(self, ref: str) -> Manifest:
-        """Return the version a reference names: ``name`` (latest) or ``name:version``.
+        """Return the version a reference names: ``name`` (latest), ``name:version`` or
+        ``name@alias`` (``name@latest`` is the latest version).
 
         Raises:
-            ModelNotFoundError: No such model or version.
+            ModelNotFoundError: No such model, version or alias.
         """
-        name, sep, version = ref.partition(":")
-        if sep and not version:
+        parsed = parse_model_ref(ref)
+        if parsed is None:
             raise _not_found(ref, None)
-        return self.get(name, version or None)
+        if parsed.alias is None or parsed.alias == LATEST_ALIAS:
+            return self.get(parsed.name, parsed.version)
+        version = self._lifecycle.alias_target(parsed.name, parsed.alias)
+        if version is None:
+            self.get(parsed.name)  # an unknown model says so before an unknown alias
+            raise ModelNotFoundError(
+                f"model {parsed.name!r} has no alias {parsed.alias!r}; "
+                f"`lmaas models show {parsed.name}` lists its aliases",
+                param="model",
+            )
+        return self.get(parsed.name, version)
 
     def model_dir(self, manifest: Manifest) -> Path:
         """Return the directory holding ``manifest``'s files."""
@@ -324,6 +350,15 @@ class RegistryService:
                 raise _not_found(name, None)
         else:
             removed = [self.get(name, version)]
+        aliases = self._lifecycle.aliases(name)
+        held = sorted(
+            f"{name}@{a}" for a, v in aliases.items() if v in {m.version for m in removed}
+        )
+        if held:
+            raise ConflictError(
+                f"{', '.join(held)} still point(s) at a version being removed; move or remove "
+                "the alias first (`lmaas models alias` / `lmaas models unalias`)"
+            )
         for manifest in removed:
             # Row first: a crash in between leaves an orphan directory, never a dangling row.
             self._db.delete_version(manifest.name, manifest.version)
@@ -338,6 +373,95 @@ class RegistryService:
         """
         for entry in manifest.files:
             verify_file(self._store.file_path(manifest, entry.path), entry, manifest.ref)
+
+    # ------------------------------------------------------------------ aliases, tags, metrics
+
+    def set_alias(self, name: str, alias: str, version: str, *, actor: str = "") -> AliasMove:
+        """Point ``name@alias`` at ``version`` in one transaction with its history row.
+
+        Raises:
+            InvalidRequestError: The alias is not a valid name, or is the built-in ``latest``.
+            ModelNotFoundError: No such version.
+        """
+        _check_alias(alias)
+        self.get(name, version)
+        return self._moved(self._lifecycle.move_alias(name, alias, version, actor))
+
+    def remove_alias(self, name: str, alias: str, *, actor: str = "") -> AliasMove:
+        """Remove ``name@alias`` (recorded in the history as a move to no version).
+
+        Raises:
+            ModelNotFoundError: No such alias.
+        """
+        _check_alias(alias)
+        return self._moved(self._lifecycle.move_alias(name, alias, None, actor))
+
+    def _moved(self, move: AliasMove) -> AliasMove:
+        if self._on_alias_moved is not None:
+            self._on_alias_moved(move)  # audit hook: the move is committed and in the history
+        return move
+
+    def aliases(self, name: str) -> dict[str, str]:
+        """Every alias of ``name`` → version."""
+        return self._lifecycle.aliases(name)
+
+    def alias_target(self, name: str, alias: str) -> str | None:
+        """The version ``name@alias`` names now, or None (``latest`` included)."""
+        if alias == LATEST_ALIAS:
+            versions = self._db.list_versions(name)
+            return versions[-1].version if versions else None
+        return self._lifecycle.alias_target(name, alias)
+
+    def history(self, name: str) -> list[AliasMove]:
+        """Every alias move of ``name``, oldest first.
+
+        Raises:
+            ModelNotFoundError: No model and no history of that name.
+        """
+        moves = self._lifecycle.history(name)
+        if not moves:
+            self.get(name)
+        return moves
+
+    def set_tags(self, ref: str, tags: dict[str, str], remove: list[str] | None = None) -> Manifest:
+        """Add or replace tags of the version ``ref`` names, and delete the keys in ``remove``.
+
+        Raises:
+            InvalidRequestError: A key is not a valid name.
+            ModelNotFoundError: No such version.
+        """
+        bad = [key for key in [*tags, *(remove or [])] if not is_valid_name(key)]
+        if bad:
+            raise InvalidRequestError(f"invalid tag key {bad[0]!r}", param="tag")
+        manifest = self.resolve(ref)
+        self._lifecycle.set_tags(manifest.name, manifest.version, tags, remove or [])
+        return manifest
+
+    def tags(self, manifest: Manifest) -> dict[str, str]:
+        """The tags of one version."""
+        return self._lifecycle.tags(manifest.name, manifest.version)
+
+    def add_metrics(self, manifest: Manifest, metrics: list[StoredMetric]) -> None:
+        """Store evaluation results on a version (the manifest on disk stays untouched)."""
+        self._lifecycle.add_metrics(manifest.name, manifest.version, metrics)
+
+    def metrics(self, manifest: Manifest) -> list[StoredMetric]:
+        """Every stored evaluation result of one version, oldest first."""
+        return self._lifecycle.metrics(manifest.name, manifest.version)
+
+
+def _check_alias(alias: str) -> None:
+    if alias == LATEST_ALIAS:
+        raise InvalidRequestError(
+            f"{LATEST_ALIAS!r} is built in (the highest version) and cannot be moved",
+            param="alias",
+        )
+    if not is_valid_name(alias) or alias.isdigit():
+        raise InvalidRequestError(
+            f"invalid alias {alias!r}: use 1-64 characters of a-z, 0-9, '.', '_' or '-', "
+            "starting with a letter or digit, and not only digits (those are versions)",
+            param="alias",
+        )
 
 
 @dataclass(frozen=True, slots=True)

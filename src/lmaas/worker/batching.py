@@ -60,6 +60,8 @@ class BatchPipeline:
         self._batcher: DynamicBatcher[Any] = DynamicBatcher(config)
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="lmaas-batch")
         self._preparing: dict[str, Future[Prepared]] = {}
+        self._tenants: dict[str, tuple[str, float]] = {}
+        """Tenant and weight of requests being prepared (fair share in the batcher)."""
         self._open: dict[str, tuple[Prepared, int]] = {}
         """Requests with rows queued or in a batch: (prepared, rows still missing)."""
         self._finishing: set[str] = set()
@@ -93,10 +95,13 @@ class BatchPipeline:
             return
         future = self._pool.submit(self._runner.preprocess, request)
         self._preparing[request.request_id] = future
+        if request.tenant:
+            self._tenants[request.request_id] = (request.tenant, request.tenant_weight)
         future.add_done_callback(partial(self._completed, "preprocessing", request.request_id))
 
     def abort(self, request_id: str) -> None:
         future = self._preparing.pop(request_id, None)
+        self._tenants.pop(request_id, None)
         if future is not None:
             future.cancel()
         if self._open.pop(request_id, None) is not None:
@@ -156,6 +161,7 @@ class BatchPipeline:
             if isinstance(item, Prepared):
                 self._enqueue(request_id, item)
             elif isinstance(item, LmaasError):
+                self._tenants.pop(request_id, None)
                 if self._preparing.pop(request_id, None) is not None or (
                     request_id in self._finishing
                 ):
@@ -171,8 +177,9 @@ class BatchPipeline:
         if not prepared.rows:
             self._finish(prepared)
             return
+        tenant, weight = self._tenants.pop(request_id, ("", 1.0))
         rows = [
-            QueuedRow(request_id, index, length, payload)
+            QueuedRow(request_id, index, length, payload, tenant=tenant, weight=weight)
             for index, (length, payload) in enumerate(prepared.rows)
         ]
         try:

@@ -343,3 +343,17 @@ async def test_concurrency_limit_holds_while_a_stream_is_open(
     assert (
         await anon.post("/v1/chat/completions", json=chat_body(), headers=key)
     ).status_code == 200
+
+
+async def test_admin_api_sets_a_tenants_fair_share_weight(
+    anon: httpx.AsyncClient, admin: IssuedKey
+) -> None:
+    auth = _auth(admin.secret)
+    body = {"name": "gold", "weight": 3}
+    created = await anon.post("/admin/tenants", json=body, headers=auth)
+    assert created.status_code == 201 and created.json()["weight"] == 3.0
+    changed = await anon.put("/admin/tenants/gold/weight", json={"weight": 0.5}, headers=auth)
+    assert changed.status_code == 200 and changed.json()["weight"] == 0.5
+    bad = await anon.put("/admin/tenants/gold/weight", json={"weight": 0}, headers=auth)
+    assert bad.status_code == 400
+    assert (await anon.get("/admin/tenants/gold", headers=auth)).json()["weight"] == 0.5

@@ -11,6 +11,7 @@ from lmaas.core.errors import (
     ConflictError,
     InternalError,
     InvalidRequestError,
+    ModelNotFoundError,
     OfflineError,
     UnsafeModelError,
 )
@@ -193,10 +194,14 @@ def test_serving_options_and_lineage(
     registry: RegistryService, make_model_dir: MakeModelDir
 ) -> None:
     src = make_model_dir()
+    lineage = Lineage(parent="base:1", transform="quantize-int8", parameters={"bits": 8})
+    with pytest.raises(ModelNotFoundError, match="base"):
+        registry.import_model(str(src), lineage=lineage)  # the parent must exist
+    registry.import_model(str(src), name="base")
     manifest = registry.import_model(
         str(src),
         serving={"max_batch_size": 4, "matryoshka_dims": [16], "options": {"runner": "x:y"}},
-        lineage=Lineage(parent="base:1", transform="quantize-int8", parameters={"bits": 8}),
+        lineage=lineage,
     )
     assert manifest.serving.max_batch_size == 4
     assert manifest.serving.options == {"runner": "x:y"}

@@ -16,7 +16,7 @@ from lmaas.api.admin.schemas import (
     KeyRotateRequest,
     LimitsBody,
 )
-from lmaas.api.services import governance_of
+from lmaas.api.services import actor_of, governance_of
 
 router = APIRouter(prefix="/admin/keys", tags=["admin"])
 
@@ -35,6 +35,7 @@ def create_key(body: KeyCreateRequest, request: Request) -> IssuedKeyResponse:
         name=body.name,
         expires_in=body.expires_in,
         limits=body.limits.to_limits(),
+        actor=actor_of(request),
     )
     return IssuedKeyResponse.issued(issued, _now())
 
@@ -59,18 +60,23 @@ def rotate_key(
 ) -> IssuedKeyResponse:
     """A new secret for the same key (id, scopes, models); the old secret stops working."""
     expires_in = body.expires_in if body is not None else None
-    issued = governance_of(request).rotate_key(key_id, expires_in=expires_in)
+    issued = governance_of(request).rotate_key(
+        key_id, expires_in=expires_in, actor=actor_of(request)
+    )
     return IssuedKeyResponse.issued(issued, _now())
 
 
 @router.put("/{key_id}/limits")
 def set_key_limits(key_id: str, body: LimitsBody, request: Request) -> KeyResponse:
     """Replace the key's limits (absent or null fields: unlimited)."""
-    return KeyResponse.of(governance_of(request).set_key_limits(key_id, body.to_limits()), _now())
+    governance = governance_of(request)
+    key = governance.set_key_limits(key_id, body.to_limits(), actor=actor_of(request))
+    return KeyResponse.of(key, _now())
 
 
 @router.post("/{key_id}/revoke")
 @router.delete("/{key_id}")
 def revoke_key(key_id: str, request: Request) -> KeyResponse:
     """Revoke a key for good (its record stays); 409 for the last active admin key."""
-    return KeyResponse.of(governance_of(request).revoke_key(key_id), _now())
+    key = governance_of(request).revoke_key(key_id, actor=actor_of(request))
+    return KeyResponse.of(key, _now())

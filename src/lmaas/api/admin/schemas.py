@@ -39,6 +39,13 @@ class TenantCreateRequest(_Request):
     name: str = Field(max_length=64, description="Lower-case letters, digits, '.', '_', '-'.")
     description: str = Field(default="", max_length=256)
     limits: LimitsBody = Field(default_factory=LimitsBody, description="Shared by its keys.")
+    weight: float = Field(
+        default=1.0, gt=0, le=1000, description="Fair-share weight in the engine queues."
+    )
+
+
+class TenantWeightRequest(_Request):
+    weight: float = Field(gt=0, le=1000, description="Fair-share weight in the engine queues.")
 
 
 class TenantResponse(BaseModel):
@@ -47,6 +54,7 @@ class TenantResponse(BaseModel):
     description: str
     created_at: datetime
     limits: LimitsBody
+    weight: float = 1.0
 
     @classmethod
     def of(cls, tenant: Tenant) -> TenantResponse:
@@ -55,6 +63,7 @@ class TenantResponse(BaseModel):
             description=tenant.description,
             created_at=tenant.created_at,
             limits=LimitsBody.of(tenant.limits),
+            weight=tenant.weight,
         )
 
 

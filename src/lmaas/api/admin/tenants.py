@@ -13,8 +13,9 @@ from lmaas.api.admin.schemas import (
     TenantDeletedResponse,
     TenantListResponse,
     TenantResponse,
+    TenantWeightRequest,
 )
-from lmaas.api.services import governance_of
+from lmaas.api.services import actor_of, governance_of
 
 router = APIRouter(prefix="/admin/tenants", tags=["admin"])
 
@@ -23,7 +24,13 @@ router = APIRouter(prefix="/admin/tenants", tags=["admin"])
 def create_tenant(body: TenantCreateRequest, request: Request) -> TenantResponse:
     """Create a tenant (a team that owns keys); 409 when the name is taken."""
     governance = governance_of(request)
-    tenant = governance.create_tenant(body.name, body.description, body.limits.to_limits())
+    tenant = governance.create_tenant(
+        body.name,
+        body.description,
+        body.limits.to_limits(),
+        body.weight,
+        actor=actor_of(request),
+    )
     return TenantResponse.of(tenant)
 
 
@@ -43,11 +50,20 @@ def get_tenant(name: str, request: Request) -> TenantResponse:
 @router.put("/{name}/limits")
 def set_tenant_limits(name: str, body: LimitsBody, request: Request) -> TenantResponse:
     """Replace the limits the tenant's keys share (absent or null fields: unlimited)."""
-    return TenantResponse.of(governance_of(request).set_tenant_limits(name, body.to_limits()))
+    governance = governance_of(request)
+    tenant = governance.set_tenant_limits(name, body.to_limits(), actor=actor_of(request))
+    return TenantResponse.of(tenant)
+
+
+@router.put("/{name}/weight")
+def set_tenant_weight(name: str, body: TenantWeightRequest, request: Request) -> TenantResponse:
+    """Set the tenant's fair-share weight in the engine queues (default 1)."""
+    tenant = governance_of(request).set_tenant_weight(name, body.weight, actor=actor_of(request))
+    return TenantResponse.of(tenant)
 
 
 @router.delete("/{name}")
 def delete_tenant(name: str, request: Request) -> TenantDeletedResponse:
     """Delete a tenant and all its keys; 409 if that would remove the last admin key."""
-    tenant = governance_of(request).delete_tenant(name)
+    tenant = governance_of(request).delete_tenant(name, actor=actor_of(request))
     return TenantDeletedResponse(name=tenant.name)

@@ -223,6 +223,8 @@ class LLMEngine:
             max_tokens=max_tokens,
             namespace="",
             arrival=time.monotonic(),
+            tenant=request.tenant,
+            weight=request.tenant_weight,
         )
         sched.banned_token_ids = text.banned_ids()
         sched.choice_index = index

@@ -3,9 +3,18 @@
 Each step, :meth:`Scheduler.schedule` walks the running sequences oldest first: a decode
 computes its one last token, a partial prefill its next chunk, and prefill chunks leave enough of
 the token budget to the decodes later in the walk, so a long prompt never stalls running streams.
-Waiting sequences are then admitted first come, first served while the budget, ``max_num_seqs``
-and the free blocks allow, reusing their cached prefix. Blocks are allocated for exactly the
-tokens computed this step.
+Waiting sequences are then admitted while the budget, ``max_num_seqs`` and the free blocks
+allow, reusing their cached prefix. Blocks are allocated for exactly the tokens computed this step.
+
+Admission is a **weighted fair share between tenants** (``SchedSequence.tenant``/``weight``, set
+from the request the gateway stamped): every token a sequence computes (prefill or decode) adds
+``1 / weight`` to its tenant's service, and the next sequence admitted is the oldest waiting one of
+the tenant with the least service (start-time fair queueing by tokens). A tenant that becomes
+active starts at the least service of the active ones, so idling banks no credit. One tenant
+flooding the queue therefore delays another's requests by a bounded number of admissions, not by
+the whole backlog, and tenants with weights 3:1 get about 3:1 of the tokens while both wait.
+Within a tenant, and with a single tenant, it is first come, first served; a preempted sequence
+is readmitted before anyone else.
 
 When a running sequence needs a block and none is free, the newest running sequences are
 preempted: their blocks are freed (full ones stay in the prefix cache, so recomputing is cheap)
@@ -62,6 +71,11 @@ class Scheduler:
         self.config = config
         self._blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self._waiting: deque[SchedSequence] = deque()
+        self._num_waiting_by_tenant: dict[str, int] = {}
+        self._num_seqs_by_tenant: dict[str, int] = {}
+        """Sequences held (waiting or running) per active tenant."""
+        self._service: dict[str, float] = {}
+        """Weighted tokens computed per active tenant (fair-share admission)."""
         self._running: list[SchedSequence] = []
         self._seqs: dict[int, SchedSequence] = {}
         self._by_request: dict[str, list[SchedSequence]] = {}
@@ -147,10 +161,52 @@ class Scheduler:
             )
         leader = seqs[0]
         leader.pending_forks = list(seqs[1:])
+        tenant = leader.tenant
+        if tenant not in self._num_seqs_by_tenant:
+            # Newly active: it starts level with the least served, banking nothing while idle.
+            self._service[tenant] = min(self._service.values(), default=0.0)
+            self._num_seqs_by_tenant[tenant] = 0
         for seq in seqs:
+            seq.tenant = tenant
+            seq.weight = leader.weight if leader.weight > 0 else 1.0
             self._seqs[seq.seq_id] = seq
             self._by_request.setdefault(seq.request_id, []).append(seq)
-        self._waiting.append(leader)
+            self._num_seqs_by_tenant[tenant] += 1
+        self._enqueue(leader)
+
+    def _enqueue(self, seq: SchedSequence, *, front: bool = False) -> None:
+        if front:
+            self._waiting.appendleft(seq)
+        else:
+            self._waiting.append(seq)
+        counts = self._num_waiting_by_tenant
+        counts[seq.tenant] = counts.get(seq.tenant, 0) + 1
+
+    def _dequeue(self, seq: SchedSequence) -> None:
+        if self._waiting[0] is seq:
+            self._waiting.popleft()
+        else:
+            self._waiting.remove(seq)
+        counts = self._num_waiting_by_tenant
+        counts[seq.tenant] -= 1
+        if not counts[seq.tenant]:
+            del counts[seq.tenant]
+
+    def _next_waiting(self) -> SchedSequence:
+        """The waiting sequence to admit next: a preempted one first, else the oldest of the
+        tenant served least (weighted)."""
+        head = self._waiting[0]
+        num_tenants = len(self._num_waiting_by_tenant)
+        if num_tenants == 1 or head.num_preemptions:
+            return head
+        heads: dict[str, SchedSequence] = {}
+        for seq in self._waiting:
+            if seq.tenant not in heads:
+                heads[seq.tenant] = seq
+                if len(heads) == num_tenants:
+                    break
+        service = self._service
+        return min(heads.values(), key=lambda seq: service[seq.tenant])
 
     # ------------------------------------------------------------------ the step
 
@@ -298,7 +354,7 @@ class Scheduler:
         blocks = self._blocks
         max_num_seqs = self.config.max_num_seqs
         while self._waiting and step.budget > 0:
-            seq = self._waiting[0]
+            seq = self._next_waiting()
             num_forks = len(seq.pending_forks)
             if len(self._running) + self._num_reserved + 1 + num_forks > max_num_seqs:
                 return
@@ -310,7 +366,7 @@ class Scheduler:
             needed = blocks.num_blocks_for(num_cached + num_tokens) - len(cached)
             if not blocks.can_allocate(needed + blocks.num_evictable(cached)):
                 return
-            self._waiting.popleft()
+            self._dequeue(seq)
             blocks.acquire(cached)
             seq.block_table = cached + blocks.allocate(needed)
             seq.num_computed_tokens = seq.num_cached_tokens = num_cached
@@ -326,6 +382,7 @@ class Scheduler:
     def _add_slot(self, seq: SchedSequence, num_tokens: int, step: _Step) -> None:
         step.slots.append(seq.next_slot(num_tokens))
         step.budget -= num_tokens
+        self._service[seq.tenant] += num_tokens / seq.weight
 
     @staticmethod
     def _target(seq: SchedSequence) -> int:
@@ -349,7 +406,7 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self._num_preemptions += 1
-        self._waiting.appendleft(seq)
+        self._enqueue(seq, front=True)
 
     def _release(self, seq: SchedSequence) -> None:
         """Free a running sequence's blocks (it is off the running list already)."""
@@ -382,11 +439,16 @@ class Scheduler:
             self._running.remove(seq)
             self._release(seq)
         elif seq in self._waiting:
-            self._waiting.remove(seq)
+            self._dequeue(seq)
         else:
             if detach_pending_fork(seq, group).status is SeqStatus.RUNNING:
                 self._num_reserved -= 1
         seq.status = SeqStatus.FINISHED
         if seq.pending_forks:
             # It left before forking: the first pending sibling prefills for the rest.
-            self._waiting.appendleft(hand_over_forks(seq))
+            self._enqueue(hand_over_forks(seq), front=True)
+        tenant = seq.tenant
+        self._num_seqs_by_tenant[tenant] -= 1
+        if not self._num_seqs_by_tenant[tenant]:
+            del self._num_seqs_by_tenant[tenant]
+            del self._service[tenant]

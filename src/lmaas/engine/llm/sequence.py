@@ -35,6 +35,10 @@ class SchedSequence:
     """Prompt + output ids; a copy of ``prompt_ids`` when left empty."""
     namespace: str = ""
     """The tenant: prefix-cache blocks are never shared across namespaces."""
+    tenant: str = ""
+    """Whose request this is: waiting sequences are admitted by weighted fair share of tenants."""
+    weight: float = 1.0
+    """The tenant's share weight."""
     arrival: float = 0.0
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0

@@ -1,0 +1,202 @@
+"""The Redis limiter's scripts against the real Redis (127.0.0.1:6379; skipped without it).
+
+Each test works under its own key prefix and deletes its keys afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from lmaas.core.errors import RateLimitError, ServiceUnavailableError
+from lmaas.core.messages import ChatMessage, GenerateRequest, SamplingParams
+from lmaas.gateway.keys import Principal, Scope
+from lmaas.gateway.limited import LimitedEngineClient
+from lmaas.gateway.limits import Limits, Subject
+from lmaas.gateway.redis_limits import RedisLimiter
+from lmaas.testing.fakes import FakeEngineClient
+
+pytestmark = pytest.mark.anyio
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+MakeLimiter = Callable[..., Awaitable[RedisLimiter]]
+
+
+@pytest.fixture
+async def make_limiter() -> AsyncIterator[MakeLimiter]:
+    """Limiters (each its own client, like separate gateways) under one fresh prefix."""
+    probe = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        await probe.ping()
+    except (RedisError, OSError) as exc:
+        await probe.aclose()
+        pytest.skip(f"Redis at {REDIS_URL} is unreachable: {exc}")
+    prefix = f"lmaas-test:{uuid.uuid4().hex[:12]}"
+    made: list[RedisLimiter] = []
+
+    async def make(lease_ttl_s: float = 15.0) -> RedisLimiter:
+        limiter = RedisLimiter.from_url(REDIS_URL, prefix=prefix, lease_ttl_s=lease_ttl_s)
+        made.append(limiter)
+        return limiter
+
+    try:
+        yield make
+    finally:
+        for limiter in made:
+            await limiter.aclose()
+        keys = [k async for k in probe.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await probe.delete(*keys)
+        await probe.aclose()
+
+
+def _key(name: str = "lmaas-k", **limits: int) -> Subject:
+    return Subject("key", name, Limits(**limits))
+
+
+async def test_requests_per_minute_admits_exactly_the_bucket(make_limiter: MakeLimiter) -> None:
+    limiter = await make_limiter()
+    subject = [_key(rpm=3)]
+    for _ in range(3):
+        (await limiter.admit_async(subject, 0)).finish(0)
+    with pytest.raises(RateLimitError, match="limit of 3 requests per minute") as refused:
+        await limiter.admit_async(subject, 0)
+    # refills at 3/min: one request is back in 20 s
+    assert 1 <= refused.value.retry_after_s <= 20
+
+
+async def test_tokens_are_reserved_then_settled(make_limiter: MakeLimiter) -> None:
+    limiter = await make_limiter()
+    subject = [_key(tpm=100)]
+    admission = await limiter.admit_async(subject, 80)
+    with pytest.raises(RateLimitError, match="reserves 30"):
+        await limiter.admit_async(subject, 30)
+    admission.finish(10)  # used 10 of the 80 reserved: 70 go back
+    await limiter.wait_settled()
+    (await limiter.admit_async(subject, 85)).finish(85)
+    with pytest.raises(RateLimitError):
+        await limiter.admit_async(subject, 10)
+    with pytest.raises(RateLimitError, match="lower max_tokens") as too_large:
+        await limiter.admit_async(subject, 101)
+    assert too_large.value.param == "max_tokens"
+
+
+async def test_settling_more_than_reserved_takes_the_rest(make_limiter: MakeLimiter) -> None:
+    limiter = await make_limiter()
+    subject = [_key(tpm=100)]
+    (await limiter.admit_async(subject, 10)).finish(100)  # used 90 more than reserved
+    await limiter.wait_settled()
+    with pytest.raises(RateLimitError):
+        await limiter.admit_async(subject, 5)
+
+
+async def test_concurrency_is_held_until_finish(make_limiter: MakeLimiter) -> None:
+    limiter = await make_limiter()
+    subject = [_key(max_concurrent=2)]
+    first = await limiter.admit_async(subject, 0)
+    await limiter.admit_async(subject, 0)
+    with pytest.raises(RateLimitError, match="2 requests in flight") as refused:
+        await limiter.admit_async(subject, 0)
+    assert refused.value.retry_after_s == 1
+    first.finish(0)
+    await limiter.wait_settled()
+    await limiter.admit_async(subject, 0)
+
+
+async def test_key_and_tenant_are_all_or_nothing(make_limiter: MakeLimiter) -> None:
+    limiter = await make_limiter()
+    tenant = Subject("tenant", "team", Limits(rpm=2))
+    one, two = _key("lmaas-a", rpm=1), _key("lmaas-b", rpm=5)
+    await limiter.admit_async([one, tenant], 0)
+    with pytest.raises(RateLimitError, match="key lmaas-a"):
+        await limiter.admit_async([one, tenant], 0)
+    await limiter.admit_async([two, tenant], 0)  # the refusal above took nothing from the tenant
+    with pytest.raises(RateLimitError, match="tenant team"):
+        await limiter.admit_async([two, tenant], 0)
+    # ... and this refusal took nothing from key b: 4 of its 5 are left once the tenant allows
+    other_tenant = Subject("tenant", "other", Limits())
+    for _ in range(4):
+        await limiter.admit_async([two, other_tenant], 0)
+    with pytest.raises(RateLimitError, match="key lmaas-b"):
+        await limiter.admit_async([two, other_tenant], 0)
+
+
+async def test_a_changed_limit_keeps_what_was_used(make_limiter: MakeLimiter) -> None:
+    limiter = await make_limiter()
+    for _ in range(3):
+        await limiter.admit_async([_key(rpm=3)], 0)
+    await limiter.admit_async([_key(rpm=4)], 0)  # one more room, not a fresh bucket of 4
+    with pytest.raises(RateLimitError):
+        await limiter.admit_async([_key(rpm=4)], 0)
+
+
+async def test_gateways_racing_never_overspend(make_limiter: MakeLimiter) -> None:
+    """Four limiters (separate connections, like four gateways) race 200 admissions."""
+    limiters = [await make_limiter() for _ in range(4)]
+    subjects = [_key(rpm=10), Subject("tenant", "team", Limits(tpm=1000, max_concurrent=7))]
+    admitted: list[int] = []
+
+    async def one(i: int) -> None:
+        try:
+            await limiters[i % 4].admit_async(subjects, 50)
+        except RateLimitError:
+            return
+        admitted.append(i)
+
+    await asyncio.gather(*(one(i) for i in range(200)))
+    assert len(admitted) == 7  # the tenant's 7 concurrent slots bind first (none finished)
+
+
+async def test_a_dead_gateways_slots_come_back(make_limiter: MakeLimiter) -> None:
+    alive = await make_limiter(lease_ttl_s=0.6)
+    dead = await make_limiter(lease_ttl_s=0.6)
+    subject = [_key(max_concurrent=1)]
+    held = await alive.admit_async(subject, 0)
+    await asyncio.sleep(1.0)  # past the ttl, but the live gateway refreshed its lease
+    with pytest.raises(RateLimitError):
+        await dead.admit_async(subject, 0)
+    held.finish(0)
+    await alive.wait_settled()
+    await dead.admit_async(subject, 0)
+    dead._live.clear()  # the gateway "dies": nobody refreshes its lease any more
+    await asyncio.sleep(0.1)
+    with pytest.raises(RateLimitError):
+        await alive.admit_async(subject, 0)
+    await asyncio.sleep(0.7)
+    await alive.admit_async(subject, 0)  # the dead gateway's slot expired
+
+
+async def test_redis_unreachable_fails_closed() -> None:
+    limiter = RedisLimiter.from_url("redis://127.0.0.1:1/0")
+    try:
+        with pytest.raises(ServiceUnavailableError, match="Redis is unreachable"):
+            await limiter.admit_async([_key(rpm=1)], 0)
+    finally:
+        await limiter.aclose()
+
+
+async def test_limited_engine_streams_admit_lazily(make_limiter: MakeLimiter) -> None:
+    limiter = await make_limiter()
+    principal = Principal("k1", "team", frozenset({Scope.INFERENCE}), ("*",), Limits(tpm=100))
+    engine = LimitedEngineClient(FakeEngineClient(), principal, limiter)
+    request = GenerateRequest(
+        "r", SamplingParams(max_tokens=50), messages=[ChatMessage("user", "one two")]
+    )
+    used = 0
+    async for delta in engine.generate("fake-chat", request):
+        used += delta.prompt_tokens + delta.num_new_tokens
+    await limiter.wait_settled()
+    assert 0 < used < 50
+    subject = [Subject("key", "lmaas-k1", Limits(tpm=100))]
+    with pytest.raises(RateLimitError):
+        await limiter.admit_async(subject, 100 - used + 1)
+    await limiter.admit_async(subject, 100 - used)
+    big = GenerateRequest("r", SamplingParams(max_tokens=500), prompt="x")
+    stream = engine.generate("fake-chat", big)
+    with pytest.raises(RateLimitError, match="lower max_tokens"):
+        await anext(stream)
