@@ -9,6 +9,7 @@ import pytest
 from runtimes_helpers import make_spec
 from sentence_transformers import SentenceTransformer
 
+from lmaas.core.errors import ModelLoadError
 from lmaas.core.messages import EmbedRequest, EmbedResult, RequestError
 from lmaas.runtimes.embedding.torch import TorchEmbeddingRunner
 from lmaas.testing.tiny_models import build_tiny_embedder
@@ -138,3 +139,23 @@ def test_real_all_minilm_l6_v2_matches_sentence_transformers() -> None:
         TEXTS, normalize_embeddings=True, convert_to_numpy=True
     )
     assert _cosines(_matrix(result), expected).min() >= 1 - 1e-5
+
+
+def test_a_model_saved_by_sentence_transformers_6_loads(tmp_path: Path) -> None:
+    """sentence-transformers 6 writes its modules' new import paths into modules.json."""
+    source = build_tiny_embedder(tmp_path / "m", seed=4, pooling="mean", normalize=True)
+    reference = SentenceTransformer(str(source), device="cpu")
+    saved = tmp_path / "saved"
+    reference.save(str(saved))
+    expected = reference.encode(TEXTS[:2], normalize_embeddings=True, convert_to_numpy=True)
+    [result] = _runner(saved).embed([EmbedRequest("a", texts=TEXTS[:2])])
+    assert _cosines(_matrix(result), expected).min() >= 1 - 1e-5
+
+
+def test_a_foreign_module_is_refused(tmp_path: Path) -> None:
+    model_dir = build_tiny_embedder(tmp_path / "m", seed=4)
+    (model_dir / "modules.json").write_text(
+        '[{"idx": 0, "name": "0", "path": "", "type": "my_package.Dense"}]'
+    )
+    with pytest.raises(ModelLoadError, match="my_package.Dense"):
+        _runner(model_dir)

@@ -11,7 +11,7 @@ from lmaas.core.errors import ModelLoadError
 
 # The order sentence-transformers concatenates pooled vectors in when several modes are on.
 POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens", "lasttoken")
-_ST = "sentence_transformers.models."
+_ST_PACKAGE = "sentence_transformers."
 _SUPPORTED_MODULES = frozenset({"Transformer", "Pooling", "Normalize"})
 
 
@@ -36,16 +36,18 @@ def read_sentence_encoder_config(model_dir: Path) -> SentenceEncoderConfig:
     Raises:
         ModelLoadError: unreadable JSON, or a module or pooling mode this runtime cannot apply.
     """
-    modules = _read_json(model_dir / "modules.json") or []
-    types = [str(m.get("type", "")) for m in modules if isinstance(m, dict)]
-    unsupported = [t for t in types if t.removeprefix(_ST) not in _SUPPORTED_MODULES]
+    modules = [m for m in _read_json(model_dir / "modules.json") or [] if isinstance(m, dict)]
+    types = [str(m.get("type", "")) for m in modules]
+    classes = [_module_class(t) for t in types]
+    unsupported = [t for t, c in zip(types, classes, strict=True) if c not in _SUPPORTED_MODULES]
     if unsupported:
         raise ModelLoadError(
             f"sentence-transformers module(s) {', '.join(unsupported)} are not supported; "
             f"supported: {', '.join(sorted(_SUPPORTED_MODULES))}"
         )
     pooling_dir = next(
-        (str(m.get("path", "")) for m in modules if m.get("type") == _ST + "Pooling"), "1_Pooling"
+        (str(m.get("path", "")) for m, c in zip(modules, classes, strict=True) if c == "Pooling"),
+        "1_Pooling",
     )
     pooling = _read_json(model_dir / pooling_dir / "config.json") or {}
     modes = tuple(m for m in POOLING_MODES if pooling.get(f"pooling_mode_{m}"))
@@ -55,10 +57,19 @@ def read_sentence_encoder_config(model_dir: Path) -> SentenceEncoderConfig:
     max_seq_length = bert.get("max_seq_length")
     return SentenceEncoderConfig(
         pooling_modes=modes or ("mean_tokens",),
-        normalize=_ST + "Normalize" in types,
+        normalize="Normalize" in classes,
         max_seq_length=int(max_seq_length) if max_seq_length is not None else None,
         do_lower_case=bool(bert.get("do_lower_case", False)),
     )
+
+
+def _module_class(type_name: str) -> str | None:
+    """``Pooling`` for ``sentence_transformers.models.Pooling`` (sentence-transformers < 6) and
+    for ``sentence_transformers.sentence_transformer.modules.pooling.Pooling`` (6+, which moved
+    its modules); None for a module from another package."""
+    if not type_name.startswith(_ST_PACKAGE):
+        return None
+    return type_name.rsplit(".", 1)[-1]
 
 
 def _read_json(path: Path) -> Any:
