@@ -157,5 +157,5 @@ def test_a_foreign_module_is_refused(tmp_path: Path) -> None:
     (model_dir / "modules.json").write_text(
         '[{"idx": 0, "name": "0", "path": "", "type": "my_package.Dense"}]'
     )
-    with pytest.raises(ModelLoadError, match="my_package.Dense"):
+    with pytest.raises(ModelLoadError, match=r"my_package\.Dense"):
         _runner(model_dir)
