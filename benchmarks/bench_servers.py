@@ -17,10 +17,13 @@ import httpx
 ADMIN_KEY_RE = re.compile(r"admin key: (lmaas-[0-9a-f]{12}-[A-Za-z0-9_-]+)")
 
 
-def admin_key(log: Path) -> str | None:
-    """The admin key a fresh ``lmaas serve`` prints once (secure by default)."""
+def admin_key(log: Path, keep: Path) -> str | None:
+    """The admin key of an lmaas home: a fresh ``lmaas serve`` prints it once (secure by
+    default), so it is kept in ``keep`` for the later servers on the same home."""
     match = ADMIN_KEY_RE.search(log.read_text(errors="replace"))
-    return match.group(1) if match else None
+    if match:
+        keep.write_text(match.group(1))
+    return keep.read_text().strip() if keep.exists() else None
 
 
 def free_port() -> int:

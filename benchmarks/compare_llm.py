@@ -230,7 +230,7 @@ def run_lmaas(args: argparse.Namespace, model_dir: Path, work: Path) -> dict[str
         if why is not None:
             return {"error": f"lmaas serve did not start: {why}"}
         # Measured as deployed: with authentication on, through the key of the fresh install.
-        key = admin_key(log)
+        key = admin_key(log, home / "admin-key")
         if key is None:
             return {"error": f"lmaas serve printed no admin key (log: {log})"}
         result: dict[str, Any] = bench(args, base_url, MODEL_NAME, vocab_size=32000, api_key=key)

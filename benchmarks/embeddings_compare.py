@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_servers import ADMIN_KEY_RE, free_port, server_process, wait_http
+from bench_servers import admin_key, free_port, server_process, wait_http
 from embeddings_load import (
     RESULT_PREFIX,
     cosines,
@@ -119,16 +119,6 @@ def measure(
     return load.summary(), load.vectors
 
 
-def lmaas_key(work: Path, log: Path) -> str | None:
-    """lmaas is measured as deployed, authentication on: the admin key the first start of the
-    benchmark's home printed (kept in ``work`` for the later servers on the same home)."""
-    saved = work / "admin-key"
-    match = ADMIN_KEY_RE.search(log.read_text(errors="replace"))
-    if match:
-        saved.write_text(match.group(1))
-    return saved.read_text().strip() if saved.exists() else None
-
-
 def run_lmaas(
     args: argparse.Namespace, name: str, sentences: list[str], work: Path
 ) -> tuple[dict[str, Any], list[np.ndarray | None]]:
@@ -149,7 +139,7 @@ def run_lmaas(
         why = wait_http(proc, f"http://127.0.0.1:{port}/v2/health/ready", args.timeout, log)
         if why is not None:
             return {"error": f"lmaas serve did not start: {why}"}, []
-        key = lmaas_key(work, log)
+        key = admin_key(log, home / "admin-key")
         if key is None:
             return {"error": f"no admin key for the lmaas home (log: {log})"}, []
         return measure(args, f"http://127.0.0.1:{port}/v1", name, sentences, key)
