@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +25,13 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from lmaas.core.errors import InternalError, InvalidRequestError, ModelLoadError
+from lmaas.core.errors import InternalError, ModelLoadError
 from lmaas.core.messages import (
-    EmbedRequest,
-    EmbedResult,
-    InferRequest,
     ModelInfo,
-    RequestError,
     WorkerSpec,
 )
 from lmaas.core.types import ModelFormat
-from lmaas.runtimes.base import Prepared
-from lmaas.runtimes.batching import run_batch
-from lmaas.runtimes.embedding.sentences import SentenceEmbedder
+from lmaas.runtimes.embedding.sentences import SentenceEmbedder, SentenceRunnerBase
 from lmaas.runtimes.hf_loading import load_hf_tokenizer
 from lmaas.runtimes.onnx_session import (
     build_once,
@@ -56,7 +49,7 @@ GRAPH_FILENAME = "model.onnx"
 _OPTIONAL_INPUTS = frozenset({"attention_mask", "token_type_ids"})
 
 
-class OnnxEmbeddingRunner:
+class OnnxEmbeddingRunner(SentenceRunnerBase):
     """Embeds texts (or token id lists) with an encoder graph on ONNX Runtime.
 
     Implements :class:`lmaas.runtimes.base.BatchRunner` exactly as the torch runner does (one
@@ -70,20 +63,13 @@ class OnnxEmbeddingRunner:
     """
 
     def __init__(self, spec: WorkerSpec) -> None:
-        self._spec = spec
+        super().__init__(spec)
         self._session: ort.InferenceSession | None = None
-        self._sentences: SentenceEmbedder | None = None
         self._input_names: frozenset[str] = frozenset()
         self._output_name = ""
         self._pooled_output = False
         self.graph_path: Path | None = None
         """The graph the session runs (the imported one, or a cached export)."""
-
-    @property
-    def sentences(self) -> SentenceEmbedder:
-        if self._sentences is None:
-            raise InternalError("the model is not loaded")
-        return self._sentences
 
     def load(self) -> ModelInfo:
         """Load the tokenizer, find or build the graph, open the session. Raises: ModelLoadError."""
@@ -109,26 +95,8 @@ class OnnxEmbeddingRunner:
             dtype=quantize or "float32", device="cpu", max_batch_size=self._spec.max_batch_size
         )
 
-    def warmup(self) -> None:
-        """Embed one short text."""
-        self.embed([EmbedRequest(request_id="__lmaas_warmup__", texts=["Hello world"])])
-
     def health(self) -> bool:
         return self._session is not None
-
-    def accepts(self) -> tuple[type, ...]:
-        return (EmbedRequest,)
-
-    def embed(self, requests: Sequence[EmbedRequest]) -> list[EmbedResult | RequestError]:
-        """Embed requests in-process (warm-up, benchmarks, tests); the worker batches instead."""
-        results = run_batch(self, requests, self._spec.max_batch_size)
-        return [r for r in results if isinstance(r, EmbedResult | RequestError)]
-
-    def preprocess(self, request: InferRequest) -> Prepared:
-        """Validate and tokenise; one row per input. Raises: InvalidRequestError."""
-        if not isinstance(request, EmbedRequest):
-            raise InvalidRequestError("this model only embeds text")
-        return self.sentences.prepare(request)
 
     def forward(self, payloads: list[list[int]]) -> list[torch.Tensor]:
         if self._session is None:
@@ -145,11 +113,6 @@ class OnnxEmbeddingRunner:
         if self._pooled_output:
             return list(self.sentences.normalize(vectors))
         return list(self.sentences.pool(vectors, torch.from_numpy(mask)))
-
-    def postprocess(self, prepared: Prepared) -> EmbedResult:
-        return self.sentences.result(prepared)
-
-    # ------------------------------------------------------------------ helpers
 
     def _graph(self, quantize: str | None) -> Path:
         spec = self._spec

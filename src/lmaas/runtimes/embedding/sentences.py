@@ -9,7 +9,7 @@ in the call that turns ``(input_ids, attention_mask)`` into token embeddings, so
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,18 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from lmaas.core.errors import InvalidRequestError, ModelLoadError
-from lmaas.core.messages import EmbedRequest, EmbedResult, ModelInfo, TensorSpec, WorkerSpec
+from lmaas.core.errors import InternalError, InvalidRequestError, ModelLoadError
+from lmaas.core.messages import (
+    EmbedRequest,
+    EmbedResult,
+    InferRequest,
+    ModelInfo,
+    RequestError,
+    TensorSpec,
+    WorkerSpec,
+)
 from lmaas.runtimes.base import Prepared
+from lmaas.runtimes.batching import run_batch
 from lmaas.runtimes.embedding.pooling import pool
 from lmaas.runtimes.embedding.st_config import SentenceEncoderConfig, read_sentence_encoder_config
 
@@ -216,3 +225,39 @@ def _matryoshka_dims(options: Mapping[str, str], dim: int) -> list[int]:
     if any(not 0 < d <= dim for d in dims):
         raise ModelLoadError(f"matryoshka_dims={raw!r} must lie in 1..{dim}")
     return dims
+
+
+class SentenceRunnerBase:
+    """The BatchRunner methods every embedding backend shares: requests in and results out go
+    through one :class:`SentenceEmbedder`; a backend adds ``load``, ``health`` and ``forward``."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self._spec = spec
+        self._sentences: SentenceEmbedder | None = None
+
+    @property
+    def sentences(self) -> SentenceEmbedder:
+        if self._sentences is None:
+            raise InternalError("the model is not loaded")
+        return self._sentences
+
+    def warmup(self) -> None:
+        """Embed one short text."""
+        self.embed([EmbedRequest(request_id="__lmaas_warmup__", texts=["Hello world"])])
+
+    def accepts(self) -> tuple[type, ...]:
+        return (EmbedRequest,)
+
+    def embed(self, requests: Sequence[EmbedRequest]) -> list[EmbedResult | RequestError]:
+        """Embed requests in-process (warm-up, benchmarks, tests); the worker batches instead."""
+        results = run_batch(self, requests, self._spec.max_batch_size)  # type: ignore[arg-type]
+        return [r for r in results if isinstance(r, EmbedResult | RequestError)]
+
+    def preprocess(self, request: InferRequest) -> Prepared:
+        """Validate and tokenise; one row per input. Raises: InvalidRequestError."""
+        if not isinstance(request, EmbedRequest):
+            raise InvalidRequestError("this model only embeds text")
+        return self.sentences.prepare(request)
+
+    def postprocess(self, prepared: Prepared) -> EmbedResult:
+        return self.sentences.result(prepared)

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmaas.core.errors import InternalError, InvalidRequestError
+from lmaas.core.errors import InternalError
 from lmaas.core.messages import (
-    EmbedRequest,
-    EmbedResult,
-    InferRequest,
     ModelInfo,
-    RequestError,
     WorkerSpec,
 )
-from lmaas.runtimes.base import Prepared
-from lmaas.runtimes.batching import run_batch
 from lmaas.runtimes.device import (
     configure_threads,
     dtype_name,
@@ -27,13 +20,13 @@ from lmaas.runtimes.device import (
     resolve_device,
     resolve_dtype,
 )
-from lmaas.runtimes.embedding.sentences import SentenceEmbedder
+from lmaas.runtimes.embedding.sentences import SentenceEmbedder, SentenceRunnerBase
 from lmaas.runtimes.hf_loading import load_hf_model
 
 _log = logging.getLogger(__name__)
 
 
-class TorchEmbeddingRunner:
+class TorchEmbeddingRunner(SentenceRunnerBase):
     """Embeds texts (or token id lists) with a sentence-transformers package on torch.
 
     Implements :class:`lmaas.runtimes.base.BatchRunner`: each input text is one row, so the
@@ -49,16 +42,9 @@ class TorchEmbeddingRunner:
     """
 
     def __init__(self, spec: WorkerSpec) -> None:
-        self._spec = spec
+        super().__init__(spec)
         self._model: Any = None
-        self._sentences: SentenceEmbedder | None = None
         self._device = torch.device("cpu")
-
-    @property
-    def sentences(self) -> SentenceEmbedder:
-        if self._sentences is None:
-            raise InternalError("the model is not loaded")
-        return self._sentences
 
     def load(self) -> ModelInfo:
         """Load tokenizer, encoder and pooling config. Raises: ModelLoadError."""
@@ -83,26 +69,8 @@ class TorchEmbeddingRunner:
             max_batch_size=self._spec.max_batch_size,
         )
 
-    def warmup(self) -> None:
-        """Embed one short text."""
-        self.embed([EmbedRequest(request_id="__lmaas_warmup__", texts=["Hello world"])])
-
     def health(self) -> bool:
         return self._model is not None
-
-    def accepts(self) -> tuple[type, ...]:
-        return (EmbedRequest,)
-
-    def embed(self, requests: Sequence[EmbedRequest]) -> list[EmbedResult | RequestError]:
-        """Embed requests in-process (warm-up, benchmarks, tests); the worker batches instead."""
-        results = run_batch(self, requests, self._spec.max_batch_size)
-        return [r for r in results if isinstance(r, EmbedResult | RequestError)]
-
-    def preprocess(self, request: InferRequest) -> Prepared:
-        """Validate and tokenise; one row per input. Raises: InvalidRequestError."""
-        if not isinstance(request, EmbedRequest):
-            raise InvalidRequestError("this model only embeds text")
-        return self.sentences.prepare(request)
 
     @torch.inference_mode()
     def forward(self, payloads: list[list[int]]) -> list[torch.Tensor]:
@@ -113,6 +81,3 @@ class TorchEmbeddingRunner:
         attention_mask = torch.from_numpy(mask).to(self._device)
         hidden = self._model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return list(self.sentences.pool(hidden, attention_mask).cpu())
-
-    def postprocess(self, prepared: Prepared) -> EmbedResult:
-        return self.sentences.result(prepared)
