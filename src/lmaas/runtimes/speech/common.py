@@ -7,8 +7,18 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from lmaas.core.errors import InvalidRequestError, ModelLoadError
-from lmaas.core.messages import Segment, TensorSpec, TranscribeRequest, TranscriptionResult
+from lmaas.core.messages import (
+    InferRequest,
+    Segment,
+    TensorSpec,
+    TranscribeRequest,
+    TranscriptionResult,
+)
+from lmaas.runtimes.speech.audio import decode_audio
 
 WHISPER_CONTEXT = 448
 """Decoder positions of every Whisper model (the text of one 30 s window must fit)."""
@@ -107,3 +117,19 @@ def build_result(
         out.append(Segment(len(out), round(start, 3), round(end, 3), text))
     full = "".join(s.text for s in out).strip()
     return TranscriptionResult(request_id, full, language, round(duration_s, 3), out)
+
+
+def checked_audio(
+    request: InferRequest, languages: frozenset[str] | None, max_audio_s: float
+) -> tuple[TranscribeRequest, str | None, npt.NDArray[np.float32]]:
+    """What every Whisper runner's ``preprocess`` starts with: the request checked, the language
+    to use (None: detect it) and the audio decoded to 16 kHz mono.
+
+    Raises:
+        InvalidRequestError: not a transcription, bad parameters or undecodable audio.
+        PayloadTooLargeError: audio longer than ``max_audio_s``.
+    """
+    if not isinstance(request, TranscribeRequest):
+        raise InvalidRequestError("this model only transcribes audio")
+    language = check_request(request, languages)
+    return request, language, decode_audio(request.audio, max_audio_s)

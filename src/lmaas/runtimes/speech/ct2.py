@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lmaas.core.errors import InternalError, InvalidRequestError, ModelLoadError
+from lmaas.core.errors import InternalError, ModelLoadError
 from lmaas.core.messages import (
     InferRequest,
     ModelInfo,
@@ -18,13 +18,13 @@ from lmaas.core.messages import (
 )
 from lmaas.runtimes.base import Prepared
 from lmaas.runtimes.batching import run_batch
-from lmaas.runtimes.speech.audio import SAMPLE_RATE, decode_audio, silence_wav
+from lmaas.runtimes.speech.audio import SAMPLE_RATE, silence_wav
 from lmaas.runtimes.speech.common import (
     SPEECH_INPUTS,
     SPEECH_OUTPUTS,
     WHISPER_CONTEXT,
     build_result,
-    check_request,
+    checked_audio,
     speech_options,
 )
 
@@ -100,10 +100,9 @@ class CT2WhisperRunner:
     def preprocess(self, request: InferRequest) -> Prepared:
         """Check the parameters and decode the audio. Raises: InvalidRequestError,
         PayloadTooLargeError."""
-        if not isinstance(request, TranscribeRequest):
-            raise InvalidRequestError("this model only transcribes audio")
-        language = check_request(request, self._languages)
-        audio = decode_audio(request.audio, self._options.max_audio_s)
+        request, language, audio = checked_audio(
+            request, self._languages, self._options.max_audio_s
+        )
         seconds = math.ceil(audio.shape[0] / SAMPLE_RATE)
         return Prepared(request.request_id, [(seconds, (request, language, audio))], request)
 

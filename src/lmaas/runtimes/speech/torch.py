@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from lmaas.core.errors import InternalError, InvalidRequestError, ModelLoadError
+from lmaas.core.errors import InternalError, ModelLoadError
 from lmaas.core.messages import (
     InferRequest,
     ModelInfo,
@@ -30,13 +30,13 @@ from lmaas.runtimes.device import (
     resolve_dtype,
 )
 from lmaas.runtimes.hf_loading import load_hf_model
-from lmaas.runtimes.speech.audio import SAMPLE_RATE, decode_audio, silence_wav
+from lmaas.runtimes.speech.audio import SAMPLE_RATE, silence_wav
 from lmaas.runtimes.speech.common import (
     SPEECH_INPUTS,
     SPEECH_OUTPUTS,
     WHISPER_CONTEXT,
     build_result,
-    check_request,
+    checked_audio,
     speech_options,
 )
 
@@ -151,10 +151,9 @@ class TorchWhisperRunner:
     def preprocess(self, request: InferRequest) -> Prepared:
         """Check, decode, tokenise the prompt and cut 30 s windows. Raises: InvalidRequestError,
         PayloadTooLargeError."""
-        if not isinstance(request, TranscribeRequest):
-            raise InvalidRequestError("this model only transcribes audio")
-        language = check_request(request, self._languages)
-        audio = decode_audio(request.audio, self._options.max_audio_s)
+        request, language, audio = checked_audio(
+            request, self._languages, self._options.max_audio_s
+        )
         prompt = self._prompt_ids(request.prompt)
         step = WINDOW_S * SAMPLE_RATE
         rows: list[tuple[int, Any]] = []
