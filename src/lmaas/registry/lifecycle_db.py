@@ -167,8 +167,13 @@ class LifecycleStore:
                 raise ModelNotFoundError(
                     f"model version {name}:{version} does not exist", param="version"
                 )
+            # FOR UPDATE (PostgreSQL): when the alias did not exist at the UPDATE above but a
+            # concurrent mover has created it since, this read locks the new row too, so the
+            # previous version it returns cannot be overwritten before our commit.
             row = session.scalars(
-                select(AliasRow).where(AliasRow.name == name, AliasRow.alias == alias)
+                select(AliasRow)
+                .where(AliasRow.name == name, AliasRow.alias == alias)
+                .with_for_update()
             ).first()
             previous = None if row is None else row.version
             if version is None:
