@@ -57,8 +57,15 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def _limits_view(limits: Limits) -> dict[str, int | None]:
-    return {"rpm": limits.rpm, "tpm": limits.tpm, "max_concurrent": limits.max_concurrent}
+def _limits_view(limits: Limits) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "rpm": limits.rpm,
+        "tpm": limits.tpm,
+        "max_concurrent": limits.max_concurrent,
+    }
+    if limits.quotas:
+        view["quotas"] = [q.as_dict() for q in limits.quotas]
+    return view
 
 
 def tenant_view(tenant: Tenant) -> dict[str, Any]:

@@ -111,7 +111,7 @@ def test_limits_on_tenants_and_keys(home: Path) -> None:
     code, out, _ = _run(home, "keys", "limits", key_id, "--rpm", "10", "--tpm", "0")
     assert code == 0 and out.strip() == f"lmaas-{key_id}: 10 rpm"
     limits = json.loads(_run(home, "keys", "show", key_id)[1])["limits"]
-    assert limits == {"rpm": 10, "tpm": None, "max_concurrent": None}
+    assert limits == {"rpm": 10, "tpm": None, "max_concurrent": None, "quotas": []}
     code, out, _ = _run(home, "tenants", "limits", "team-a", "--max-concurrent", "0")
     assert out.strip() == "tenant team-a: 100 rpm"
     assert "100 rpm" in _run(home, "tenants", "list")[1]
