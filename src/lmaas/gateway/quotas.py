@@ -66,6 +66,11 @@ _UNITS = {
 }
 
 
+def amount_text(value: float) -> str:
+    """``1000000`` rather than ``1e+06``; fractions (audio seconds) to 3 decimals at most."""
+    return str(int(value)) if value == int(value) else f"{value:.3f}".rstrip("0")
+
+
 @dataclass(slots=True, frozen=True)
 class Quota:
     """At most ``limit`` of ``metric`` per ``period``."""
@@ -77,7 +82,7 @@ class Quota:
     @property
     def text(self) -> str:
         """``1000000 tokens/month``."""
-        return f"{self.limit:g} {_UNITS[self.metric]}/{self.period.value}"
+        return f"{amount_text(self.limit)} {_UNITS[self.metric]}/{self.period.value}"
 
     def as_dict(self) -> dict[str, object]:
         return {"metric": self.metric.value, "limit": self.limit, "period": self.period.value}
@@ -239,14 +244,15 @@ def quota_error(
     unit = _UNITS[quota.metric]
     if cost > quota.limit:
         message = (
-            f"this request needs {cost:g} {unit}, more than the quota of {quota.text} of {label}"
+            f"this request needs {amount_text(cost)} {unit}, more than the quota of {quota.text} of {label}"
             + ("; lower max_tokens" if quota.metric is QuotaMetric.TOKENS else "")
         )
         param = "max_tokens" if quota.metric is QuotaMetric.TOKENS else None
         return QuotaExceededError(message, param=param, retry_after_s=wait)
     return QuotaExceededError(
-        f"{label} used {used:g} of its quota of {quota.text} (this {quota.period.value} ends "
-        f"{window.end.strftime('%Y-%m-%dT%H:%MZ')}; this request needs {cost:g})",
+        f"{label} used {amount_text(used)} of its quota of {quota.text} (this "
+        f"{quota.period.value} ends {window.end.strftime('%Y-%m-%dT%H:%MZ')}; this request "
+        f"needs {amount_text(cost)})",
         retry_after_s=wait,
     )
 

@@ -179,15 +179,15 @@ return 1
 )
 
 SEED_LUA = """
--- KEYS: quota window hashes; ARGV per key: tokens, requests, audio_seconds, images, expire-at
--- (ms since the epoch). A window that exists is left alone: only the first seeder writes it.
+-- KEYS: quota window hashes; ARGV per key: tokens, requests, audio_seconds, images, time to
+-- live (ms). A window that exists is left alone: only the first seeder writes it.
 local seeded = 0
 for i = 1, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 0 then
     local b = 5 * (i - 1)
     redis.call('HSET', KEYS[i], 'tokens', ARGV[b + 1], 'requests', ARGV[b + 2],
       'audio_seconds', ARGV[b + 3], 'images', ARGV[b + 4])
-    redis.call('PEXPIREAT', KEYS[i], ARGV[b + 5])
+    redis.call('PEXPIRE', KEYS[i], ARGV[b + 5])
     seeded = seeded + 1
   end
 end
@@ -419,9 +419,10 @@ class RedisLimiter:
                 retry_after_s=1.0,
             ) from None
         used = await self._source.consumed(subject.kind, subject.name, window)
-        expire_at = int(window.end.timestamp() * 1000) + _WINDOW_KEPT_AFTER_END_MS
+        left_ms = int((window.end - self._wall_clock()).total_seconds() * 1000)
+        ttl_ms = max(0, left_ms) + _WINDOW_KEPT_AFTER_END_MS
         values = [repr(used.tokens), repr(used.requests), repr(used.audio_seconds)]
-        await self._run(self._seed, [key], [*values, repr(used.images), expire_at])
+        await self._run(self._seed, [key], [*values, repr(used.images), ttl_ms])
 
     def release(self, admission: RedisAdmission, refund_tokens: int, audio: float = 0.0) -> None:
         """Settle an admission in the background (see :class:`RedisAdmission`)."""
