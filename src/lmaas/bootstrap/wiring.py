@@ -43,10 +43,17 @@ DEMO_CHAT = "demo-chat"
 DEMO_EMBEDDING = "all-minilm-l6-v2"
 
 
-def open_registry(settings: Settings) -> RegistryService:
+def open_registry(
+    settings: Settings, governance: GovernanceService | None = None
+) -> RegistryService:
+    """The registry of ``settings``; with ``governance``, every alias move made through it
+    lands in the audit trail (:meth:`GovernanceService.record_alias_move`)."""
     settings.home.mkdir(parents=True, exist_ok=True)
     return RegistryService(
-        settings.home, settings.resolved_database_url(), offline=settings.offline
+        settings.home,
+        settings.resolved_database_url(),
+        offline=settings.offline,
+        on_alias_moved=None if governance is None else governance.record_alias_move,
     )
 
 

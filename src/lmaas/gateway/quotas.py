@@ -244,7 +244,8 @@ def quota_error(
     unit = _UNITS[quota.metric]
     if cost > quota.limit:
         message = (
-            f"this request needs {amount_text(cost)} {unit}, more than the quota of {quota.text} of {label}"
+            f"this request needs {amount_text(cost)} {unit}, more than the quota of "
+            f"{quota.text} of {label}"
             + ("; lower max_tokens" if quota.metric is QuotaMetric.TOKENS else "")
         )
         param = "max_tokens" if quota.metric is QuotaMetric.TOKENS else None
