@@ -54,7 +54,12 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from lmaas.core.errors import InternalError, InvalidRequestError, ModelNotFoundError
+from lmaas.core.errors import (
+    InternalError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+)
 from lmaas.core.messages import (
     ClassifyRequest,
     EmbedRequest,
@@ -597,16 +602,26 @@ class UsageMeter:
     async def consumed(self, kind: str, name: str, window: Window) -> Consumed:
         """What ``kind`` (``key``/``tenant``) ``name`` used in ``window``: the quotas' durable
         source. Buffered records are written first, so the answer holds every request this
-        gateway finished."""
+        gateway finished.
+
+        Raises:
+            ServiceUnavailableError: the DB cannot be read (503: quotas fail closed).
+        """
         await self.flush()
-        if kind == "key":
-            key_id = normalize_key_id(name)
-            return await anyio.to_thread.run_sync(
-                lambda: self._store.consumed(window.start, window.end, key_id=key_id)
-            )
-        return await anyio.to_thread.run_sync(
-            lambda: self._store.consumed(window.start, window.end, tenant=name)
-        )
+        key_id = normalize_key_id(name) if kind == "key" else None
+        tenant = None if kind == "key" else name
+
+        def load() -> Consumed:
+            return self._store.consumed(window.start, window.end, tenant=tenant, key_id=key_id)
+
+        try:
+            return await anyio.to_thread.run_sync(load)
+        except SQLAlchemyError as exc:
+            logger.warning("cannot load a quota window from the usage table: %s", exc)
+            raise ServiceUnavailableError(
+                "the usage DB is unreachable: quotas cannot be checked; retry later",
+                retry_after_s=1.0,
+            ) from None
 
     def close(self) -> None:
         self._store.close()

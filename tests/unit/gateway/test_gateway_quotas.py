@@ -15,10 +15,12 @@ from lmaas.core.errors import InvalidRequestError, QuotaExceededError, RateLimit
 from lmaas.core.messages import (
     ChatMessage,
     ClassifyRequest,
+    ClassifyResult,
     GenerateRequest,
     SamplingParams,
     TensorData,
     TranscribeRequest,
+    TranscriptionResult,
 )
 from lmaas.gateway.keys import Principal, Scope
 from lmaas.gateway.limited import LimitedEngineClient, charge_of
@@ -298,3 +300,29 @@ async def test_the_usage_table_is_the_durable_source_of_the_windows(gov_database
     finally:
         await meter.aclose()
         meter.close()
+
+
+async def test_the_limited_engine_charges_images_and_settles_audio_seconds() -> None:
+    limiter, _ = _limiter(FakeClock())
+    quotas = (make_quota("images", 4, "day"), make_quota("audio_seconds", 10, "day"))
+    principal = Principal("k", "t", frozenset({Scope.INFERENCE}), key_limits=Limits(quotas=quotas))
+    fake = FakeEngineClient()
+
+    async def classify(model: str, request: object) -> ClassifyResult:
+        return ClassifyResult("r", b"", 3, 1)
+
+    async def transcribe(model: str, request: object) -> TranscriptionResult:
+        return TranscriptionResult("r", "hi", "en", duration_s=7.5)  # an mp3 the gateway can't time
+
+    fake.infer_handlers[ClassifyRequest] = classify
+    fake.infer_handlers[TranscribeRequest] = transcribe
+    engine = LimitedEngineClient(fake, principal, limiter)
+    await engine.infer("fake-embed", ClassifyRequest("r", images=[b"a", b"b", b"c"]))
+    with pytest.raises(QuotaExceededError, match="used 3 of its quota of 4 images/day"):
+        await engine.infer("fake-embed", ClassifyRequest("r", images=[b"a", b"b"]))
+    await engine.infer("fake-embed", TranscribeRequest("r", b"ID3 mp3 bytes"))  # admitted at 0 s
+    window = limiter._windows[("key", "lmaas-k", QuotaPeriod.DAY)][1]
+    assert (window.images, window.audio_seconds, window.requests) == (3, 7.5, 2)
+    await engine.infer("fake-embed", TranscribeRequest("r", _wav(2.0)))  # 7.5 + 2 <= 10
+    with pytest.raises(QuotaExceededError, match="audio s/day"):
+        await engine.infer("fake-embed", TranscribeRequest("r", _wav(1.0)))  # 9.5 + 1 > 10
