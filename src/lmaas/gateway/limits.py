@@ -342,7 +342,8 @@ class InProcessLimiter:
     ) -> Admission:
         """:meth:`admit`, after loading the quota windows it needs (no ``await`` between the
         checks and the taking)."""
-        await self.ensure_seeded(subjects)
+        while self.unseeded(subjects):  # a loop: a new day may begin while one loads
+            await self.ensure_seeded(subjects)
         return self.admit(subjects, tokens, charge)
 
     def settle(self, states: list[_State], refund_tokens: int) -> None:

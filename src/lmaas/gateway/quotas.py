@@ -24,6 +24,7 @@ on from there; so quotas survive a gateway restart.
 from __future__ import annotations
 
 import enum
+import functools
 import io
 import re
 import wave
@@ -173,15 +174,22 @@ class Window:
 
 def window_of(period: QuotaPeriod, now: datetime) -> Window:
     """The UTC calendar day or month that holds ``now``."""
-    now = now.astimezone(UTC)
+    if now.tzinfo is not UTC:
+        now = now.astimezone(UTC)
     if period is QuotaPeriod.DAY:
-        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return _window(period, now.year, now.month, now.day)
+    return _window(period, now.year, now.month, 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _window(period: QuotaPeriod, year: int, month: int, day: int) -> Window:
+    start = datetime(year, month, day, tzinfo=UTC)
+    if period is QuotaPeriod.DAY:
         return Window(period, start.strftime("%Y-%m-%d"), start, start + timedelta(days=1))
-    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     end = (
-        start.replace(year=start.year + 1, month=1)
-        if start.month == 12
-        else start.replace(month=start.month + 1)
+        datetime(year + 1, 1, 1, tzinfo=UTC)
+        if month == 12
+        else datetime(year, month + 1, 1, tzinfo=UTC)
     )
     return Window(period, start.strftime("%Y-%m"), start, end)
 
