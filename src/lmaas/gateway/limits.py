@@ -225,7 +225,7 @@ class InProcessLimiter:
     def _state(self, subject: Subject, now: float) -> _State:
         key = (subject.kind, subject.name)
         state = self._states.get(key)
-        if state is None or state.limits != subject.limits:
+        if state is None or (state.limits is not subject.limits and state.limits != subject.limits):
             state = self._reconfigure(state, subject.limits, now)
             self._states[key] = state
         for bucket in (state.requests, state.tokens):
@@ -255,6 +255,8 @@ class InProcessLimiter:
     def unseeded(self, subjects: Sequence[Subject]) -> list[tuple[Subject, Window]]:
         """The current windows of the subjects' quotas that this limiter has no counters for
         yet (:meth:`ensure_seeded` loads them)."""
+        if not _has_quotas(subjects):
+            return []
         now = self._wall_clock()
         missing = []
         for subject in subjects:
@@ -306,28 +308,39 @@ class InProcessLimiter:
             QuotaExceededError: a quota is used up; ``retry_after_s`` runs to the period's end.
         """
         now = self._clock()
-        wall = self._wall_clock()
         states = [self._state(s, now) for s in subjects]
-        windows = [self._windows_of(s, wall) for s in subjects]
-        for subject, state, held in zip(subjects, states, windows, strict=True):
+        for subject, state in zip(subjects, states, strict=True):
             _check(subject, state, tokens)
-            for quota in subject.limits.quotas:
-                used = held[quota.period].get(quota.metric)
-                cost = cost_of(quota.metric, tokens, charge)
-                if over_quota(used, cost, quota.limit):
-                    raise quota_error(subject.label, quota, used, cost, wall)
+        taken: list[Consumed] = []
+        if self._windows or _has_quotas(subjects):
+            taken = self._check_quotas(subjects, tokens, charge)
         for state in states:
             if state.requests is not None:
                 state.requests.level -= 1
             if state.tokens is not None:
                 state.tokens.level -= tokens
             state.in_flight += 1
-        for subject in subjects:
-            self._forget_unused_windows(subject)
-        taken = [window for held in windows for window in held.values()]
         for window in taken:
             window.add(tokens, charge)
         return Admission(self, states, tokens, taken, charge)
+
+    def _check_quotas(
+        self, subjects: Sequence[Subject], tokens: int, charge: Charge
+    ) -> list[Consumed]:
+        """Raise past a quota; else the windows this admission takes from."""
+        wall = self._wall_clock()
+        taken: list[Consumed] = []
+        for subject in subjects:
+            held = self._windows_of(subject, wall)
+            for quota in subject.limits.quotas:
+                used = held[quota.period].get(quota.metric)
+                cost = cost_of(quota.metric, tokens, charge)
+                if over_quota(used, cost, quota.limit):
+                    raise quota_error(subject.label, quota, used, cost, wall)
+            taken += held.values()
+        for subject in subjects:
+            self._forget_unused_windows(subject)
+        return taken
 
     def _forget_unused_windows(self, subject: Subject) -> None:
         """Drop the windows of periods a subject no longer has quotas for: if one comes back,
@@ -354,6 +367,14 @@ class InProcessLimiter:
             if state.tokens is not None:
                 state.tokens.refill(now)
                 state.tokens.level = min(state.tokens.capacity, state.tokens.level + refund_tokens)
+
+
+def _has_quotas(subjects: Sequence[Subject]) -> bool:
+    # A plain loop: on the admission path it is cheaper than any() over a generator.
+    for subject in subjects:  # noqa: SIM110
+        if subject.limits.quotas:
+            return True
+    return False
 
 
 def _check(subject: Subject, state: _State, tokens: int) -> None:
