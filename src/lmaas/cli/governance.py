@@ -46,7 +46,10 @@ ConcurrentOption = Annotated[
     int | None, typer.Option("--max-concurrent", help="Requests in flight at once.")
 ]
 
-_QUOTA_HELP = "AMOUNT/day or AMOUNT/month (UTC); repeat for both; replaces the metric's quotas, 0 removes them."
+_QUOTA_HELP = (
+    "AMOUNT/day or AMOUNT/month (UTC); repeat for both; replaces the metric's quotas, "
+    "0 removes them."
+)
 QuotaTokensOption = Annotated[
     list[str] | None,
     typer.Option("--quota-tokens", help=f"Tokens quota: {_QUOTA_HELP}", metavar="N/PERIOD"),
