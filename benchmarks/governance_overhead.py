@@ -285,7 +285,7 @@ def main() -> None:
             server_process([*base, "--port", str(ports["governed"])], logs["governed"], env)
         )
         why = wait_http(governed, f"{urls['governed']}/v2/health/ready", 120, logs["governed"])
-        if why or admin_key(logs["governed"]) is None:
+        if why or admin_key(logs["governed"], Path(tmp) / "admin-key") is None:
             raise SystemExit(f"the governed server did not start: {why}")
         open_cmd = [*base, "--port", str(ports["no_auth"]), "--no-auth"]
         opened = stack.enter_context(server_process(open_cmd, logs["no_auth"], env))

@@ -31,6 +31,7 @@ _TABLE: dict[type[e.LmaasError], tuple[int, str]] = {
     e.NotFoundError: (404, "not_found_error"),
     e.ConflictError: (409, "conflict_error"),
     e.RateLimitError: (429, "rate_limit_error"),
+    e.QuotaExceededError: (429, "rate_limit_error"),  # code quota_exceeded: SDKs still retry
     e.NotSupportedError: (501, "not_supported_error"),
     e.ServiceUnavailableError: (503, "service_unavailable_error"),
     e.ModelLoadError: (503, "service_unavailable_error"),

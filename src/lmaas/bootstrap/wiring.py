@@ -43,10 +43,17 @@ DEMO_CHAT = "demo-chat"
 DEMO_EMBEDDING = "all-minilm-l6-v2"
 
 
-def open_registry(settings: Settings) -> RegistryService:
+def open_registry(
+    settings: Settings, governance: GovernanceService | None = None
+) -> RegistryService:
+    """The registry of ``settings``; with ``governance``, every alias move made through it
+    lands in the audit trail (:meth:`GovernanceService.record_alias_move`)."""
     settings.home.mkdir(parents=True, exist_ok=True)
     return RegistryService(
-        settings.home, settings.resolved_database_url(), offline=settings.offline
+        settings.home,
+        settings.resolved_database_url(),
+        offline=settings.offline,
+        on_alias_moved=None if governance is None else governance.record_alias_move,
     )
 
 
@@ -178,7 +185,7 @@ def build_gateway(
     evaluations = EvaluationJobs(
         settings.home, settings.resolved_database_url(), device=settings.engine.device
     )
-    limiter = build_limiter(settings)
+    limiter = build_limiter(settings, meter)
 
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
@@ -217,8 +224,11 @@ def build_gateway(
     return Gateway(app=create_app(services), engine=engine, metrics=metrics)
 
 
-def build_limiter(settings: Settings) -> Limiter:
-    """The rate limiter ``settings.limits.backend`` names: in process, or shared in Redis."""
+def build_limiter(settings: Settings, meter: UsageMeter | None = None) -> Limiter:
+    """The rate limiter ``settings.limits.backend`` names: in process, or shared in Redis.
+
+    Quota windows are loaded from the usage table through ``meter`` (the durable truth);
+    without metering they start empty at every start."""
     if settings.limits.backend == "redis":
         from lmaas.gateway.redis_limits import RedisLimiter  # redis-py only when asked for
 
@@ -226,8 +236,9 @@ def build_limiter(settings: Settings) -> Limiter:
             settings.redis_url,
             prefix=settings.limits.key_prefix,
             lease_ttl_s=settings.limits.lease_ttl_s,
+            quota_source=meter,
         )
-    return InProcessLimiter()
+    return InProcessLimiter(quota_source=meter)
 
 
 async def _announce_when_ready(

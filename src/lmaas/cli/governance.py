@@ -23,6 +23,7 @@ from lmaas.bootstrap.governance import open_governance
 from lmaas.bootstrap.settings import Settings
 from lmaas.core.errors import LmaasError
 from lmaas.gateway.limits import Limits
+from lmaas.gateway.quotas import Quota, QuotaMetric, parse_quota, quotas_text
 from lmaas.gateway.service import GovernanceService, IssuedKey
 from lmaas.gateway.store import ApiKey, Tenant
 
@@ -45,6 +46,31 @@ ConcurrentOption = Annotated[
     int | None, typer.Option("--max-concurrent", help="Requests in flight at once.")
 ]
 
+_QUOTA_HELP = (
+    "AMOUNT/day or AMOUNT/month (UTC); repeat for both; replaces the metric's quotas, "
+    "0 removes them."
+)
+QuotaTokensOption = Annotated[
+    list[str] | None,
+    typer.Option("--quota-tokens", help=f"Tokens quota: {_QUOTA_HELP}", metavar="N/PERIOD"),
+]
+QuotaRequestsOption = Annotated[
+    list[str] | None,
+    typer.Option("--quota-requests", help=f"Requests quota: {_QUOTA_HELP}", metavar="N/PERIOD"),
+]
+QuotaAudioOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--quota-audio-seconds",
+        help=f"Seconds of audio transcribed: {_QUOTA_HELP}",
+        metavar="N/PERIOD",
+    ),
+]
+QuotaImagesOption = Annotated[
+    list[str] | None,
+    typer.Option("--quota-images", help=f"Images classified: {_QUOTA_HELP}", metavar="N/PERIOD"),
+]
+
 WeightOption = Annotated[
     float,
     typer.Option(
@@ -63,14 +89,55 @@ def _limits_text(limits: Limits) -> str:
         )
         if value is not None
     ]
+    if limits.quotas:
+        parts.append(quotas_text(limits.quotas))
     return ", ".join(parts) or "-"
 
 
-def _limits_dict(limits: Limits) -> dict[str, int | None]:
-    return {"rpm": limits.rpm, "tpm": limits.tpm, "max_concurrent": limits.max_concurrent}
+def _limits_dict(limits: Limits) -> dict[str, Any]:
+    return {
+        "rpm": limits.rpm,
+        "tpm": limits.tpm,
+        "max_concurrent": limits.max_concurrent,
+        "quotas": [q.as_dict() for q in limits.quotas],
+    }
 
 
-def _merged(current: Limits, rpm: int | None, tpm: int | None, conc: int | None) -> Limits:
+QuotaFlags = dict[QuotaMetric, list[str] | None]
+
+
+def _quota_flags(
+    tokens: list[str] | None,
+    requests: list[str] | None,
+    audio: list[str] | None,
+    images: list[str] | None,
+) -> QuotaFlags:
+    return {
+        QuotaMetric.TOKENS: tokens,
+        QuotaMetric.REQUESTS: requests,
+        QuotaMetric.AUDIO_SECONDS: audio,
+        QuotaMetric.IMAGES: images,
+    }
+
+
+def _quotas(current: tuple[Quota, ...], flags: QuotaFlags) -> tuple[Quota, ...]:
+    """``current`` with the metrics given on the command line replaced (``0``: none)."""
+    kept = [q for q in current if not flags.get(q.metric)]
+    for metric, values in flags.items():
+        for value in values or ():
+            quota = parse_quota(metric.value, value)
+            if quota is not None:
+                kept.append(quota)
+    return tuple(kept)
+
+
+def _merged(
+    current: Limits,
+    rpm: int | None,
+    tpm: int | None,
+    conc: int | None,
+    quota_flags: QuotaFlags | None = None,
+) -> Limits:
     """``current`` with the given flags applied; 0 removes a limit."""
 
     def pick(new: int | None, old: int | None) -> int | None:
@@ -79,7 +146,10 @@ def _merged(current: Limits, rpm: int | None, tpm: int | None, conc: int | None)
         return None if new == 0 else new
 
     return Limits(
-        pick(rpm, current.rpm), pick(tpm, current.tpm), pick(conc, current.max_concurrent)
+        pick(rpm, current.rpm),
+        pick(tpm, current.tpm),
+        pick(conc, current.max_concurrent),
+        _quotas(current.quotas, quota_flags or {}),
     )
 
 
@@ -194,12 +264,17 @@ def tenants_create(
     rpm: RpmOption = None,
     tpm: TpmOption = None,
     max_concurrent: ConcurrentOption = None,
+    quota_tokens: QuotaTokensOption = None,
+    quota_requests: QuotaRequestsOption = None,
+    quota_audio_seconds: QuotaAudioOption = None,
+    quota_images: QuotaImagesOption = None,
     weight: WeightOption = 1.0,
     home: HomeOption = None,
 ) -> None:
-    """Create a tenant (a team that owns keys), with limits all its keys share."""
+    """Create a tenant (a team that owns keys), with limits and quotas all its keys share."""
+    flags = _quota_flags(quota_tokens, quota_requests, quota_audio_seconds, quota_images)
     with _governance(home) as governance:
-        limits = Limits(rpm, tpm, max_concurrent)
+        limits = _merged(Limits(), rpm, tpm, max_concurrent, flags)
         tenant = governance.create_tenant(name, description, limits, weight)
     typer.echo(f"created tenant {tenant.name}")
 
@@ -257,12 +332,17 @@ def tenants_limits(
     rpm: RpmOption = None,
     tpm: TpmOption = None,
     max_concurrent: ConcurrentOption = None,
+    quota_tokens: QuotaTokensOption = None,
+    quota_requests: QuotaRequestsOption = None,
+    quota_audio_seconds: QuotaAudioOption = None,
+    quota_images: QuotaImagesOption = None,
     home: HomeOption = None,
 ) -> None:
-    """Change the limits a tenant's keys share (the flags given; 0 removes a limit)."""
+    """Change the limits and quotas a tenant's keys share (the flags given; 0 removes one)."""
+    flags = _quota_flags(quota_tokens, quota_requests, quota_audio_seconds, quota_images)
     with _governance(home) as governance:
         current = governance.get_tenant(name).limits
-        merged = _merged(current, rpm, tpm, max_concurrent)
+        merged = _merged(current, rpm, tpm, max_concurrent, flags)
         tenant = governance.set_tenant_limits(name, merged)
     typer.echo(f"tenant {tenant.name}: {_limits_text(tenant.limits)}")
 
@@ -321,10 +401,15 @@ def keys_create(
     rpm: RpmOption = None,
     tpm: TpmOption = None,
     max_concurrent: ConcurrentOption = None,
+    quota_tokens: QuotaTokensOption = None,
+    quota_requests: QuotaRequestsOption = None,
+    quota_audio_seconds: QuotaAudioOption = None,
+    quota_images: QuotaImagesOption = None,
     home: HomeOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create a key; its secret goes to stdout, once."""
+    flags = _quota_flags(quota_tokens, quota_requests, quota_audio_seconds, quota_images)
     with _governance(home) as governance:
         issued = governance.create_key(
             tenant,
@@ -332,7 +417,7 @@ def keys_create(
             _split(models),
             name=name,
             expires_in=expires_in,
-            limits=Limits(rpm, tpm, max_concurrent),
+            limits=_merged(Limits(), rpm, tpm, max_concurrent, flags),
         )
     _print_issued(issued, as_json, "created")
 
@@ -387,12 +472,18 @@ def keys_limits(
     rpm: RpmOption = None,
     tpm: TpmOption = None,
     max_concurrent: ConcurrentOption = None,
+    quota_tokens: QuotaTokensOption = None,
+    quota_requests: QuotaRequestsOption = None,
+    quota_audio_seconds: QuotaAudioOption = None,
+    quota_images: QuotaImagesOption = None,
     home: HomeOption = None,
 ) -> None:
-    """Change a key's limits (the flags given; 0 removes a limit)."""
+    """Change a key's limits and quotas (the flags given; 0 removes one)."""
+    flags = _quota_flags(quota_tokens, quota_requests, quota_audio_seconds, quota_images)
     with _governance(home) as governance:
         current = governance.get_key(key_id).limits
-        key = governance.set_key_limits(key_id, _merged(current, rpm, tpm, max_concurrent))
+        merged = _merged(current, rpm, tpm, max_concurrent, flags)
+        key = governance.set_key_limits(key_id, merged)
     typer.echo(f"{key.prefix}: {_limits_text(key.limits)}")
 
 

@@ -109,7 +109,7 @@ def serve(
         issued = governance.bootstrap_admin_key() if settings.auth.enabled else None
         if issued is not None:
             announce_admin_key(issued, lambda text: print(text, file=sys.stderr, flush=True))
-        registry = open_registry(settings)
+        registry = open_registry(settings, governance)
         manifests = resolve_models(registry, model or [], lambda m: _err.print(f"[dim]{m}[/]"))
         deployments = [deployment_for(registry, m, settings) for m in manifests]
         sock = bind_socket(settings.server.host, settings.server.port)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -24,9 +24,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from lmaas.bootstrap.governance import open_governance
 from lmaas.bootstrap.settings import Settings
+from lmaas.cli.governance import cli_actor
 from lmaas.core.errors import LmaasError
 from lmaas.core.types import Task
+from lmaas.registry.lifecycle_db import AliasMove
 from lmaas.registry.manifest import Lineage, Manifest
 from lmaas.registry.service import RegistryService
 
@@ -71,6 +74,21 @@ class RichImportProgress:
         self._progress.stop()
 
 
+def _audited(settings: Settings) -> Callable[[AliasMove], None]:
+    """The registry's alias-move hook for the CLI: each move lands in the audit trail (the
+    governance tables are opened only when an alias moves)."""
+
+    def record(move: AliasMove) -> None:
+        governance = open_governance(settings)
+        try:
+            governance.actor = cli_actor()
+            governance.record_alias_move(move)
+        finally:
+            governance.close()
+
+    return record
+
+
 @contextmanager
 def _registry(home: Path | None) -> Iterator[RegistryService]:
     """Open the registry of ``home``; any LmaasError becomes one red line and exit code 1."""
@@ -78,7 +96,10 @@ def _registry(home: Path | None) -> Iterator[RegistryService]:
     try:
         settings = Settings(home=home) if home is not None else Settings()
         service = RegistryService(
-            settings.home, settings.resolved_database_url(), offline=settings.offline
+            settings.home,
+            settings.resolved_database_url(),
+            offline=settings.offline,
+            on_alias_moved=_audited(settings),
         )
     except (LmaasError, ValidationError) as exc:
         _fail(stderr, str(exc))

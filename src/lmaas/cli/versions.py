@@ -13,14 +13,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lmaas.cli.governance import cli_actor
 from lmaas.cli.models import HomeOption, _registry, models_app, parse_pairs
 from lmaas.registry.lifecycle_db import StoredMetric
 from lmaas.registry.manifest import Manifest
 
 __all__ = ["models_app"]
 
-CLI_ACTOR = "cli"
-"""Who the history records for moves made from this command line."""
+CLI_ACTOR = cli_actor()
+"""Who the history (and the audit trail) records for moves made from this command line:
+``cli:<os user>``, as for every other change made from the CLI."""
 
 
 @models_app.command("alias")

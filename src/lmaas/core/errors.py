@@ -15,7 +15,8 @@ Tree::
     ├── NotFoundError                unknown model, version or object
     │   └── ModelNotFoundError
     ├── ConflictError                the object exists already
-    ├── RateLimitError               per-key rate, concurrency or quota (retryable)
+    ├── RateLimitError               per-key rate or concurrency (retryable)
+    │   └── QuotaExceededError       a quota per day or month is used up
     ├── NotSupportedError            valid request for a feature this model lacks
     ├── ServiceUnavailableError      retryable: overload, not ready, draining, worker crash
     │   ├── ModelNotReadyError
@@ -90,6 +91,13 @@ class RateLimitError(LmaasError):
     ) -> None:
         super().__init__(message, param=param)
         self.retry_after_s = retry_after_s
+
+
+class QuotaExceededError(RateLimitError):
+    """A key's or tenant's quota for the current day or month is used up; ``retry_after_s`` is
+    the time until the period resets."""
+
+    code = "quota_exceeded"
 
 
 class NotSupportedError(LmaasError):

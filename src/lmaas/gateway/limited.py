@@ -4,8 +4,9 @@ Like :mod:`lmaas.gateway.visibility`, this is a per-request view of the engine t
 ``lmaas.api.services.services_of`` hands to routes, so every model call of every route (chat,
 completions, embeddings, rerank, classify, transcriptions, v2 infer, and routes yet to come)
 is limited with no code in the route. Admission happens before anything is streamed (with the
-in-process limiter when the call is made; with a shared one (Redis), which must await, when the
-stream's first item is asked for, which every route does before it answers), so a refused
+in-process limiter when the call is made; with a shared one (Redis), or when a quota window must
+first be loaded from the usage table, both of which await, when the stream's first item is
+asked for, which every route does before it answers), so a refused
 request is a plain 429 with ``Retry-After``. The reservation is
 settled to the tokens the worker reports (prompt + generated) when the call ends, streams
 included (when the stream is closed, also by a client that went away).
@@ -13,21 +14,25 @@ included (when the stream is closed, also by a client that went away).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 
 from lmaas.core.messages import (
+    ClassifyRequest,
     EmbedRequest,
     EmbedResult,
     GenerateRequest,
     InferRequest,
     InferResult,
     SeqDelta,
+    TranscribeRequest,
+    TranscriptionResult,
 )
 from lmaas.engine.protocol import EngineClient, ServedModel
 from lmaas.gateway.keys import Principal, key_prefix
 from lmaas.gateway.limits import Hold, InProcessLimiter, SharedLimiter, Subject
+from lmaas.gateway.quotas import NO_CHARGE, Charge, estimate_audio_seconds
 
 Limiter = InProcessLimiter | SharedLimiter
 """The in-process limiter (one gateway) or a shared one (several gateways)."""
@@ -46,6 +51,21 @@ def subjects_of(principal: Principal) -> list[Subject]:
         Subject("tenant", principal.tenant, principal.tenant_limits),
     ]
     return [s for s in subjects if s.limits.any]
+
+
+def charge_of(request: object) -> Charge:
+    """What a request carries that quotas count besides requests and tokens: the images of a
+    classification, the audio seconds of a transcription (from a WAV header; settled to the
+    worker's measure when the request ends)."""
+    if isinstance(request, ClassifyRequest):
+        if request.images is not None:
+            return Charge(images=len(request.images))
+        if request.pixel_values is not None and request.pixel_values.shape:
+            return Charge(images=max(0, int(request.pixel_values.shape[0])))
+        return NO_CHARGE
+    if isinstance(request, TranscribeRequest):
+        return Charge(audio_seconds=estimate_audio_seconds(request.audio))
+    return NO_CHARGE
 
 
 def _text_tokens(text: str) -> int:
@@ -109,8 +129,9 @@ class LimitedEngineClient:
         prompt = estimate_prompt_tokens(request)
         reserve = prompt + self._generation_budget(model, request, prompt)
         limiter = self._limiter
-        if not isinstance(limiter, InProcessLimiter):
-            start = _Start(self._engine, model, request, limiter, self._subjects, reserve)
+        if not isinstance(limiter, InProcessLimiter) or limiter.unseeded(self._subjects):
+            # Admission must await (Redis, or a quota window to load): on the first item.
+            start = _Start(self._engine, model, request, lambda: self._admit(reserve))
             return _SettledStream(None, None, start)
         admission = limiter.admit(self._subjects, reserve)
         try:
@@ -120,11 +141,8 @@ class LimitedEngineClient:
             raise
         return _SettledStream(stream, admission)
 
-    async def _admit(self, tokens: int) -> Hold:
-        limiter = self._limiter
-        if isinstance(limiter, InProcessLimiter):
-            return limiter.admit(self._subjects, tokens)
-        return await limiter.admit_async(self._subjects, tokens)
+    async def _admit(self, tokens: int, charge: Charge = NO_CHARGE) -> Hold:
+        return await self._limiter.admit_async(self._subjects, tokens, charge)
 
     async def embed(self, model: str, request: EmbedRequest) -> EmbedResult:
         admission = await self._admit(estimate_prompt_tokens(request))
@@ -137,43 +155,43 @@ class LimitedEngineClient:
             admission.finish(used)
 
     async def infer(self, model: str, request: InferRequest) -> InferResult:
-        admission = await self._admit(estimate_prompt_tokens(request))
+        charge = charge_of(request)
+        admission = await self._admit(estimate_prompt_tokens(request), charge)
         used = 0
+        audio: float | None = None
         try:
             result = await self._engine.infer(model, request)
             used = int(getattr(result, "prompt_tokens", 0) or 0)
+            if isinstance(result, TranscriptionResult):
+                audio = float(result.duration_s)
             return result
         finally:
-            admission.finish(used)
+            admission.finish(used, audio)
 
 
 class _Start:
-    """What a stream admitted by a shared limiter does on its first item: admit, then call."""
+    """What a stream whose admission must await does on its first item: admit, then call."""
 
-    __slots__ = ("engine", "limiter", "model", "request", "subjects", "tokens")
+    __slots__ = ("admit", "engine", "model", "request")
 
     def __init__(
         self,
         engine: EngineClient,
         model: str,
         request: GenerateRequest,
-        limiter: SharedLimiter,
-        subjects: list[Subject],
-        tokens: int,
+        admit: Callable[[], Awaitable[Hold]],
     ) -> None:
         self.engine = engine
         self.model = model
         self.request = request
-        self.limiter = limiter
-        self.subjects = subjects
-        self.tokens = tokens
+        self.admit = admit
 
 
 class _SettledStream:
     """A token stream that settles its admission when it ends, fails or is closed (also when
     it is closed before its first item, which an async generator's ``finally`` would miss).
 
-    With a shared limiter the stream is made lazily: ``start`` admits and calls the engine on
+    When admission must await, the stream is made lazily: ``start`` admits and calls the engine on
     the first item (a refusal raises from there, before the route answered anything)."""
 
     __slots__ = ("_admission", "_start", "_stream", "_used")
@@ -196,7 +214,7 @@ class _SettledStream:
         start = self._start
         assert start is not None
         self._start = None
-        self._admission = await start.limiter.admit_async(start.subjects, start.tokens)
+        self._admission = await start.admit()
         stream = start.engine.generate(start.model, start.request)
         self._stream = stream
         return stream

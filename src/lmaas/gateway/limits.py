@@ -1,5 +1,8 @@
 """Per-key and per-tenant rate limits, in process: requests/min, tokens/min, concurrency.
 
+Quotas per day or month (:mod:`lmaas.gateway.quotas`) are checked and taken in the same step,
+against per-window counters loaded from the usage table the first time a window is met.
+
 Requests and tokens per minute are token buckets: a bucket holds up to the per-minute limit and
 refills at limit/60 per second, so a quiet key may burst up to its limit, and a busy one is held
 to the rate. Tokens are **reserved at admission** (an estimate of the prompt plus the most the
@@ -16,13 +19,31 @@ with the seconds until it would pass (``Retry-After``). Several gateways need a 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any, Protocol
 
 from lmaas.core.errors import InvalidRequestError, RateLimitError
+from lmaas.gateway.quotas import (
+    NO_CHARGE,
+    Charge,
+    Consumed,
+    Quota,
+    QuotaPeriod,
+    QuotaSource,
+    Window,
+    ZeroSource,
+    check_quotas,
+    cost_of,
+    over_quota,
+    quota_error,
+    window_of,
+)
 
 _SECONDS_PER_MINUTE = 60.0
 
@@ -37,10 +58,22 @@ class Limits:
     """Tokens (prompt + generated) per minute."""
     max_concurrent: int | None = None
     """Requests in flight at once."""
+    quotas: tuple[Quota, ...] = ()
+    """Quotas per UTC day or month (tokens, requests, audio seconds, images)."""
 
     @property
     def any(self) -> bool:
-        return self.rpm is not None or self.tpm is not None or self.max_concurrent is not None
+        return (
+            self.rpm is not None
+            or self.tpm is not None
+            or self.max_concurrent is not None
+            or bool(self.quotas)
+        )
+
+    @property
+    def periods(self) -> tuple[QuotaPeriod, ...]:
+        """The periods of the quotas (each once)."""
+        return tuple(dict.fromkeys(q.period for q in self.quotas))
 
     def checked(self) -> Limits:
         """Raises: InvalidRequestError for a limit below 1 (None is unlimited)."""
@@ -54,7 +87,8 @@ class Limits:
                     f"{param} must be a positive integer (or absent: unlimited), not {value}",
                     param=param,
                 )
-        return self
+        quotas = check_quotas(self.quotas)
+        return Limits(self.rpm, self.tpm, self.max_concurrent, quotas)
 
 
 NO_LIMITS = Limits()
@@ -102,20 +136,34 @@ class _State:
 class Admission:
     """One admitted request's hold on its limits; :meth:`finish` settles it (once)."""
 
-    __slots__ = ("_done", "_limiter", "_states", "reserved_tokens")
+    __slots__ = ("_charge", "_done", "_limiter", "_states", "_windows", "reserved_tokens")
 
-    def __init__(self, limiter: InProcessLimiter, states: list[_State], tokens: int) -> None:
+    def __init__(
+        self,
+        limiter: InProcessLimiter,
+        states: list[_State],
+        tokens: int,
+        windows: list[Consumed],
+        charge: Charge,
+    ) -> None:
         self._limiter = limiter
         self._states = states
+        self._windows = windows
+        self._charge = charge
         self._done = False
         self.reserved_tokens = tokens
 
-    def finish(self, used_tokens: int) -> None:
-        """Release the concurrency slots and settle the reservation to ``used_tokens``."""
+    def finish(self, used_tokens: int, audio_seconds: float | None = None) -> None:
+        """Release the concurrency slots and settle the reservation to ``used_tokens`` (and
+        the audio seconds charged to the worker's measure, when given)."""
         if self._done:
             return
         self._done = True
         self._limiter.settle(self._states, self.reserved_tokens - used_tokens)
+        extra_audio = 0.0 if audio_seconds is None else audio_seconds - self._charge.audio_seconds
+        for window in self._windows:
+            window.tokens -= self.reserved_tokens - used_tokens
+            window.audio_seconds += extra_audio
 
 
 class Hold(Protocol):
@@ -123,34 +171,61 @@ class Hold(Protocol):
 
     reserved_tokens: int
 
-    def finish(self, used_tokens: int) -> None:
+    def finish(self, used_tokens: int, audio_seconds: float | None = None) -> None:
         """Release the concurrency slots and settle the reservation (once; never awaits)."""
 
 
 class SharedLimiter(Protocol):
     """A limiter whose state lives outside the process (Redis): admission awaits I/O."""
 
-    async def admit_async(self, subjects: Sequence[Subject], tokens: int) -> Hold:
+    async def admit_async(
+        self, subjects: Sequence[Subject], tokens: int, charge: Charge = NO_CHARGE
+    ) -> Hold:
         """Raises: RateLimitError past a limit (nothing taken)."""
 
     async def aclose(self) -> None: ...
 
 
+def forget_pending(pending: dict[Any, Any], slot: object, _done: object) -> None:
+    pending.pop(slot, None)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+_WindowKey = tuple[str, str, QuotaPeriod]
+"""(subject kind, subject name, period)."""
+
+
 class InProcessLimiter:
-    """Token buckets and in-flight counters per subject, for one gateway process.
+    """Token buckets, in-flight counters and quota windows per subject, for one gateway process.
 
     Args:
         clock: Monotonic seconds (tests pass a fake one).
+        wall_clock: Current UTC time, for the quota windows (tests pass a fake one).
+        quota_source: Where a quota window met for the first time loads what was used in it
+            (the usage table); without one, windows start empty.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        wall_clock: Callable[[], datetime] = _utcnow,
+        quota_source: QuotaSource | None = None,
+    ) -> None:
         self._clock = clock
+        self._wall_clock = wall_clock
+        self._source: QuotaSource = quota_source or ZeroSource()
         self._states: dict[tuple[str, str], _State] = {}
+        self._windows: dict[_WindowKey, tuple[str, Consumed]] = {}
+        self._loading: dict[tuple[_WindowKey, str], asyncio.Future[Consumed]] = {}
 
     def _state(self, subject: Subject, now: float) -> _State:
         key = (subject.kind, subject.name)
         state = self._states.get(key)
-        if state is None or state.limits != subject.limits:
+        if state is None or (state.limits is not subject.limits and state.limits != subject.limits):
             state = self._reconfigure(state, subject.limits, now)
             self._states[key] = state
         for bucket in (state.requests, state.tokens):
@@ -175,24 +250,114 @@ class InProcessLimiter:
         tokens = bucket(limits.tpm, old.tokens if old else None)
         return _State(requests, tokens, in_flight, limits)
 
-    def admit(self, subjects: list[Subject], tokens: int) -> Admission:
-        """Admit one request that may use ``tokens``, against every subject's limits.
+    # ------------------------------------------------------------ quota windows
+
+    def unseeded(self, subjects: Sequence[Subject]) -> list[tuple[Subject, Window]]:
+        """The current windows of the subjects' quotas that this limiter has no counters for
+        yet (:meth:`ensure_seeded` loads them)."""
+        if not _has_quotas(subjects):
+            return []
+        now = self._wall_clock()
+        missing = []
+        for subject in subjects:
+            for period in subject.limits.periods:
+                window = window_of(period, now)
+                held = self._windows.get((subject.kind, subject.name, period))
+                if held is None or held[0] != window.id:
+                    missing.append((subject, window))
+        return missing
+
+    async def ensure_seeded(self, subjects: Sequence[Subject]) -> None:
+        """Load the windows :meth:`unseeded` names from the quota source (each once, however
+        many requests wait for it)."""
+        for subject, window in self.unseeded(subjects):
+            key = (subject.kind, subject.name, window.period)
+            slot = (key, window.id)
+            loading = self._loading.get(slot)
+            if loading is None:
+                loading = asyncio.ensure_future(self._source.consumed(key[0], key[1], window))
+                self._loading[slot] = loading
+                loading.add_done_callback(partial(forget_pending, self._loading, slot))
+            consumed = await asyncio.shield(loading)
+            held = self._windows.get(key)
+            if held is None or held[0] != window.id:
+                self._windows[key] = (window.id, consumed)
+
+    def _windows_of(self, subject: Subject, now: datetime) -> dict[QuotaPeriod, Consumed]:
+        windows = {}
+        for period in subject.limits.periods:
+            window = window_of(period, now)
+            held = self._windows.get((subject.kind, subject.name, period))
+            if held is None or held[0] != window.id:
+                raise RuntimeError(f"quota window {window.id} of {subject.label} is not loaded")
+            windows[period] = held[1]
+        return windows
+
+    # ------------------------------------------------------------ admission
+
+    def admit(
+        self, subjects: Sequence[Subject], tokens: int, charge: Charge = NO_CHARGE
+    ) -> Admission:
+        """Admit one request that may use ``tokens`` (and ``charge``), against every subject's
+        limits and quotas. A subject with quotas needs its windows loaded first
+        (:meth:`ensure_seeded`; :meth:`admit_async` does both).
 
         Raises:
             RateLimitError: a limit is reached (nothing is taken); ``retry_after_s`` is how long
                 until the request would pass, or a minute for a request larger than a tpm limit.
+            QuotaExceededError: a quota is used up; ``retry_after_s`` runs to the period's end.
         """
         now = self._clock()
         states = [self._state(s, now) for s in subjects]
         for subject, state in zip(subjects, states, strict=True):
             _check(subject, state, tokens)
+        taken: list[Consumed] = []
+        if self._windows or _has_quotas(subjects):
+            taken = self._check_quotas(subjects, tokens, charge)
         for state in states:
             if state.requests is not None:
                 state.requests.level -= 1
             if state.tokens is not None:
                 state.tokens.level -= tokens
             state.in_flight += 1
-        return Admission(self, states, tokens)
+        for window in taken:
+            window.add(tokens, charge)
+        return Admission(self, states, tokens, taken, charge)
+
+    def _check_quotas(
+        self, subjects: Sequence[Subject], tokens: int, charge: Charge
+    ) -> list[Consumed]:
+        """Raise past a quota; else the windows this admission takes from."""
+        wall = self._wall_clock()
+        taken: list[Consumed] = []
+        for subject in subjects:
+            held = self._windows_of(subject, wall)
+            for quota in subject.limits.quotas:
+                used = held[quota.period].get(quota.metric)
+                cost = cost_of(quota.metric, tokens, charge)
+                if over_quota(used, cost, quota.limit):
+                    raise quota_error(subject.label, quota, used, cost, wall)
+            taken += held.values()
+        for subject in subjects:
+            self._forget_unused_windows(subject)
+        return taken
+
+    def _forget_unused_windows(self, subject: Subject) -> None:
+        """Drop the windows of periods a subject no longer has quotas for: if one comes back,
+        its window is loaded again from the usage table (not counted on from stale counters)."""
+        for period in QuotaPeriod:
+            key = (subject.kind, subject.name, period)
+            if key in self._windows and period not in subject.limits.periods:
+                del self._windows[key]
+
+    async def admit_async(
+        self, subjects: Sequence[Subject], tokens: int, charge: Charge = NO_CHARGE
+    ) -> Admission:
+        """:meth:`admit`, after loading the quota windows it needs (no ``await`` between the
+        checks and the taking)."""
+        while self.unseeded(subjects):  # a loop: a new day may begin while one loads
+            await self.ensure_seeded(subjects)
+        return self.admit(subjects, tokens, charge)
 
     def settle(self, states: list[_State], refund_tokens: int) -> None:
         """Free the concurrency slots; give back (or take, if negative) tokens."""
@@ -202,6 +367,14 @@ class InProcessLimiter:
             if state.tokens is not None:
                 state.tokens.refill(now)
                 state.tokens.level = min(state.tokens.capacity, state.tokens.level + refund_tokens)
+
+
+def _has_quotas(subjects: Sequence[Subject]) -> bool:
+    # A plain loop: on the admission path it is cheaper than any() over a generator.
+    for subject in subjects:  # noqa: SIM110
+        if subject.limits.quotas:
+            return True
+    return False
 
 
 def _check(subject: Subject, state: _State, tokens: int) -> None:

@@ -4,7 +4,7 @@ The semantics are those of :class:`lmaas.gateway.limits.InProcessLimiter` (reque
 per minute are token buckets refilling at limit/60 per second; tokens are reserved at admission
 and settled at the end; concurrency is counted while a request runs; the key and its tenant are
 checked, then taken from, all or nothing). What changes is where the state lives and what makes
-admission atomic:
+admission atomic (quotas per day or month too: :mod:`lmaas.gateway.quotas`):
 
 * Each check-and-take is **one Lua script** run by Redis (``register_script``: ``EVALSHA``,
   loaded again by redis-py if Redis forgot it). Redis runs one script at a time, so N gateways
@@ -17,6 +17,11 @@ admission atomic:
   refreshing, and its slots come back by themselves within ``lease_ttl_s``.
 * Buckets are hashes (``level``, ``ts``, ``cap``) that expire once they would be full again, so
   idle keys cost Redis nothing.
+* Quota windows are hashes (``tokens``, ``requests``, ``audio_seconds``, ``images``) per subject
+  and UTC day or month, kept a day past their period. The admission script refuses to count on
+  a window Redis does not hold (a new period, a quota just added, a Redis that lost its data):
+  the gateway then loads the window from the usage table (the durable truth), writes it only if
+  still absent (``SEED_LUA``: the first gateway wins), and admits again.
 
 Redis down means **closed**: admission fails with 503 (``ServiceUnavailableError``, retryable)
 rather than serving past limits nobody can check. Settling is best effort: if it fails, the
@@ -30,14 +35,28 @@ import contextlib
 import logging
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from lmaas.core.errors import RateLimitError, ServiceUnavailableError
-from lmaas.gateway.limits import Subject, rate_limit_error
+from lmaas.gateway.limits import Subject, forget_pending, rate_limit_error
+from lmaas.gateway.quotas import (
+    NO_CHARGE,
+    Charge,
+    Quota,
+    QuotaPeriod,
+    QuotaSource,
+    Window,
+    ZeroSource,
+    cost_of,
+    quota_error,
+    window_of,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -67,18 +86,25 @@ end
 ADMIT_LUA = (
     _BUCKET_LUA
     + """
--- KEYS: per subject: requests bucket, tokens bucket, leases (sorted set)
--- ARGV: tokens, lease id, lease ttl ms, then per subject: rpm, tpm, max_concurrent (0: none)
--- Returns {1} when admitted, else {0, subject index (0-based), reason, wait ms, in flight}
--- with reason 1 concurrency, 2 rpm, 3 larger than tpm, 4 tpm.
+-- KEYS: per subject: requests bucket, tokens bucket, leases (sorted set); then the quota
+-- window hashes (fields tokens, requests, audio_seconds, images).
+-- ARGV: tokens, lease id, lease ttl ms, subjects n, audio seconds, images, then per subject:
+-- rpm, tpm, max_concurrent (0: none), then the number of quotas m and per quota: its window's
+-- index in KEYS, its subject's index (0-based), metric, limit.
+-- Returns {1} when admitted, else {0, subject index (0-based), reason, wait ms, detail}
+-- with reason 1 concurrency (detail: in flight), 2 rpm, 3 larger than tpm, 4 tpm,
+-- 5 a quota window is not loaded yet (detail: its index in KEYS), 6 a quota is used up
+-- (wait: the quota's index, detail: the window's use in thousandths).
 local now = now_ms()
 local tokens = tonumber(ARGV[1])
 local lease, ttl = ARGV[2], tonumber(ARGV[3])
-local n = #KEYS / 3
+local n = tonumber(ARGV[4])
+local cost = {tokens = tokens, requests = 1, audio_seconds = tonumber(ARGV[5]),
+  images = tonumber(ARGV[6])}
 local levels = {}
 for i = 0, n - 1 do
-  local rpm, tpm, conc = tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i]),
-    tonumber(ARGV[6 + 3 * i])
+  local rpm, tpm, conc = tonumber(ARGV[7 + 3 * i]), tonumber(ARGV[8 + 3 * i]),
+    tonumber(ARGV[9 + 3 * i])
   if conc > 0 then
     local leases = KEYS[3 + 3 * i]
     redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
@@ -97,14 +123,28 @@ for i = 0, n - 1 do
     if level < tokens then return {0, i, 4, math.ceil((tokens - level) * 60000 / tpm), 0} end
   end
 end
+local q = 7 + 3 * n
+for j = 0, tonumber(ARGV[q]) - 1 do
+  local k, si = tonumber(ARGV[q + 1 + 4 * j]), tonumber(ARGV[q + 2 + 4 * j])
+  local metric, limit = ARGV[q + 3 + 4 * j], tonumber(ARGV[q + 4 + 4 * j])
+  if redis.call('EXISTS', KEYS[k]) == 0 then return {0, si, 5, 0, k} end
+  local used = tonumber(redis.call('HGET', KEYS[k], metric) or '0')
+  local c = cost[metric]
+  if used >= limit or used + c > limit then return {0, si, 6, j, math.floor(used * 1000)} end
+end
 for i = 0, n - 1 do
-  local rpm, tpm, conc = tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i]),
-    tonumber(ARGV[6 + 3 * i])
+  local rpm, tpm, conc = tonumber(ARGV[7 + 3 * i]), tonumber(ARGV[8 + 3 * i]),
+    tonumber(ARGV[9 + 3 * i])
   if rpm > 0 then save(KEYS[1 + 3 * i], levels[1 + 3 * i] - 1, rpm, now) end
   if tpm > 0 then save(KEYS[2 + 3 * i], levels[2 + 3 * i] - tokens, tpm, now) end
   if conc > 0 then
     redis.call('ZADD', KEYS[3 + 3 * i], now + ttl, lease)
     redis.call('PEXPIRE', KEYS[3 + 3 * i], ttl * 2)
+  end
+end
+for k = 3 * n + 1, #KEYS do
+  for metric, c in pairs(cost) do
+    if c ~= 0 then redis.call('HINCRBYFLOAT', KEYS[k], metric, c) end
   end
 end
 return {1}
@@ -114,21 +154,45 @@ return {1}
 SETTLE_LUA = (
     _BUCKET_LUA
     + """
--- KEYS: per subject: tokens bucket, leases.  ARGV: refund tokens (may be negative), lease id,
--- then per subject: tpm (0: none), held a lease (0/1).
+-- KEYS: per subject: tokens bucket, leases; then quota window hashes.
+-- ARGV: refund tokens (may be negative), lease id, subjects n, audio seconds to add (may be
+-- negative), then per subject: tpm (0: none), held a lease (0/1).
 local now = now_ms()
 local refund, lease = tonumber(ARGV[1]), ARGV[2]
-for i = 0, #KEYS / 2 - 1 do
-  local tpm, held = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
+local n, audio = tonumber(ARGV[3]), tonumber(ARGV[4])
+for i = 0, n - 1 do
+  local tpm, held = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
   if held > 0 then redis.call('ZREM', KEYS[2 + 2 * i], lease) end
   if tpm > 0 and refund ~= 0 then
     local level = load(KEYS[1 + 2 * i], tpm, now)
     save(KEYS[1 + 2 * i], math.min(tpm, level + refund), tpm, now)
   end
 end
+for k = 2 * n + 1, #KEYS do
+  if redis.call('EXISTS', KEYS[k]) == 1 then
+    if refund ~= 0 then redis.call('HINCRBYFLOAT', KEYS[k], 'tokens', -refund) end
+    if audio ~= 0 then redis.call('HINCRBYFLOAT', KEYS[k], 'audio_seconds', audio) end
+  end
+end
 return 1
 """
 )
+
+SEED_LUA = """
+-- KEYS: quota window hashes; ARGV per key: tokens, requests, audio_seconds, images, time to
+-- live (ms). A window that exists is left alone: only the first seeder writes it.
+local seeded = 0
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    local b = 5 * (i - 1)
+    redis.call('HSET', KEYS[i], 'tokens', ARGV[b + 1], 'requests', ARGV[b + 2],
+      'audio_seconds', ARGV[b + 3], 'images', ARGV[b + 4])
+    redis.call('PEXPIRE', KEYS[i], ARGV[b + 5])
+    seeded = seeded + 1
+  end
+end
+return seeded
+"""
 
 REFRESH_LUA = """
 -- KEYS: lease sets; ARGV: ttl ms, then the lease id held in each set (same order).
@@ -145,6 +209,11 @@ return #KEYS
 """
 
 _REASONS = {1: "concurrency", 2: "rpm", 3: "too_large", 4: "tpm"}
+_UNSEEDED = 5
+_QUOTA = 6
+_SEED_ATTEMPTS = 3
+_WINDOW_KEPT_AFTER_END_MS = 86_400_000
+"""A window's hash outlives its period by a day (then Redis drops it)."""
 
 
 class RedisAdmission:
@@ -152,7 +221,16 @@ class RedisAdmission:
     settle runs as its own task, so it also happens when the request's task is being cancelled
     (a cancelled scope would cancel any ``await`` made in its ``finally``)."""
 
-    __slots__ = ("_done", "_held", "_lease", "_limiter", "_subjects", "reserved_tokens")
+    __slots__ = (
+        "_charge",
+        "_done",
+        "_held",
+        "_lease",
+        "_limiter",
+        "_subjects",
+        "_windows",
+        "reserved_tokens",
+    )
 
     def __init__(
         self,
@@ -161,70 +239,110 @@ class RedisAdmission:
         lease: str,
         held: list[str],
         tokens: int,
+        windows: list[str],
+        charge: Charge,
     ) -> None:
         self._limiter = limiter
         self._subjects = subjects
         self._lease = lease
         self._held = held
+        self._windows = windows
+        self._charge = charge
         self._done = False
         self.reserved_tokens = tokens
 
-    def finish(self, used_tokens: int) -> None:
-        """Release the concurrency leases and settle the reservation to ``used_tokens``."""
+    def finish(self, used_tokens: int, audio_seconds: float | None = None) -> None:
+        """Release the concurrency leases and settle the reservation to ``used_tokens`` (and
+        the audio seconds charged to the worker's measure, when given)."""
         if self._done:
             return
         self._done = True
-        self._limiter.release(self, self.reserved_tokens - used_tokens)
+        extra_audio = 0.0 if audio_seconds is None else audio_seconds - self._charge.audio_seconds
+        self._limiter.release(self, self.reserved_tokens - used_tokens, extra_audio)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 class RedisLimiter:
-    """Token buckets and concurrency leases per subject, in Redis, shared by every gateway that
-    uses the same Redis and ``prefix``.
+    """Token buckets, concurrency leases and quota windows per subject, in Redis, shared by
+    every gateway that uses the same Redis and ``prefix``.
 
     Args:
         client: An async Redis client (``redis.asyncio.Redis``); the limiter owns it.
         prefix: Namespace of the limiter's keys (tests use one per test).
         lease_ttl_s: How long a concurrency slot outlives a gateway that stopped refreshing it.
+        quota_source: Where a quota window Redis does not hold yet is loaded from (the usage
+            table); without one, such windows start empty.
+        wall_clock: Current UTC time: which day and month the quota windows are.
     """
 
     def __init__(
-        self, client: aioredis.Redis, *, prefix: str = "lmaas:limits", lease_ttl_s: float = 15.0
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str = "lmaas:limits",
+        lease_ttl_s: float = 15.0,
+        quota_source: QuotaSource | None = None,
+        wall_clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         if lease_ttl_s <= 0:
             raise ValueError(f"lease_ttl_s must be positive, not {lease_ttl_s}")
         self._client = client
         self.prefix = prefix
         self.lease_ttl_s = lease_ttl_s
+        self._source: QuotaSource = quota_source or ZeroSource()
+        self._wall_clock = wall_clock
         self._admit = client.register_script(ADMIT_LUA)
         self._settle = client.register_script(SETTLE_LUA)
+        self._seed = client.register_script(SEED_LUA)
         self._refresh = client.register_script(REFRESH_LUA)
         self._live: dict[str, list[str]] = {}
         """lease id → the lease sets it is in, for the refresher."""
         self._refresher: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._seeding: dict[str, asyncio.Future[None]] = {}
 
     @classmethod
     def from_url(
-        cls, url: str, *, prefix: str = "lmaas:limits", lease_ttl_s: float = 15.0
+        cls,
+        url: str,
+        *,
+        prefix: str = "lmaas:limits",
+        lease_ttl_s: float = 15.0,
+        quota_source: QuotaSource | None = None,
     ) -> RedisLimiter:
         """A limiter on its own connection pool to ``url`` (``redis://host:port/db``)."""
         client = aioredis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
-        return cls(client, prefix=prefix, lease_ttl_s=lease_ttl_s)
+        return cls(client, prefix=prefix, lease_ttl_s=lease_ttl_s, quota_source=quota_source)
 
     def _keys(self, subject: Subject) -> tuple[str, str, str]:
         base = f"{self.prefix}:{subject.kind}:{subject.name}"
         return f"{base}:rpm", f"{base}:tpm", f"{base}:leases"
 
-    async def admit_async(self, subjects: Sequence[Subject], tokens: int) -> RedisAdmission:
-        """Admit one request that may use ``tokens`` against every subject's limits, atomically
-        across every gateway.
+    def window_key(self, subject: Subject, window: Window) -> str:
+        """The hash of one subject's quota window: ``<prefix>:<kind>:<name>:quota:<day|month>:
+        <id>``."""
+        return f"{self.prefix}:{subject.kind}:{subject.name}:quota:{window.period}:{window.id}"
+
+    async def admit_async(
+        self, subjects: Sequence[Subject], tokens: int, charge: Charge = NO_CHARGE
+    ) -> RedisAdmission:
+        """Admit one request that may use ``tokens`` (and ``charge``) against every subject's
+        limits and quotas, atomically across every gateway. A quota window Redis does not hold
+        yet is loaded from the quota source first (then the admission runs again).
 
         Raises:
             RateLimitError: a limit is reached (nothing is taken), with the seconds to wait.
+            QuotaExceededError: a quota is used up; ``retry_after_s`` runs to the period's end.
             ServiceUnavailableError: Redis cannot be reached (503: limits fail closed).
         """
+        now = self._wall_clock()
+        lease = uuid.uuid4().hex
         keys: list[str] = []
-        args: list[Any] = [tokens, uuid.uuid4().hex, max(1, round(self.lease_ttl_s * 1000))]
+        args: list[Any] = [tokens, lease, max(1, round(self.lease_ttl_s * 1000)), len(subjects)]
+        args += [repr(float(charge.audio_seconds)), charge.images]
         held: list[str] = []
         for subject in subjects:
             keys.extend(self._keys(subject))
@@ -232,33 +350,92 @@ class RedisLimiter:
             args += [limits.rpm or 0, limits.tpm or 0, limits.max_concurrent or 0]
             if limits.max_concurrent is not None:
                 held.append(self._keys(subject)[2])
-        try:
-            reply = await self._admit(keys=keys, args=args)
-        except RedisError as exc:
+        windows: list[tuple[Subject, Window]] = []
+        quotas: list[tuple[int, Quota]] = []
+        quota_args: list[Any] = []
+        for index, subject in enumerate(subjects):
+            slots: dict[QuotaPeriod, int] = {}
+            for period in subject.limits.periods:
+                window = window_of(period, now)
+                keys.append(self.window_key(subject, window))
+                windows.append((subject, window))
+                slots[period] = len(keys)  # 1-based, as Lua indexes KEYS
+            for quota in subject.limits.quotas:
+                quota_args += [slots[quota.period], index, quota.metric.value, repr(quota.limit)]
+                quotas.append((index, quota))
+        args += [len(quotas), *quota_args]
+        for _ in range(_SEED_ATTEMPTS):
+            reply = await self._run(self._admit, keys, args)
+            if int(reply[0]) == 1:
+                break
+            _, index, reason, wait_ms, detail = (int(v) for v in reply)
+            if reason == _UNSEEDED:
+                await self._seed_windows(windows)
+                continue
+            if reason == _QUOTA:
+                _, quota = quotas[wait_ms]
+                cost = cost_of(quota.metric, tokens, charge)
+                raise quota_error(subjects[index].label, quota, detail / 1000, cost, now)
+            raise _refusal(subjects[index], _REASONS[reason], wait_ms, detail, tokens)
+        else:
             raise ServiceUnavailableError(
-                f"the rate limiter's Redis is unreachable ({type(exc).__name__}); retry later",
-                retry_after_s=1.0,
-            ) from None
-        if int(reply[0]) != 1:
-            _, index, reason, wait_ms, in_flight = (int(v) for v in reply)
-            raise _refusal(subjects[index], _REASONS[reason], wait_ms, in_flight, tokens)
-        lease = str(args[1])
-        admission = RedisAdmission(self, subjects, lease, held, tokens)
+                "the quota windows could not be loaded into Redis; retry later", retry_after_s=1.0
+            )
+        window_keys = [self.window_key(s, w) for s, w in windows]
+        admission = RedisAdmission(self, subjects, lease, held, tokens, window_keys, charge)
         if held:
             self._live[lease] = held
             self._ensure_refresher()
         return admission
 
-    def release(self, admission: RedisAdmission, refund_tokens: int) -> None:
+    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except RedisError as exc:
+            raise ServiceUnavailableError(
+                f"the rate limiter's Redis is unreachable ({type(exc).__name__}); retry later",
+                retry_after_s=1.0,
+            ) from None
+
+    async def _seed_windows(self, windows: list[tuple[Subject, Window]]) -> None:
+        """Load the windows Redis does not hold from the quota source (once per window in this
+        gateway, however many requests wait; across gateways the first seed wins)."""
+        for subject, window in windows:
+            key = self.window_key(subject, window)
+            seeding = self._seeding.get(key)
+            if seeding is None:
+                seeding = asyncio.ensure_future(self._seed_one(key, subject, window))
+                self._seeding[key] = seeding
+                seeding.add_done_callback(partial(forget_pending, self._seeding, key))
+            await asyncio.shield(seeding)
+
+    async def _seed_one(self, key: str, subject: Subject, window: Window) -> None:
+        try:
+            if await self._client.exists(key):
+                return
+        except RedisError as exc:
+            raise ServiceUnavailableError(
+                f"the rate limiter's Redis is unreachable ({type(exc).__name__}); retry later",
+                retry_after_s=1.0,
+            ) from None
+        used = await self._source.consumed(subject.kind, subject.name, window)
+        left_ms = int((window.end - self._wall_clock()).total_seconds() * 1000)
+        ttl_ms = max(0, left_ms) + _WINDOW_KEPT_AFTER_END_MS
+        values = [repr(used.tokens), repr(used.requests), repr(used.audio_seconds)]
+        await self._run(self._seed, [key], [*values, repr(used.images), ttl_ms])
+
+    def release(self, admission: RedisAdmission, refund_tokens: int, audio: float = 0.0) -> None:
         """Settle an admission in the background (see :class:`RedisAdmission`)."""
         self._live.pop(admission._lease, None)
         keys: list[str] = []
-        args: list[Any] = [refund_tokens, admission._lease]
-        for subject in admission._subjects:
+        subjects = admission._subjects
+        args: list[Any] = [refund_tokens, admission._lease, len(subjects), repr(float(audio))]
+        for subject in subjects:
             _, tpm_key, leases_key = self._keys(subject)
             keys += [tpm_key, leases_key]
             args += [subject.limits.tpm or 0, 1 if leases_key in admission._held else 0]
-        if not admission._held and refund_tokens == 0:
+        keys += admission._windows
+        if not admission._held and refund_tokens == 0 and audio == 0:
             return
         try:
             loop = asyncio.get_running_loop()

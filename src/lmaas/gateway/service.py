@@ -42,6 +42,7 @@ from lmaas.gateway.keys import (
 )
 from lmaas.gateway.limits import Limits
 from lmaas.gateway.store import ApiKey, SqlGovernanceStore, Tenant
+from lmaas.registry.lifecycle_db import AliasMove
 
 logger = logging.getLogger("lmaas.gateway")
 
@@ -57,8 +58,15 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def _limits_view(limits: Limits) -> dict[str, int | None]:
-    return {"rpm": limits.rpm, "tpm": limits.tpm, "max_concurrent": limits.max_concurrent}
+def _limits_view(limits: Limits) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "rpm": limits.rpm,
+        "tpm": limits.tpm,
+        "max_concurrent": limits.max_concurrent,
+    }
+    if limits.quotas:
+        view["quotas"] = [q.as_dict() for q in limits.quotas]
+    return view
 
 
 def tenant_view(tenant: Tenant) -> dict[str, Any]:
@@ -169,6 +177,30 @@ class GovernanceService:
     def verify_audit(self) -> ChainReport:
         """Walk the hash chain; the report names the first row edited, deleted or forged."""
         return self._store.verify_audit()
+
+    def record_alias_move(self, move: AliasMove) -> None:
+        """Append a registry alias move to the audit trail: the registry's ``on_alias_moved``
+        hook, called once the move is committed (with its alias history row).
+
+        The row: actor ``move.actor`` (who the registry was told moved it; this service's
+        actor when empty), action ``alias.move`` or ``alias.remove``, target ``name@alias``,
+        before/after ``{"model", "alias", "version"}`` (null: the alias did not exist / was
+        removed)."""
+
+        def view(version: str | None) -> dict[str, Any] | None:
+            if version is None:
+                return None
+            return {"model": move.name, "alias": move.alias, "version": version}
+
+        action = "alias.remove" if move.version is None else "alias.move"
+        entry = AuditEntry(
+            move.actor or self.actor,
+            action,
+            f"{move.name}@{move.alias}",
+            view(move.previous_version),
+            view(move.version),
+        )
+        self._store.append_audit(entry)
 
     # ---------------------------------------------------------------- tenants
 

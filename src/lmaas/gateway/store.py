@@ -1,8 +1,9 @@
 """Tenants and API keys in the metadata DB (SQLAlchemy 2; schema by the registry's Alembic chain).
 
 The store keeps records, never secrets: a key row holds ``sha256(key)`` only. It shares the DB
-(and the migrations: ``0002``; the tenant weight, ``0003_gov3``) with the model registry, so one
-``LMAAS_DATABASE_URL`` (SQLite by default, PostgreSQL in production) holds all of lmaas's state.
+(and the migrations: ``0002``; the tenant weight, ``0003_gov3``; quotas, ``0004_quotas``) with
+the model registry, so one ``LMAAS_DATABASE_URL`` (SQLite by default, PostgreSQL in
+production) holds all of lmaas's state.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lmaas.gateway.audit import AuditEntry, AuditRecord, ChainReport, append_aud
 from lmaas.gateway.audit import verify_chain as _verify_chain
 from lmaas.gateway.keys import Principal, Scope, key_prefix
 from lmaas.gateway.limits import NO_LIMITS, Limits
+from lmaas.gateway.quotas import make_quota
 from lmaas.registry.metadata import create_db_engine, upgrade_schema
 
 KeyStatus = Literal["active", "revoked", "expired"]
@@ -44,17 +46,24 @@ class _LimitColumns:
     rpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
     tpm_limit: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     max_concurrent: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    quotas: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    """Quotas per day or month (migration 0004_quotas): ``[{"metric", "limit", "period"}]``."""
 
     @property
     def limits(self) -> Limits:
-        return Limits(self.rpm_limit, self.tpm_limit, self.max_concurrent)
+        quotas = tuple(
+            make_quota(str(q["metric"]), float(q["limit"]), str(q["period"]))
+            for q in self.quotas or ()
+        )
+        return Limits(self.rpm_limit, self.tpm_limit, self.max_concurrent, quotas)
 
 
-def _limit_values(limits: Limits) -> dict[str, int | None]:
+def _limit_values(limits: Limits) -> dict[str, Any]:
     return {
         "rpm_limit": limits.rpm,
         "tpm_limit": limits.tpm,
         "max_concurrent": limits.max_concurrent,
+        "quotas": [q.as_dict() for q in limits.quotas] or None,
     }
 
 

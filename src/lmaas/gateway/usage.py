@@ -14,6 +14,9 @@ limit views, so it only sees admitted calls; it adds each call's counts into the
 :class:`RequestUsage`, which the API's metering middleware turns into a :class:`UsageRecord`
 when the response is over (streams included) and hands to the :class:`UsageMeter`.
 
+The table is also the durable source of the quotas per day and month
+(:meth:`UsageMeter.consumed`, :mod:`lmaas.gateway.quotas`).
+
 Durability: :meth:`UsageMeter.record` only appends to an in-memory buffer (no I/O on the request
 path). A background task writes the buffer in one transaction every ``flush_interval_s`` or as
 soon as ``batch_size`` records wait; :meth:`UsageMeter.aclose` (the gateway's lifespan, after
@@ -51,7 +54,12 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from lmaas.core.errors import InternalError, InvalidRequestError, ModelNotFoundError
+from lmaas.core.errors import (
+    InternalError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+)
 from lmaas.core.messages import (
     ClassifyRequest,
     EmbedRequest,
@@ -64,6 +72,7 @@ from lmaas.core.messages import (
 )
 from lmaas.engine.protocol import EngineClient, ServedModel
 from lmaas.gateway.keys import normalize_key_id
+from lmaas.gateway.quotas import Consumed, Window
 from lmaas.registry.metadata import create_db_engine, upgrade_schema
 
 logger = logging.getLogger("lmaas.usage")
@@ -399,6 +408,31 @@ class SqlUsageStore:
         with self._sessions() as session:
             return int(session.scalar(select(func.count(UsageRow.id))) or 0)
 
+    def consumed(
+        self,
+        since: datetime,
+        until: datetime,
+        *,
+        tenant: str | None = None,
+        key_id: str | None = None,
+    ) -> Consumed:
+        """What a tenant or a key used in ``[since, until)``, as quotas count it (requests,
+        prompt + generated + embedded tokens, audio seconds, images)."""
+        query = UsageQuery(group_by=(), since=since, until=until, tenant=tenant, key_id=key_id)
+        tokens = UsageRow.prompt_tokens + UsageRow.completion_tokens + UsageRow.embedding_tokens
+        statement = self._filtered(
+            select(
+                func.count(UsageRow.id),
+                func.coalesce(func.sum(tokens), 0),
+                func.coalesce(func.sum(UsageRow.audio_seconds), 0.0),
+                func.coalesce(func.sum(UsageRow.images), 0),
+            ),
+            query,
+        )
+        with self._sessions() as session:
+            requests, total, audio, images = session.execute(statement).one()
+        return Consumed(float(total), float(requests), float(audio), float(images))
+
     @staticmethod
     def _filtered(statement: Any, query: UsageQuery) -> Any:
         if query.since is not None:
@@ -564,6 +598,30 @@ class UsageMeter:
             self.dropped += len(self._buffer)
             self._buffer.clear()
         self._closed = True
+
+    async def consumed(self, kind: str, name: str, window: Window) -> Consumed:
+        """What ``kind`` (``key``/``tenant``) ``name`` used in ``window``: the quotas' durable
+        source. Buffered records are written first, so the answer holds every request this
+        gateway finished.
+
+        Raises:
+            ServiceUnavailableError: the DB cannot be read (503: quotas fail closed).
+        """
+        await self.flush()
+        key_id = normalize_key_id(name) if kind == "key" else None
+        tenant = None if kind == "key" else name
+
+        def load() -> Consumed:
+            return self._store.consumed(window.start, window.end, tenant=tenant, key_id=key_id)
+
+        try:
+            return await anyio.to_thread.run_sync(load)
+        except SQLAlchemyError as exc:
+            logger.warning("cannot load a quota window from the usage table: %s", exc)
+            raise ServiceUnavailableError(
+                "the usage DB is unreachable: quotas cannot be checked; retry later",
+                retry_after_s=1.0,
+            ) from None
 
     def close(self) -> None:
         self._store.close()

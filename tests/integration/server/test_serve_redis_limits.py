@@ -131,3 +131,42 @@ def test_two_gateways_share_a_concurrency_limit(
     for server in servers:
         answer = httpx.post(f"{server.base_url}/v1/completions", json=body, headers=headers)
         assert answer.status_code == 200, answer.text
+
+
+def test_two_gateways_never_admit_past_a_shared_quota(
+    gateways: tuple[Path, list[ServerProcess]],
+) -> None:
+    home, servers = gateways
+    _cli(home, "tenants", "create", "quota-team")
+    key = _cli(
+        home,
+        "keys",
+        "create",
+        "--tenant",
+        "quota-team",
+        "--scope",
+        "inference",
+        "--quota-requests",
+        "10/day",
+    )
+    responses = asyncio.run(_hammer(servers, key, 40, max_tokens=1))
+    assert sum(r.status_code == 200 for r in responses) == 10
+    refused = [r for r in responses if r.status_code != 200]
+    for response in refused:
+        assert response.status_code == 429, response.text
+        assert response.json()["error"]["code"] == "quota_exceeded"
+        assert int(response.headers["retry-after"]) >= 1
+    assert sum(r.status_code == 429 for r in responses[0::2]) > 0
+    assert sum(r.status_code == 429 for r in responses[1::2]) > 0
+    # Redis loses the quota windows (a restart without persistence): the gateways load them
+    # again from the usage table, so the used-up quota stays used up.
+    time.sleep(1.0)  # past the usage flush interval: both gateways' records are in the DB
+    probe = redis.Redis.from_url(REDIS_URL)
+    try:
+        windows = list(probe.scan_iter(match=f"*:key:lmaas-{key[6:18]}:quota:*"))
+        assert len(windows) == 1
+        probe.delete(*windows)
+    finally:
+        probe.close()
+    again = asyncio.run(_hammer(servers, key, 4, max_tokens=1))
+    assert [r.status_code for r in again] == [429] * 4

@@ -308,7 +308,12 @@ async def test_tenant_limits_are_shared_and_limits_change_through_the_api(
     created = await anon.post(
         "/admin/tenants", json={"name": "team-t", "limits": {"tpm": 100}}, headers=auth
     )
-    assert created.json()["limits"] == {"rpm": None, "tpm": 100, "max_concurrent": None}
+    assert created.json()["limits"] == {
+        "rpm": None,
+        "tpm": 100,
+        "max_concurrent": None,
+        "quotas": [],
+    }
     one = _auth(await _key(anon, admin, tenant="team-t", scopes=["inference"]))
     two = _auth(await _key(anon, admin, tenant="team-t", scopes=["inference"]))
     body = chat_body(max_tokens=50)  # reserves ~58 of the tenant's 100 tokens per minute
@@ -319,7 +324,12 @@ async def test_tenant_limits_are_shared_and_limits_change_through_the_api(
     too_big = await anon.post("/v1/chat/completions", json=long_prompt, headers=one)
     assert too_big.status_code == 429 and too_big.json()["error"]["param"] == "max_tokens"
     changed = await anon.put("/admin/tenants/team-t/limits", json={"rpm": 1}, headers=auth)
-    assert changed.json()["limits"] == {"rpm": 1, "tpm": None, "max_concurrent": None}
+    assert changed.json()["limits"] == {
+        "rpm": 1,
+        "tpm": None,
+        "max_concurrent": None,
+        "quotas": [],
+    }
     assert (await anon.post("/v1/chat/completions", json=body, headers=one)).status_code == 200
     assert (await anon.post("/v1/chat/completions", json=body, headers=two)).status_code == 429
     bad = await anon.put("/admin/tenants/team-t/limits", json={"rpm": 0}, headers=auth)

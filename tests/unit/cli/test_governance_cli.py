@@ -111,9 +111,49 @@ def test_limits_on_tenants_and_keys(home: Path) -> None:
     code, out, _ = _run(home, "keys", "limits", key_id, "--rpm", "10", "--tpm", "0")
     assert code == 0 and out.strip() == f"lmaas-{key_id}: 10 rpm"
     limits = json.loads(_run(home, "keys", "show", key_id)[1])["limits"]
-    assert limits == {"rpm": 10, "tpm": None, "max_concurrent": None}
+    assert limits == {"rpm": 10, "tpm": None, "max_concurrent": None, "quotas": []}
     code, out, _ = _run(home, "tenants", "limits", "team-a", "--max-concurrent", "0")
     assert out.strip() == "tenant team-a: 100 rpm"
     assert "100 rpm" in _run(home, "tenants", "list")[1]
     code, _, err = _run(home, "keys", "limits", key_id, "--rpm", "-5")
     assert code == 1 and "positive integer" in err
+
+
+def test_quotas_on_tenants_and_keys(home: Path) -> None:
+    code, _, err = _run(
+        home, "tenants", "create", "team-q", "--quota-requests", "1000/day", "--rpm", "60"
+    )
+    assert code == 0, err
+    code, out, err = _run(
+        home,
+        "keys",
+        "create",
+        "--tenant",
+        "team-q",
+        "--scope",
+        "inference",
+        "--quota-tokens",
+        "1000000/month",
+        "--quota-tokens",
+        "50000/day",
+        "--quota-images",
+        "200/day",
+    )
+    assert code == 0, err
+    key_id = _authenticate(home, out.strip())
+    listed = _run(home, "keys", "list")[1]
+    assert "1000000 tokens/month" in listed
+    code, out, _ = _run(
+        home, "keys", "limits", key_id, "--quota-tokens", "0", "--quota-audio-seconds", "3600/month"
+    )
+    assert code == 0 and out.strip() == f"lmaas-{key_id}: 3600 audio s/month, 200 images/day"
+    quotas = json.loads(_run(home, "keys", "show", key_id)[1])["limits"]["quotas"]
+    assert quotas == [
+        {"metric": "audio_seconds", "limit": 3600.0, "period": "month"},
+        {"metric": "images", "limit": 200.0, "period": "day"},
+    ]
+    assert "1000 requests/day" in _run(home, "tenants", "list")[1]
+    tenant = json.loads(_run(home, "tenants", "show", "team-q", "--json")[1])
+    assert tenant["limits"]["quotas"] == [{"metric": "requests", "limit": 1000.0, "period": "day"}]
+    code, _, err = _run(home, "tenants", "limits", "team-q", "--quota-requests", "10/week")
+    assert code == 1 and "use day or month" in err

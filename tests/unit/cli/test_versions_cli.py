@@ -13,7 +13,9 @@ from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
 from lmaas.bootstrap.settings import Settings
+from lmaas.cli.governance import cli_actor
 from lmaas.cli.versions import models_app
+from lmaas.gateway.service import GovernanceService
 from lmaas.registry.lifecycle_db import StoredMetric
 from lmaas.registry.service import RegistryService
 
@@ -56,6 +58,10 @@ def _run(home: Path, *args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+def _at(alias: str, version: str) -> dict[str, str]:
+    return {"model": "m", "alias": alias, "version": version}
+
+
 def test_alias_history_show(home: Path, three_versions: Path) -> None:
     assert _run(home, "alias", "m", "production", "1")[1] == "m@production -> m:1\n"
     assert _run(home, "alias", "m", "production", "2")[1] == "m@production -> m:2 (was 1)\n"
@@ -67,10 +73,23 @@ def test_alias_history_show(home: Path, three_versions: Path) -> None:
     assert "production" in out and "(removed)" in out and "quantize-int8" in out
     moves = json.loads(_run(home, "history", "m", "--json")[1])
     assert [(m["alias"], m["previous_version"], m["version"], m["actor"]) for m in moves] == [
-        ("production", None, "1", "cli"),
-        ("production", "1", "2", "cli"),
-        ("staging", None, "3", "cli"),
-        ("staging", "3", None, "cli"),
+        ("production", None, "1", cli_actor()),
+        ("production", "1", "2", cli_actor()),
+        ("staging", None, "3", cli_actor()),
+        ("staging", "3", None, cli_actor()),
+    ]
+    # ... and each move is in the hash-chained audit trail, with who, before and after
+    service = GovernanceService.open(f"sqlite:///{home / 'lmaas.db'}")
+    try:
+        rows = service.list_audit(limit=10, after_seq=0)
+        assert service.verify_audit().ok
+    finally:
+        service.close()
+    assert [(r.actor, r.action, r.target, r.before, r.after) for r in rows] == [
+        (cli_actor(), "alias.move", "m@production", None, _at("production", "1")),
+        (cli_actor(), "alias.move", "m@production", _at("production", "1"), _at("production", "2")),
+        (cli_actor(), "alias.move", "m@staging", None, _at("staging", "3")),
+        (cli_actor(), "alias.remove", "m@staging", _at("staging", "3"), None),
     ]
 
     shown = yaml.safe_load(_run(home, "show", "m@production")[1])

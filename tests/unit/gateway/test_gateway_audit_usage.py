@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 from sqlalchemy import text
 
-from lmaas.core.errors import ConflictError
+from lmaas.core.errors import ConflictError, ModelNotFoundError
 from lmaas.gateway.audit import AuditEntry
 from lmaas.gateway.limits import Limits
 from lmaas.gateway.service import GovernanceService
@@ -206,3 +210,38 @@ async def test_the_meter_writes_in_batches_and_everything_on_close(gov_database_
         assert store.count() == 25 and meter.pending == 0 and meter.written == 25
     finally:
         store.close()
+
+
+def test_alias_moves_of_the_servers_registry_land_in_the_audit_trail(
+    gov_database_url: str, tmp_path: Path
+) -> None:
+    from lmaas.bootstrap.settings import Settings
+    from lmaas.bootstrap.wiring import open_registry
+
+    src = tmp_path / "m"
+    src.mkdir()
+    config = {"architectures": ["BertModel"], "model_type": "bert", "max_position_embeddings": 64}
+    (src / "config.json").write_text(json.dumps(config))
+    save_file({"w": np.zeros((4, 4), dtype=np.float32)}, str(src / "model.safetensors"))
+    settings = Settings(home=tmp_path / "home", database_url=gov_database_url, offline=True)
+    governance = GovernanceService.open(gov_database_url, key_cache_ttl_s=0)
+    registry = open_registry(settings, governance)  # as `lmaas serve` opens it
+    try:
+        for _ in range(2):
+            registry.import_model(str(src), name="m")
+        registry.set_alias("m", "production", "1", actor="lmaas-0123456789ab")
+        registry.set_alias("m", "production", "2")  # no actor given: the service's own
+        with pytest.raises(ModelNotFoundError):
+            registry.set_alias("m", "production", "9")  # refused: nothing moved, nothing audited
+        registry.remove_alias("m", "production", actor="lmaas-0123456789ab")
+        rows = governance.list_audit(after_seq=0)
+        at = [{"model": "m", "alias": "production", "version": v} for v in ("1", "2")]
+        assert [(r.actor, r.action, r.target, r.before, r.after) for r in rows] == [
+            ("lmaas-0123456789ab", "alias.move", "m@production", None, at[0]),
+            ("system", "alias.move", "m@production", at[0], at[1]),
+            ("lmaas-0123456789ab", "alias.remove", "m@production", at[1], None),
+        ]
+        assert governance.verify_audit().ok
+    finally:
+        registry.close()
+        governance.close()

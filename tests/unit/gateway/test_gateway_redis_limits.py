@@ -7,18 +7,30 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from lmaas.core.errors import RateLimitError, ServiceUnavailableError
+from lmaas.core.errors import QuotaExceededError, RateLimitError, ServiceUnavailableError
 from lmaas.core.messages import ChatMessage, GenerateRequest, SamplingParams
 from lmaas.gateway.keys import Principal, Scope
 from lmaas.gateway.limited import LimitedEngineClient
 from lmaas.gateway.limits import Limits, Subject
+from lmaas.gateway.quotas import (
+    Charge,
+    Consumed,
+    QuotaPeriod,
+    Window,
+    make_quota,
+    parse_quota,
+    window_of,
+)
 from lmaas.gateway.redis_limits import RedisLimiter
 from lmaas.testing.fakes import FakeEngineClient
+from tests.unit.gateway.gov_helpers import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -39,8 +51,9 @@ async def make_limiter() -> AsyncIterator[MakeLimiter]:
     prefix = f"lmaas-test:{uuid.uuid4().hex[:12]}"
     made: list[RedisLimiter] = []
 
-    async def make(lease_ttl_s: float = 15.0) -> RedisLimiter:
-        limiter = RedisLimiter.from_url(REDIS_URL, prefix=prefix, lease_ttl_s=lease_ttl_s)
+    async def make(lease_ttl_s: float = 15.0, **options: Any) -> RedisLimiter:
+        client = aioredis.Redis.from_url(REDIS_URL, socket_timeout=5.0)
+        limiter = RedisLimiter(client, prefix=prefix, lease_ttl_s=lease_ttl_s, **options)
         made.append(limiter)
         return limiter
 
@@ -200,3 +213,91 @@ async def test_limited_engine_streams_admit_lazily(make_limiter: MakeLimiter) ->
     stream = engine.generate("fake-chat", big)
     with pytest.raises(RateLimitError, match="lower max_tokens"):
         await anext(stream)
+
+
+# ------------------------------------------------------------------ quotas per day or month
+
+
+class Source:
+    """A quota source answering fixed amounts, counting its loads."""
+
+    def __init__(self, **used: float) -> None:
+        self.used = Consumed(**used)
+        self.loads = 0
+
+    async def consumed(self, kind: str, name: str, window: Window) -> Consumed:
+        self.loads += 1
+        await asyncio.sleep(0.01)
+        return Consumed(self.used.tokens, self.used.requests, self.used.audio_seconds)
+
+
+def _quota_key(name: str = "lmaas-k", **quotas: str) -> Subject:
+    parsed = [parse_quota(metric, value) for metric, value in quotas.items()]
+    return Subject("key", name, Limits(quotas=tuple(q for q in parsed if q is not None)))
+
+
+async def test_a_quota_window_is_seeded_once_then_counted_in_redis(
+    make_limiter: MakeLimiter,
+) -> None:
+    wall = FakeClock()
+    wall.now = datetime(2026, 4, 30, 23, 0, tzinfo=UTC)
+    source = Source(requests=7)
+    limiters = [await make_limiter(quota_source=source, wall_clock=wall) for _ in range(3)]
+    subject = [_quota_key(requests="10/day")]
+    results = await asyncio.gather(
+        *(limiters[i % 3].admit_async(subject, 0) for i in range(12)), return_exceptions=True
+    )
+    assert sum(not isinstance(r, BaseException) for r in results) == 3  # 7 used before
+    refusals = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, QuotaExceededError) for r in refusals)
+    assert refusals[0].retry_after_s == 3600  # type: ignore[attr-defined]
+    assert 1 <= source.loads <= 3  # at most once per gateway; the first seed wins
+    key = limiters[0].window_key(subject[0], window_of(QuotaPeriod.DAY, wall.now))
+    assert key.endswith(":key:lmaas-k:quota:day:2026-04-30")
+    ttl_ms = await limiters[0]._client.pttl(key)
+    assert 3600_000 < ttl_ms <= 3600_000 + 86_400_000  # the window's end, plus a day
+    wall.advance(hours=1)  # May 1st: a new day window, seeded again
+    source.used = Consumed()
+    await limiters[1].admit_async(subject, 0)
+
+
+async def test_quota_tokens_are_reserved_and_settled_in_redis(make_limiter: MakeLimiter) -> None:
+    limiter = await make_limiter()
+    subject = [_quota_key(tokens="100/month")]
+    first = await limiter.admit_async(subject, 60)
+    with pytest.raises(QuotaExceededError, match="100 tokens/month"):
+        await limiter.admit_async(subject, 50)
+    first.finish(10)
+    await limiter.wait_settled()
+    (await limiter.admit_async(subject, 50)).finish(85)
+    await limiter.wait_settled()
+    with pytest.raises(QuotaExceededError, match="used 95 of"):
+        await limiter.admit_async(subject, 6)
+    audio = [_quota_key("lmaas-a", audio_seconds="30/day")]
+    (await limiter.admit_async(audio, 0, Charge(audio_seconds=4.0))).finish(0, 28.0)
+    await limiter.wait_settled()
+    with pytest.raises(QuotaExceededError, match="used 28 of"):
+        await limiter.admit_async(audio, 0, Charge(audio_seconds=2.5))
+    images = [_quota_key("lmaas-i", images="3/day")]
+    await limiter.admit_async(images, 0, Charge(images=3))
+    with pytest.raises(QuotaExceededError):
+        await limiter.admit_async(images, 0, Charge(images=1))
+
+
+async def test_gateways_racing_never_overspend_a_quota(make_limiter: MakeLimiter) -> None:
+    limiters = [await make_limiter() for _ in range(4)]
+    subjects = [
+        _quota_key(requests="1000/day"),
+        Subject("tenant", "team", Limits(quotas=(make_quota("tokens", 1000, "month"),))),
+    ]
+    admitted: list[int] = []
+
+    async def one(i: int) -> None:
+        try:
+            await limiters[i % 4].admit_async(subjects, 30)
+        except QuotaExceededError:
+            return
+        admitted.append(i)
+
+    await asyncio.gather(*(one(i) for i in range(200)))
+    assert len(admitted) == 33  # 33 x 30 <= 1000 tokens; a refusal took nothing

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmaas.gateway.limits import Limits
+from lmaas.gateway.quotas import Quota, make_quota
 from lmaas.gateway.service import IssuedKey
 from lmaas.gateway.store import ApiKey, KeyStatus, Tenant
 
@@ -16,8 +17,29 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class QuotaBody(BaseModel):
+    """At most ``limit`` of ``metric`` per UTC calendar ``period``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: Literal["tokens", "requests", "audio_seconds", "images"]
+    limit: float = Field(
+        gt=0, description="The most the period allows (a whole number but for audio_seconds)."
+    )
+    period: Literal["day", "month"] = Field(
+        description="Resets at 00:00 UTC (day) or on the 1st of the month, 00:00 UTC (month)."
+    )
+
+    def to_quota(self) -> Quota:
+        return make_quota(self.metric, self.limit, self.period)
+
+    @classmethod
+    def of(cls, quota: Quota) -> QuotaBody:
+        return cls.model_validate(quota.as_dict())
+
+
 class LimitsBody(BaseModel):
-    """Rate limits; an absent or null field is unlimited."""
+    """Rate limits and quotas; an absent or null field is unlimited."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -26,13 +48,25 @@ class LimitsBody(BaseModel):
         default=None, ge=1, description="Tokens per minute (prompt + max_tokens reserved)."
     )
     max_concurrent: int | None = Field(default=None, ge=1, description="Requests in flight.")
+    quotas: list[QuotaBody] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Quotas per day or month (tokens, requests, audio_seconds, images); "
+        "exceeding one answers 429 with code quota_exceeded and Retry-After until the reset.",
+    )
 
     def to_limits(self) -> Limits:
-        return Limits(self.rpm, self.tpm, self.max_concurrent)
+        quotas = tuple(q.to_quota() for q in self.quotas)
+        return Limits(self.rpm, self.tpm, self.max_concurrent, quotas)
 
     @classmethod
     def of(cls, limits: Limits) -> LimitsBody:
-        return cls(rpm=limits.rpm, tpm=limits.tpm, max_concurrent=limits.max_concurrent)
+        return cls(
+            rpm=limits.rpm,
+            tpm=limits.tpm,
+            max_concurrent=limits.max_concurrent,
+            quotas=[QuotaBody.of(q) for q in limits.quotas],
+        )
 
 
 class TenantCreateRequest(_Request):
