@@ -76,13 +76,25 @@ class ResolvingEngineClient:
             wanted = version
         served = self._engine.get_model(parsed.name)
         if wanted is not None and wanted != served.version:
-            via = f" ({ref} is version {wanted})" if parsed.alias is not None else ""
-            raise ModelNotFoundError(
-                f"model {parsed.name!r} version {wanted!r} is not served here{via}; this server "
-                f"serves {served.name}:{served.version}",
-                param="model",
-            )
+            try:
+                return self._engine.get_model(parsed.name, wanted)
+            except ModelNotFoundError:
+                via = f" ({ref} is version {wanted})" if parsed.alias is not None else ""
+                raise ModelNotFoundError(
+                    f"model {parsed.name!r} version {wanted!r} is not served here{via}; this "
+                    f"server serves {served.name}:{served.version}",
+                    param="model",
+                ) from None
         return served
+
+    def _target(self, ref: str) -> str:
+        """What the engine is asked for: ``name``, or ``name:version`` when the client named a
+        version or an alias (it then gets that version even when a canary is deployed)."""
+        served = self.resolve(ref)
+        parsed = parse_model_ref(ref)
+        if parsed is not None and (parsed.version is not None or parsed.alias is not None):
+            return f"{served.name}:{served.version}"
+        return served.name
 
     def _alias_version(self, name: str, alias: str) -> str:
         if self._aliases is None:
@@ -111,10 +123,10 @@ class ResolvingEngineClient:
         return self._engine.is_ready()
 
     def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[SeqDelta]:
-        return self._engine.generate(self.resolve(model).name, request)
+        return self._engine.generate(self._target(model), request)
 
     async def embed(self, model: str, request: EmbedRequest) -> EmbedResult:
-        return await self._engine.embed(self.resolve(model).name, request)
+        return await self._engine.embed(self._target(model), request)
 
     async def infer(self, model: str, request: InferRequest) -> InferResult:
-        return await self._engine.infer(self.resolve(model).name, request)
+        return await self._engine.infer(self._target(model), request)

@@ -22,6 +22,7 @@ from lmaas.core.errors import (
 )
 from lmaas.core.hashing import verify_file
 from lmaas.core.types import LATEST_ALIAS, Task, is_valid_name, parse_model_ref
+from lmaas.registry.deployments_db import DeploymentStore
 from lmaas.registry.lifecycle_db import AliasMove, LifecycleStore, StoredMetric
 from lmaas.registry.manifest import (
     FileEntry,
@@ -102,6 +103,8 @@ class RegistryService:
         self._store = ModelStore(home / "models")
         self._db = MetadataStore(database_url)
         self._lifecycle = LifecycleStore(self._db.sessions)
+        self.deployments = DeploymentStore(self._db.sessions)
+        """What each served name routes to, and the history of its changes."""
         self._on_alias_moved = on_alias_moved
         self._offline = offline
         self._hub_endpoint = hub_endpoint
