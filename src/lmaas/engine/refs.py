@@ -9,6 +9,7 @@ that is not served is 404, exactly like an unknown model.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -75,9 +76,11 @@ class ResolvingEngineClient:
                 raise model_not_served(f"{ref} version {version}")
             wanted = version
         served = self._engine.get_model(parsed.name)
-        if wanted is not None and wanted != served.version:
+        if wanted is None:
+            return served
+        if wanted != served.version:
             try:
-                return self._engine.get_model(parsed.name, wanted)
+                served = self._engine.get_model(parsed.name, wanted)
             except ModelNotFoundError:
                 via = f" ({ref} is version {wanted})" if parsed.alias is not None else ""
                 raise ModelNotFoundError(
@@ -85,16 +88,7 @@ class ResolvingEngineClient:
                     f"server serves {served.name}:{served.version}",
                     param="model",
                 ) from None
-        return served
-
-    def _target(self, ref: str) -> str:
-        """What the engine is asked for: ``name``, or ``name:version`` when the client named a
-        version or an alias (it then gets that version even when a canary is deployed)."""
-        served = self.resolve(ref)
-        parsed = parse_model_ref(ref)
-        if parsed is not None and (parsed.version is not None or parsed.alias is not None):
-            return f"{served.name}:{served.version}"
-        return served.name
+        return dataclasses.replace(served, pinned=True)
 
     def _alias_version(self, name: str, alias: str) -> str:
         if self._aliases is None:
@@ -123,10 +117,10 @@ class ResolvingEngineClient:
         return self._engine.is_ready()
 
     def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[SeqDelta]:
-        return self._engine.generate(self._target(model), request)
+        return self._engine.generate(self.resolve(model).ref, request)
 
     async def embed(self, model: str, request: EmbedRequest) -> EmbedResult:
-        return await self._engine.embed(self._target(model), request)
+        return await self._engine.embed(self.resolve(model).ref, request)
 
     async def infer(self, model: str, request: InferRequest) -> InferResult:
-        return await self._engine.infer(self._target(model), request)
+        return await self._engine.infer(self.resolve(model).ref, request)

@@ -90,14 +90,10 @@ def _key(metric: str, split: str = "test") -> deploy.MetricKey:
 def test_gate_refuses_a_worse_canary_and_passes_within_the_margin() -> None:
     stable = {_key("accuracy"): 0.90, _key("f1_macro"): 0.80, _key("perplexity"): 10.0}
     close = {_key("accuracy"): 0.895, _key("f1_macro"): 0.85, _key("perplexity"): 10.005}
-    result = deploy.promotion_gate(
-        stable, close, 0.01, stable_version="m:1", canary_version="m:2"
-    )
+    result = deploy.promotion_gate(stable, close, 0.01, stable_version="m:1", canary_version="m:2")
     assert result.passed and len(result.compared) == 3 and not result.reasons
     worse = {_key("accuracy"): 0.85, _key("perplexity"): 12.0}
-    result = deploy.promotion_gate(
-        stable, worse, 0.01, stable_version="m:1", canary_version="m:2"
-    )
+    result = deploy.promotion_gate(stable, worse, 0.01, stable_version="m:1", canary_version="m:2")
     assert not result.passed
     assert len(result.reasons) == 2  # accuracy dropped; perplexity (lower is better) rose
     assert "accuracy of m:2 is 0.8500 against 0.9000" in result.reasons[0]
