@@ -3,6 +3,7 @@ audit rows in one transaction, the promotion gate on stored metrics, rollback ta
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -203,5 +204,5 @@ def test_concurrent_changes_serialize(service: DeploymentService) -> None:
     assert not errors
     history = service.history("m")
     assert [c.revision for c in history] == list(range(1, 10))
-    for before, after in zip(history, history[1:], strict=False):
+    for before, after in itertools.pairwise(history):
         assert after.previous == before.spec
