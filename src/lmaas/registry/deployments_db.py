@@ -65,6 +65,11 @@ class StoredDeployment:
     updated_at: datetime
     updated_by: str
 
+    @property
+    def deployed_versions(self) -> set[str]:
+        """The versions the deployment routes to (they may not be removed)."""
+        return {str(t["version"]) for t in self.spec.get("targets", [])}
+
 
 @dataclass(slots=True, frozen=True)
 class DeploymentChange:

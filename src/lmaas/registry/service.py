@@ -362,6 +362,14 @@ class RegistryService:
                 f"{', '.join(held)} still point(s) at a version being removed; move or remove "
                 "the alias first (`lmaas models alias` / `lmaas models unalias`)"
             )
+        deployment = self.deployments.get(name)
+        deployed = set() if deployment is None else deployment.deployed_versions
+        busy = sorted(m.version for m in removed if m.version in deployed)
+        if busy:
+            raise ConflictError(
+                f"the deployment of {name} routes to version(s) {', '.join(busy)}; deploy "
+                f"another version first (`lmaas deploy {name} --version V`)"
+            )
         for manifest in removed:
             # Row first: a crash in between leaves an orphan directory, never a dangling row.
             self._db.delete_version(manifest.name, manifest.version)

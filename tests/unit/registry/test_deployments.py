@@ -206,3 +206,15 @@ def test_concurrent_changes_serialize(service: DeploymentService) -> None:
     assert [c.revision for c in history] == list(range(1, 10))
     for before, after in itertools.pairwise(history):
         assert after.previous == before.spec
+
+
+def test_a_deployed_version_cannot_be_removed(
+    service: DeploymentService, registry: RegistryService
+) -> None:
+    service.set_version("m", "1", actor="t")
+    service.canary("m", "2", 10, actor="t")
+    with pytest.raises(ConflictError, match=r"routes to version\(s\) 2"):
+        registry.remove("m", "2")
+    with pytest.raises(ConflictError, match=r"routes to version\(s\) 1, 2"):
+        registry.remove("m")
+    assert [m.version for m in registry.remove("m", "3")] == ["3"]
