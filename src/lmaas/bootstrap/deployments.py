@@ -189,11 +189,8 @@ class DeploymentController:
             if view.revision < self._requested.get(name, 0):
                 return  # a newer change is on its way
             spec = view.spec
-            current = set(self._engine.spec(name).versions)
             versions = {
-                v: await asyncio.to_thread(self._version_deployment, name, v)
-                for v in spec.versions
-                if v not in current
+                v: await asyncio.to_thread(self._version_deployment, name, v) for v in spec.versions
             }
             await self._engine.apply(spec, versions, revision=view.revision)
         except (LmaasError, OSError, KeyError):

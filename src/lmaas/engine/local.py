@@ -203,10 +203,14 @@ class LocalEngineClient:
         Args:
             spec: The deployment to serve.
             versions: The worker spec of each version ``spec`` names that is not served yet.
+                When the new stable version does not become ready, nothing changes (the new
+                replicas stop; :meth:`describe` reports the error).
             revision: The stored revision this is (reported by :meth:`revision`).
             ready_timeout_s: How long new replicas may take to load (default: the policy's).
         """
         served = self._served.get(spec.name)
+        if served is not None and 0 < revision < served.revision:
+            return  # an older change arriving late
         if served is None:  # a new name: routed to once its replicas are up
             fresh = ServedName(spec, {}, _router(spec))
             async with fresh.lock:
@@ -214,6 +218,8 @@ class LocalEngineClient:
             self._served[spec.name] = fresh
             return
         async with served.lock:
+            if 0 < revision < served.revision:
+                return
             await self._apply_locked(served, spec, versions, revision, ready_timeout_s)
 
     async def _apply_locked(
@@ -246,6 +252,17 @@ class LocalEngineClient:
                 await replica.handle.start()
             timeout = ready_timeout_s or self._policy.start_timeout_s
             await asyncio.gather(*(r.handle.wait_ready(timeout) for r in new))
+        if served.pools and not pools[spec.stable].has_ready():
+            # The new stable version did not come up: keep serving what runs now.
+            served.error = (
+                f"revision {revision}: version {spec.stable} did not become ready "
+                f"({pools[spec.stable].ready_handle().error or 'no ready replica'}); still "
+                f"serving revision {served.revision}"
+            )
+            _log.error("deployment %s: %s", spec.name, served.error)
+            await asyncio.gather(*(r.handle.aclose() for r in new))
+            return
+        served.error = None
         if spec.canary is not None and spec.canary != served.spec.canary:
             pools[spec.canary].outcomes.clear()  # a new trial starts with a clean window
         served.pools, served.router, served.spec = pools, _router(spec), spec
@@ -315,6 +332,7 @@ class LocalEngineClient:
             "canary": served.spec.canary,
             "versions": versions,
             "draining_replicas": draining,
+            "error": served.error,
         }
 
     # ------------------------------------------------------------------ EngineClient

@@ -103,6 +103,8 @@ class ServedName:
     revision: int = 0
     """The revision of the stored deployment applied (0: the one the server started with)."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    error: str | None = None
+    """Why the last change could not be applied (None once one is)."""
 
     @property
     def stable(self) -> VersionPool:

@@ -129,3 +129,28 @@ def test_the_guard_sees_a_failing_canary(tmp_path: Path) -> None:
             await engine.aclose()
 
     asyncio.run(main())
+
+
+def test_a_new_stable_version_that_cannot_load_changes_nothing(tmp_path: Path) -> None:
+    v1, broken = _version(tmp_path, "1"), _version(tmp_path, "2", fail_load="no weights")
+
+    async def main() -> None:
+        engine = LocalEngineClient([v1], POLICY)
+        await engine.start()
+        try:
+            assert await engine.wait_ready(30)
+            pids = _pids(engine)
+            await engine.apply(deploy.single("echo", "2"), {"2": broken}, revision=5)
+            live = engine.describe("echo")
+            assert "version 2 did not become ready (no weights)" in live["error"]
+            assert engine.spec("echo").stable == "1" and _pids(engine) == pids
+            assert (await _generate(engine, 1))[0] == "1"
+            # An older revision arriving after a newer one was applied is ignored.
+            await engine.apply(deploy.single("echo", "1", 2), {"1": v1}, revision=7)
+            await engine.apply(deploy.single("echo", "1", 1), {"1": v1}, revision=6)
+            assert engine.revision("echo") == 7 and len(_pids(engine)) == 2
+            assert engine.describe("echo")["error"] is None
+        finally:
+            await engine.aclose()
+
+    asyncio.run(main())
