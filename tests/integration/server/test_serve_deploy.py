@@ -28,7 +28,8 @@ from tests.integration.serverproc import ServerProcess, start_server
 
 VERSION_HEADER = "x-lmaas-model-version"
 ACCURACY = {"1": 0.90, "2": 0.91, "4": 0.50}
-"""Stored evaluations: 2 is as good as 1, 4 is much worse; 3 (which fails) has none."""
+"""Stored evaluations: 2 is as good as 1, 4 is much worse; 3 (which fails) and 5 (which is
+slow) have none."""
 
 
 def _metric(value: float) -> StoredMetric:
@@ -39,10 +40,12 @@ def _metric(value: float) -> StoredMetric:
 def home(tmp_path_factory: pytest.TempPathFactory, tiny_dirs: dict[str, Path]) -> Path:
     home = tmp_path_factory.mktemp("deploy") / "home"
     with RegistryService(home, f"sqlite:///{home / 'lmaas.db'}", offline=True) as registry:
-        for version in ("1", "2", "3", "4"):
+        for version in ("1", "2", "3", "4", "5"):
             options = {"runner": ECHO, "token_delay_s": "0.002"}
             if version == "3":
                 options["fail_requests"] = "1"
+            if version == "5":  # 100 times slower per token
+                options["token_delay_s"] = "0.2"
             manifest = registry.import_model(
                 str(tiny_dirs["chat"]), name="echo", task=None, serving={"options": options}
             )
@@ -57,7 +60,14 @@ def server(home: Path) -> Iterator[ServerProcess]:
     proc = start_server(
         home,
         ["echo:1"],
-        env={"LMAAS_DEPLOY__MIN_REQUESTS": "10", "LMAAS_DEPLOY__POLL_INTERVAL_S": "0.5"},
+        env={
+            "LMAAS_DEPLOY__MIN_REQUESTS": "10",
+            "LMAAS_DEPLOY__POLL_INTERVAL_S": "0.5",
+            # A short window, so that the load of one test is not the baseline of the next.
+            "LMAAS_DEPLOY__WINDOW_S": "8",
+            # Far above the noise of a loaded 2-core machine; version 5 is 100 times slower.
+            "LMAAS_DEPLOY__LATENCY_FACTOR": "10",
+        },
     )
     try:
         proc.wait_ready(60)
@@ -233,6 +243,22 @@ def test_a_failing_canary_is_rolled_back_automatically(server: ServerProcess, ho
     live = _wait_applied(server, last["revision"])
     assert [v["version"] for v in live["versions"]] == ["1"]
     assert _served_versions(server, 10) == {"1": 10}
+
+
+def test_a_slow_canary_is_rolled_back_automatically(server: ServerProcess, home: Path) -> None:
+    _wait_applied(server, _deploy(home, "--version", "1"))
+    response = httpx.post(
+        f"{server.base_url}/admin/deployments/echo/canary", json={"version": "5", "percent": 50}
+    )
+    assert response.status_code == 200, response.text
+    _wait_applied(server, response.json()["revision"])
+    deadline = time.monotonic() + 60
+    with httpx.Client(base_url=server.base_url) as client:
+        while _live(server)["canary"] is not None:
+            assert time.monotonic() < deadline, "no automatic rollback"
+            assert _complete(client).status_code == 200  # slow, never failing
+    last = _history(home)[-1]
+    assert last["action"] == "auto-rollback" and "canary p99 latency" in last["reason"]
 
 
 def _history(home: Path) -> list[dict[str, Any]]:
