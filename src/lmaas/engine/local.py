@@ -183,9 +183,19 @@ class LocalEngineClient:
         spec = deployment.spec
         instance = f"{spec.model_name[:40]}-{next(self._ids)}"
         handle = WorkerHandle(
-            spec, self._run_dir, self._policy, self._on_state, self._on_stats, instance
+            spec, self._run_dir, self._policy, self._replica_state, self._on_stats, instance
         )
         return Replica(handle)
+
+    def _replica_state(self, name: str, state: ModelState) -> None:
+        """Report the state of the model, not of one replica: that of its stable version
+        (READY while one of its replicas is), so replicas do not overwrite each other."""
+        if self._on_state is None:
+            return
+        served = self._served.get(name)
+        if served is not None and served.spec.stable in served.pools:
+            state = served.stable.state()
+        self._on_state(name, state)
 
     # ------------------------------------------------------------------ deployments
 
@@ -268,6 +278,8 @@ class LocalEngineClient:
         served.pools, served.router, served.spec = pools, _router(spec), spec
         served.revision = revision
         _log.info("deployment %s now routes %s", spec.name, _describe_weights(spec))
+        if self._on_state is not None:
+            self._on_state(spec.name, served.stable.state())
         await asyncio.gather(*(self._retire(r) for r in leaving))
 
     async def _retire(self, replica: Replica) -> None:

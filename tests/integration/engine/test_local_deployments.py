@@ -14,7 +14,7 @@ import pytest
 
 from lmaas.core.errors import ModelNotFoundError
 from lmaas.core.messages import GenerateRequest, SamplingParams, WorkerSpec
-from lmaas.core.types import Task
+from lmaas.core.types import ModelState, Task
 from lmaas.engine import deploy
 from lmaas.engine.local import Deployment, LocalEngineClient
 from lmaas.engine.routing import CanaryGuard, GuardConfig, RoutedVersion, track_routed
@@ -59,7 +59,13 @@ def test_apply_routes_by_weight_scales_and_drains(tmp_path: Path) -> None:
     v1, v2 = _version(tmp_path, "1", token_delay_s="0.05"), _version(tmp_path, "2")
 
     async def main() -> None:
-        engine = LocalEngineClient([v1], POLICY, specs={"echo": deploy.single("echo", "1", 2)})
+        states: list[tuple[str, ModelState]] = []
+        engine = LocalEngineClient(
+            [v1],
+            POLICY,
+            on_state=lambda name, state: states.append((name, state)),
+            specs={"echo": deploy.single("echo", "1", 2)},
+        )
         await engine.start()
         try:
             assert await engine.wait_ready(30)
@@ -88,6 +94,9 @@ def test_apply_routes_by_weight_scales_and_drains(tmp_path: Path) -> None:
                 with pytest.raises(ProcessLookupError):
                     os.kill(pid, 0)
             assert engine.num_in_flight() == 0
+            # The model's state, not a replica's: the stopped replicas of 1 did not report it.
+            assert states[-1] == ("echo", ModelState.READY)
+            assert ("echo", ModelState.STOPPED) not in states
         finally:
             await engine.aclose()
 
