@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from lmaas.api.admin.audit import router as admin_audit_router
+from lmaas.api.admin.deployments import router as admin_deployments_router
 from lmaas.api.admin.evaluations import router as admin_evaluations_router
 from lmaas.api.admin.keys import router as admin_keys_router
 from lmaas.api.admin.tenants import router as admin_tenants_router
@@ -62,6 +63,7 @@ _ROUTERS = (
     admin_tenants_router,
     admin_keys_router,
     admin_evaluations_router,
+    admin_deployments_router,
     admin_usage_router,
     admin_audit_router,
 )

@@ -16,10 +16,10 @@ from lmaas.core.messages import InferRequest, InferResult
 R = TypeVar("R", bound=InferResult)
 
 
-async def run_infer(
-    services: ApiServices, model: str, request: InferRequest, expected: type[R]
-) -> R:
-    """Send ``request`` to ``model`` under the request deadline; the result must be ``expected``.
+async def run_infer(services: ApiServices, ref: str, request: InferRequest, expected: type[R]) -> R:
+    """Send ``request`` to ``ref`` (``name``, or ``name:version`` when the client pinned one:
+    :attr:`~lmaas.engine.protocol.ServedModel.ref`) under the request deadline; the result must
+    be ``expected``.
 
     Raises:
         DeadlineExceededError: past ``request_timeout_s`` (the worker is told to abort).
@@ -27,10 +27,11 @@ async def run_infer(
         LmaasError: whatever the engine raised (not ready, overloaded, invalid input...).
     """
     timeout_s = services.config.request_timeout_s
+    model = ref.partition(":")[0]  # metrics are labelled by model name
     services.metrics.request_started(model)
     try:
         async with asyncio.timeout(timeout_s):
-            result = await services.engine.infer(model, request)
+            result = await services.engine.infer(ref, request)
     except TimeoutError:
         raise DeadlineExceededError(
             f"the request ran past its deadline of {timeout_s:g} s"

@@ -13,9 +13,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmaas.api.context import MODEL_LABEL_KEY, REQUEST_ID_KEY, START_TIME_KEY, sane_request_id
 from lmaas.api.errors import render_raw, to_wire
 from lmaas.core.errors import InvalidRequestError, PayloadTooLargeError
+from lmaas.engine.routing import track_routed
 from lmaas.observability.metrics import Metrics
 
 logger = logging.getLogger("lmaas.api")
+
+MODEL_VERSION_HEADER = b"x-lmaas-model-version"
+"""Which version of the model served the request (a deployment may route to several)."""
 
 
 def _header(scope: Scope, name: bytes) -> list[bytes]:
@@ -107,11 +111,14 @@ class RequestContextMiddleware:
         scope[REQUEST_ID_KEY] = rid
         start = scope[START_TIME_KEY] = time.perf_counter()
         state: dict[str, Any] = {"status": 500, "started": False}
+        routed = track_routed()  # the engine notes which model version serves the request
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 state["status"], state["started"] = message["status"], True
                 headers = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                if routed.version is not None:
+                    headers.append((MODEL_VERSION_HEADER, routed.version.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -21,6 +21,7 @@ from lmaas.gateway.service import GovernanceService
 from lmaas.gateway.tenancy import TenantEngineClient
 from lmaas.gateway.usage import MeteredEngineClient, RequestUsage, SqlUsageStore, UsageMeter
 from lmaas.gateway.visibility import ScopedEngineClient
+from lmaas.lifecycle.deployments import DeploymentService
 from lmaas.lifecycle.eval_jobs import EvaluationJobs
 from lmaas.observability.metrics import Metrics
 
@@ -95,6 +96,7 @@ class ApiServices:
         meter: Buffers and writes usage records (one per request that reached the engine);
             None: no metering.
         evaluations: Evaluation jobs, for ``/admin/evaluations`` (501 without it).
+        deployments: Deployment changes, for ``/admin/deployments`` (501 without it).
     """
 
     engine: EngineClient
@@ -109,6 +111,7 @@ class ApiServices:
     limiter: Limiter = field(default_factory=InProcessLimiter)
     meter: UsageMeter | None = None
     evaluations: EvaluationJobs | None = None
+    deployments: DeploymentService | None = None
 
 
 def services_of(request: Request) -> ApiServices:

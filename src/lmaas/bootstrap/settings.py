@@ -91,6 +91,34 @@ class LimitsConfig(BaseModel):
     """Redis backend: namespace of the limiter's keys (gateways sharing limits share it)."""
 
 
+class DeployConfig(BaseModel):
+    """Deployments, canaries and their guards (``LMAAS_DEPLOY__*``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    poll_interval_s: float = Field(default=1.0, gt=0, le=3600)
+    """How often a gateway reads the deployments' revisions: a change made by the CLI (or
+    another gateway) is applied within this time."""
+    drain_timeout_s: float = Field(default=60.0, ge=0)
+    """How long a replica leaving a deployment may take to finish its in-flight requests."""
+    max_metric_drop: float = Field(default=0.01, ge=0)
+    """Promotion gate: the largest drop of a stored evaluation metric (absolute) accepted."""
+    auto_rollback: bool = True
+    """Roll a canary back on its own when its error rate or p99 latency is too high."""
+    window_s: float = Field(default=60.0, gt=0)
+    """The window over which the gateway compares the canary with the stable version."""
+    check_interval_s: float = Field(default=1.0, gt=0)
+    """How often the canary guard looks at the window."""
+    error_factor: float = Field(default=2.0, ge=1)
+    """Roll back when the canary's error rate exceeds the stable's times this..."""
+    min_error_rate: float = Field(default=0.05, ge=0, le=1)
+    """...and exceeds this floor."""
+    latency_factor: float = Field(default=3.0, ge=1)
+    """Roll back when the canary's p99 latency exceeds the stable's times this."""
+    min_requests: int = Field(default=20, ge=1)
+    """Requests each version needs in the window before the guard judges."""
+
+
 class Settings(BaseSettings):
     """Root of lmaas configuration."""
 
@@ -109,6 +137,7 @@ class Settings(BaseSettings):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     usage: UsageConfig = Field(default_factory=UsageConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis for state shared by several gateways (``limits.backend=redis``)."""
 

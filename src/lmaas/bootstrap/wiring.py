@@ -21,6 +21,11 @@ from typing import Any
 
 from lmaas import __version__
 from lmaas.api.app import ApiServices, create_app
+from lmaas.bootstrap.deployments import (
+    DeploymentController,
+    ServingPlan,
+    VersionDeployment,
+)
 from lmaas.bootstrap.settings import Settings
 from lmaas.core.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
 from lmaas.core.types import ModelState
@@ -31,6 +36,7 @@ from lmaas.gateway.limited import Limiter
 from lmaas.gateway.limits import InProcessLimiter
 from lmaas.gateway.service import GovernanceService
 from lmaas.gateway.usage import UsageMeter
+from lmaas.lifecycle.deployments import DeploymentService
 from lmaas.lifecycle.eval_jobs import EvaluationJobs
 from lmaas.observability.metrics import Metrics
 from lmaas.registry.manifest import Manifest
@@ -156,6 +162,15 @@ class Gateway:
     metrics: Metrics
 
 
+@dataclass(slots=True)
+class DeploymentWiring:
+    """What the gateway needs to follow stored deployments (``lmaas serve`` passes it)."""
+
+    service: DeploymentService
+    plan: ServingPlan
+    version_deployment: VersionDeployment
+
+
 def build_gateway(
     settings: Settings,
     deployments: list[Deployment],
@@ -164,6 +179,7 @@ def build_gateway(
     governance: GovernanceService,
     aliases: AliasLookup | None = None,
     meter: UsageMeter | None = None,
+    deploy: DeploymentWiring | None = None,
 ) -> Gateway:
     """Wire the engine, the API, and tenants and keys: the app checks keys on every route but
     the probes unless ``settings.auth.enabled`` is off (the caller checked the bind address).
@@ -180,6 +196,16 @@ def build_gateway(
         supervision_policy(settings),
         on_state=on_state,
         on_stats=metrics.set_engine_stats,
+        specs=deploy.plan.specs if deploy is not None else None,
+        window_s=settings.deploy.window_s,
+        drain_timeout_s=settings.deploy.drain_timeout_s,
+    )
+    controller = (
+        None
+        if deploy is None
+        else DeploymentController(
+            engine, deploy.service, deploy.version_deployment, settings, deploy.plan.revisions
+        )
     )
 
     evaluations = EvaluationJobs(
@@ -192,11 +218,15 @@ def build_gateway(
         await engine.start()
         if meter is not None:
             await meter.start()
+        if controller is not None:
+            await controller.start()
         announcer = asyncio.create_task(_announce_when_ready(engine, settings, on_ready))
         try:
             yield
         finally:
             announcer.cancel()
+            if controller is not None:
+                await controller.aclose()
             await evaluations.aclose()
             await engine.aclose()
             if meter is not None:
@@ -220,6 +250,7 @@ def build_gateway(
         evaluations=evaluations,
         meter=meter,
         limiter=limiter,
+        deployments=deploy.service if deploy is not None else None,
     )
     return Gateway(app=create_app(services), engine=engine, metrics=metrics)
 

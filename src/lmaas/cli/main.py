@@ -13,6 +13,7 @@ from rich.console import Console
 from lmaas import __version__
 from lmaas.bootstrap.settings import Settings
 from lmaas.cli.bench import bench_app
+from lmaas.cli.deploy import deploy_command
 from lmaas.cli.evaluate import eval_command
 from lmaas.cli.governance import keys_app, tenants_app
 from lmaas.cli.lifecycle import compress_command, convert_command, train_app
@@ -20,7 +21,7 @@ from lmaas.cli.usage_audit import audit_app, usage
 from lmaas.cli.versions import models_app
 from lmaas.core.errors import LmaasError
 from lmaas.core.types import ModelState, Task
-from lmaas.engine.local import LocalEngineClient
+from lmaas.engine.local import Deployment, LocalEngineClient
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -35,6 +36,7 @@ app.add_typer(train_app, name="train")
 app.command("compress")(compress_command)
 app.command("convert")(convert_command)
 app.command("eval")(eval_command)
+app.command("deploy")(deploy_command)
 app.add_typer(audit_app, name="audit")
 app.command("usage")(usage)
 _err = Console(stderr=True)
@@ -86,6 +88,7 @@ def serve(
     Every route but the health probes needs an API key. On the first start lmaas creates an
     admin key and prints it once.
     """
+    from lmaas.bootstrap.deployments import open_deployments, plan_serving
     from lmaas.bootstrap.governance import (
         announce_admin_key,
         check_auth_binding,
@@ -94,6 +97,7 @@ def serve(
     )
     from lmaas.bootstrap.server import bind_socket, run_gateway
     from lmaas.bootstrap.wiring import (
+        DeploymentWiring,
         build_gateway,
         deployment_for,
         open_registry,
@@ -111,7 +115,13 @@ def serve(
             announce_admin_key(issued, lambda text: print(text, file=sys.stderr, flush=True))
         registry = open_registry(settings, governance)
         manifests = resolve_models(registry, model or [], lambda m: _err.print(f"[dim]{m}[/]"))
-        deployments = [deployment_for(registry, m, settings) for m in manifests]
+        service = open_deployments(settings, registry)
+
+        def version_deployment(name: str, version: str) -> Deployment:
+            return deployment_for(registry, registry.get(name, version), settings)
+
+        plan = plan_serving(service, manifests, model or [], version_deployment)
+        deploy = DeploymentWiring(service, plan, version_deployment)
         sock = bind_socket(settings.server.host, settings.server.port)
     except (LmaasError, OSError) as exc:
         _fail(exc)
@@ -123,11 +133,12 @@ def serve(
     auth = settings.auth.enabled
     gateway = build_gateway(
         settings,
-        deployments,
+        plan.deployments,
         on_ready=lambda engine: _print_banner(base_url, engine, auth),
         governance=governance,
         aliases=registry.alias_target,
         meter=meter,
+        deploy=deploy,
     )
     run_gateway(gateway, settings, sock)
 

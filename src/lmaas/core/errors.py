@@ -15,6 +15,7 @@ Tree::
     ├── NotFoundError                unknown model, version or object
     │   └── ModelNotFoundError
     ├── ConflictError                the object exists already
+    │   └── GateRefusedError         a deployment gate refused a promotion
     ├── RateLimitError               per-key rate or concurrency (retryable)
     │   └── QuotaExceededError       a quota per day or month is used up
     ├── NotSupportedError            valid request for a feature this model lacks
@@ -79,6 +80,12 @@ class ModelNotFoundError(NotFoundError):
 
 class ConflictError(LmaasError):
     code = "conflict"
+
+
+class GateRefusedError(ConflictError):
+    """A promotion the deployment gate refused (the canary's evaluation is worse)."""
+
+    code = "gate_refused"
 
 
 class RateLimitError(LmaasError):

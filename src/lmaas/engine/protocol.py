@@ -38,6 +38,14 @@ class ServedModel:
     """Known once the worker has loaded the model."""
     error: str | None = None
     """Why the model failed to load, when state is FAILED."""
+    pinned: bool = False
+    """The client named this version (``name:version`` or ``name@alias``): requests go to it
+    even when the name's deployment routes to several versions."""
+
+    @property
+    def ref(self) -> str:
+        """What to hand the engine for a request: ``name``, or ``name:version`` when pinned."""
+        return f"{self.name}:{self.version}" if self.pinned else self.name
 
 
 def model_not_served(name: str) -> ModelNotFoundError:

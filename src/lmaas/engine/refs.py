@@ -9,6 +9,7 @@ that is not served is 404, exactly like an unknown model.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -75,14 +76,19 @@ class ResolvingEngineClient:
                 raise model_not_served(f"{ref} version {version}")
             wanted = version
         served = self._engine.get_model(parsed.name)
-        if wanted is not None and wanted != served.version:
-            via = f" ({ref} is version {wanted})" if parsed.alias is not None else ""
-            raise ModelNotFoundError(
-                f"model {parsed.name!r} version {wanted!r} is not served here{via}; this server "
-                f"serves {served.name}:{served.version}",
-                param="model",
-            )
-        return served
+        if wanted is None:
+            return served
+        if wanted != served.version:
+            try:
+                served = self._engine.get_model(parsed.name, wanted)
+            except ModelNotFoundError:
+                via = f" ({ref} is version {wanted})" if parsed.alias is not None else ""
+                raise ModelNotFoundError(
+                    f"model {parsed.name!r} version {wanted!r} is not served here{via}; this "
+                    f"server serves {served.name}:{served.version}",
+                    param="model",
+                ) from None
+        return dataclasses.replace(served, pinned=True)
 
     def _alias_version(self, name: str, alias: str) -> str:
         if self._aliases is None:
@@ -111,10 +117,10 @@ class ResolvingEngineClient:
         return self._engine.is_ready()
 
     def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[SeqDelta]:
-        return self._engine.generate(self.resolve(model).name, request)
+        return self._engine.generate(self.resolve(model).ref, request)
 
     async def embed(self, model: str, request: EmbedRequest) -> EmbedResult:
-        return await self._engine.embed(self.resolve(model).name, request)
+        return await self._engine.embed(self.resolve(model).ref, request)
 
     async def infer(self, model: str, request: InferRequest) -> InferResult:
-        return await self._engine.infer(self.resolve(model).name, request)
+        return await self._engine.infer(self.resolve(model).ref, request)

@@ -93,6 +93,8 @@ class WorkerHandle:
         policy: Timeouts, backoff and admission limits.
         on_state: Called with (model name, new state) on every transition.
         on_stats: Called with (model name, engine counters) on every heartbeat.
+        instance: Names this worker's socket files; unique per handle when a version runs
+            several replicas (default: the model name).
     """
 
     def __init__(
@@ -102,8 +104,10 @@ class WorkerHandle:
         policy: SupervisionPolicy,
         on_state: StateListener | None = None,
         on_stats: StatsListener | None = None,
+        instance: str | None = None,
     ) -> None:
         self.spec = spec
+        self.instance = instance or spec.model_name
         self.state = ModelState.STOPPED
         self.info: ModelInfo | None = None
         self.error: str | None = None
@@ -290,7 +294,7 @@ class WorkerHandle:
         return exit_code, True
 
     async def _spawn(self) -> _Incarnation:
-        base = self._run_dir / f"{self.name}-{self._generation}"
+        base = self._run_dir / f"{self.instance}-{self._generation}"
         requests = self._context.socket(zmq.PUSH)
         requests.setsockopt(zmq.LINGER, 0)
         requests.bind(f"ipc://{base}.in")

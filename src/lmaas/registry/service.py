@@ -22,6 +22,7 @@ from lmaas.core.errors import (
 )
 from lmaas.core.hashing import verify_file
 from lmaas.core.types import LATEST_ALIAS, Task, is_valid_name, parse_model_ref
+from lmaas.registry.deployments_db import DeploymentStore
 from lmaas.registry.lifecycle_db import AliasMove, LifecycleStore, StoredMetric
 from lmaas.registry.manifest import (
     FileEntry,
@@ -102,6 +103,8 @@ class RegistryService:
         self._store = ModelStore(home / "models")
         self._db = MetadataStore(database_url)
         self._lifecycle = LifecycleStore(self._db.sessions)
+        self.deployments = DeploymentStore(self._db.sessions)
+        """What each served name routes to, and the history of its changes."""
         self._on_alias_moved = on_alias_moved
         self._offline = offline
         self._hub_endpoint = hub_endpoint
@@ -358,6 +361,14 @@ class RegistryService:
             raise ConflictError(
                 f"{', '.join(held)} still point(s) at a version being removed; move or remove "
                 "the alias first (`lmaas models alias` / `lmaas models unalias`)"
+            )
+        deployment = self.deployments.get(name)
+        deployed = set() if deployment is None else deployment.deployed_versions
+        busy = sorted(m.version for m in removed if m.version in deployed)
+        if busy:
+            raise ConflictError(
+                f"the deployment of {name} routes to version(s) {', '.join(busy)}; deploy "
+                f"another version first (`lmaas deploy {name} --version V`)"
             )
         for manifest in removed:
             # Row first: a crash in between leaves an orphan directory, never a dangling row.

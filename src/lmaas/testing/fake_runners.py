@@ -6,6 +6,8 @@ Behaviour is set through the spec's options:
 * ``token_delay_s``: sleep this long per step (to test streaming, cancellation, draining);
 * ``crash_after_tokens``: the worker process dies (``os._exit``) after emitting this many tokens;
 * ``fail_load``: loading raises ModelLoadError with this message;
+* ``fail_requests``: every generation request fails with an internal error (a broken version,
+  to test a canary's automatic rollback);
 * ``context_length``: prompts + max_tokens beyond it are refused.
 """
 
@@ -18,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmaas.core.errors import InvalidRequestError, ModelLoadError
+from lmaas.core.errors import InternalError, InvalidRequestError, ModelLoadError
 from lmaas.core.messages import (
     EmbedRequest,
     EmbedResult,
@@ -65,6 +67,8 @@ class EchoRunner:
         return True
 
     def add_request(self, request: GenerateRequest) -> None:
+        if "fail_requests" in self._options:
+            raise InternalError("injected failure (fail_requests)")
         text = request.prompt or ""
         if request.messages:
             text = request.messages[-1].content

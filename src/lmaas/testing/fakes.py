@@ -153,7 +153,10 @@ class FakeEngineClient:
     def _ready_spec(self, name: str) -> FakeModelSpec:
         if self.error is not None:
             raise self.error
+        name, _, version = name.partition(":")  # name:version, as ResolvingEngineClient sends
         spec = self.models.get(name)
+        if spec is not None and version and version != spec.version:
+            raise model_not_served(name)
         if spec is None:
             raise model_not_served(name)
         if spec.state is not ModelState.READY:
@@ -254,7 +257,7 @@ class FakeEngineClient:
         self.last_infer = request
         if isinstance(request, EmbedRequest):
             return await self.embed(model, request)
-        self._ready_spec(model)
+        model = self._ready_spec(model).name
         handler = self.infer_handlers.get(type(request))
         if handler is None:
             raise InvalidRequestError(

@@ -128,7 +128,7 @@ async def infer_embedding(
     if not tensor.values:
         raise InvalidRequestError("input 'text' is empty")
     embed = EmbedRequest(request_id, texts=_texts(tensor))
-    result = await run_infer(services, model.name, embed, EmbedResult)
+    result = await run_infer(services, model.ref, embed, EmbedResult)
     return [OutputTensor("embedding", "FP32", [result.num_inputs, result.dim], raw=result.data)]
 
 
@@ -173,16 +173,17 @@ async def infer_generation(
     generate = GenerateRequest(
         request_id, _sampling(request), prompt=prompt, add_generation_prompt=False
     )
-    text = await _collect_text(services, model.name, generate)
+    text = await _collect_text(services, model.ref, generate)
     return [OutputTensor("text_output", "BYTES", [1], values=[text.encode("utf-8", "replace")])]
 
 
-async def _collect_text(services: ApiServices, model: str, request: GenerateRequest) -> str:
+async def _collect_text(services: ApiServices, ref: str, request: GenerateRequest) -> str:
     metrics = services.metrics
     timeout_s = services.config.request_timeout_s
     parts: list[str] = []
     num_prompt = num_generated = 0
-    iterator = services.engine.generate(model, request)
+    iterator = services.engine.generate(ref, request)
+    model = ref.partition(":")[0]  # metrics are labelled by model name
     metrics.request_started(model)
     try:
         async with asyncio.timeout(timeout_s):

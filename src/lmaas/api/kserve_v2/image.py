@@ -102,7 +102,7 @@ async def infer_image_classification(
         classify = _image_request(tensor, request_id)
     else:
         classify = _pixel_request(tensor, request_id)
-    result = await run_infer(services, model.name, classify, ClassifyResult)
+    result = await run_infer(services, model.ref, classify, ClassifyResult)
     n, width = result.num_inputs, result.num_labels
     if len(result.probs) != 4 * n * width or width == 0:
         raise InternalError("the worker returned probabilities of the wrong size")

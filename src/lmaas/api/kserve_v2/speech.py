@@ -56,5 +56,5 @@ async def infer_transcription(
         temperature=temperature or 0.0,
         timestamps=False,
     )
-    result = await run_infer(services, model.name, transcribe, TranscriptionResult)
+    result = await run_infer(services, model.ref, transcribe, TranscriptionResult)
     return [OutputTensor("text", "BYTES", [1], values=[result.text.encode("utf-8")])]

@@ -46,5 +46,5 @@ async def infer_tensor(
     inputs = [to_tensor_data(t) for t in request.inputs.values()]
     wanted = [o.name for o in request.outputs] if request.outputs is not None else None
     message = TensorRequest(request_id, inputs, wanted)
-    result = await run_infer(services, model.name, message, TensorResult)
+    result = await run_infer(services, model.ref, message, TensorResult)
     return [to_output(t) for t in result.outputs]

@@ -79,7 +79,7 @@ async def infer_classification(
     _only(request, {"text"})
     texts = _strings(_bytes_input(request, "text"))
     result = await run_infer(
-        services, model.name, ClassifyRequest(request_id, texts=texts), ClassifyResult
+        services, model.ref, ClassifyRequest(request_id, texts=texts), ClassifyResult
     )
     num = result.num_labels
     known = model.info.labels if model.info is not None else None
@@ -110,5 +110,5 @@ async def infer_rerank(
             f"at most {services.config.max_rerank_documents} are allowed"
         )
     rerank = RerankRequest(request_id, query_text, documents)
-    result = await run_infer(services, model.name, rerank, ScoreResult)
+    result = await run_infer(services, model.ref, rerank, ScoreResult)
     return [OutputTensor("scores", "FP32", [len(result.scores)], values=result.scores)]

@@ -198,6 +198,6 @@ async def create_transcription(request: Request) -> Response:
         temperature=temperature,
         timestamps=response_format in ("verbose_json", "srt", "vtt"),
     )
-    work = _transcribe(services, model.name, transcribe)
+    work = _transcribe(services, model.ref, transcribe)
     result = await cancel_on_disconnect(request.receive, work)
     return render(result, response_format, temperature)

@@ -123,5 +123,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         body.include_usage(),
         n=generate.sampling.n,
         logprobs=logprobs is not None,
+        engine_ref=model.ref,
     )
     return await run_generation(call, generate, body.stream)

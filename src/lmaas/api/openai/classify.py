@@ -141,5 +141,5 @@ async def create_classification(body: ClassifyBody, request: Request) -> Respons
     set_model_label(request.scope, model.name)
     request_id = request_id_of(request.scope)
     classify = to_classify_request(body, model, request_id)
-    result = await cancel_on_disconnect(request.receive, _classify(services, model.name, classify))
+    result = await cancel_on_disconnect(request.receive, _classify(services, model.ref, classify))
     return JsonResponse(classify_body(result, model, request_id))

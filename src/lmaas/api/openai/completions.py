@@ -85,5 +85,6 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         body.include_usage(),
         n=generate.sampling.n,
         logprobs=body.logprobs is not None,
+        engine_ref=model.ref,
     )
     return await run_generation(call, generate, body.stream)

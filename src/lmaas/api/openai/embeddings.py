@@ -90,5 +90,5 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
     model = resolve_model(services.engine, body.model, {Task.EMBEDDING}, "/v1/embeddings")
     set_model_label(request.scope, model.name)
     embed = to_embed_request(body, request_id_of(request.scope))
-    result = await cancel_on_disconnect(request.receive, _embed(services, model.name, embed))
+    result = await cancel_on_disconnect(request.receive, _embed(services, model.ref, embed))
     return JsonResponse(embedding_body(result, model.name, body.encoding_format))

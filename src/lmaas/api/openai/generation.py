@@ -41,6 +41,9 @@ class GenerationCall:
     choices: list[ChoiceState] = field(default_factory=list)
     streaming: bool = False
     _closed: bool = False
+    engine_ref: str = ""
+    """What the engine is asked for (``name:version`` when the client pinned a version);
+    ``model`` when empty."""
 
     def __post_init__(self) -> None:
         self.request_id = request_id_of(self.request.scope)
@@ -143,7 +146,7 @@ async def run_generation(call: GenerationCall, request: GenerateRequest, stream:
     call.services.metrics.request_started(call.model)
     handed_off = False
     try:
-        call.iterator = call.services.engine.generate(call.model, request)
+        call.iterator = call.services.engine.generate(call.engine_ref or call.model, request)
         if not stream:
             return await cancel_on_disconnect(call.request.receive, _collect(call))
         call.streaming = True

@@ -111,5 +111,5 @@ async def create_rerank(body: RerankBody, request: Request) -> Response:
     set_model_label(request.scope, model.name)
     max_documents = services.config.max_rerank_documents
     rerank = to_rerank_request(body, request_id_of(request.scope), max_documents)
-    result = await cancel_on_disconnect(request.receive, _rerank(services, model.name, rerank))
+    result = await cancel_on_disconnect(request.receive, _rerank(services, model.ref, rerank))
     return JsonResponse(rerank_body(result, rerank, body, model.name))

@@ -1,0 +1,253 @@
+"""Deployments in the metadata DB: what each served name routes to now, and every change to it.
+
+The registry stores a deployment as JSON (``lmaas.engine.deploy.DeploymentSpec.to_dict``) and
+knows nothing of its meaning: :meth:`DeploymentStore.change` locks the row, hands the current
+JSON to a function that computes the next one (which may refuse, e.g. a promotion gate), then
+writes it with a bumped ``revision`` and a ``deployment_history`` row in one transaction, in
+which an optional hook appends the audit row too. Running gateways poll :meth:`revisions` and
+apply what changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Integer, String, Text, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
+
+from lmaas.core.errors import ConflictError
+from lmaas.registry.metadata import Base
+
+_MAX_ATTEMPTS = 3
+
+SpecJson = dict[str, Any]
+
+
+class DeploymentRow(Base):
+    """The current deployment of one served name."""
+
+    __tablename__ = "deployments"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    spec: Mapped[SpecJson] = mapped_column(JSON)
+    revision: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_by: Mapped[str] = mapped_column(String(128), default="")
+
+
+class DeploymentHistoryRow(Base):
+    """One change of a deployment (kept after the versions it names are gone)."""
+
+    __tablename__ = "deployment_history"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(32))
+    spec: Mapped[SpecJson] = mapped_column(JSON)
+    previous: Mapped[SpecJson | None] = mapped_column(JSON, nullable=True)
+    actor: Mapped[str] = mapped_column(String(128), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass(slots=True, frozen=True)
+class StoredDeployment:
+    """A deployment as stored: its spec JSON and revision (1 for the first)."""
+
+    name: str
+    spec: SpecJson
+    revision: int
+    updated_at: datetime
+    updated_by: str
+
+    @property
+    def deployed_versions(self) -> set[str]:
+        """The versions the deployment routes to (they may not be removed)."""
+        return {str(t["version"]) for t in self.spec.get("targets", [])}
+
+
+@dataclass(slots=True, frozen=True)
+class DeploymentChange:
+    """One committed change, as the history lists it (and the audit hook receives it).
+
+    Attributes:
+        name: The served name.
+        revision: The revision this change made.
+        action: ``create``, ``set``, ``canary``, ``promote``, ``rollback``, ``auto-rollback``,
+            ``scale``, ``weights``, ``serve``.
+        spec: The deployment after the change.
+        previous: The deployment before it (None for the first).
+        actor: Who (a key id, ``cli:<user>``, ``system:...``).
+        reason: Free text: a gate's numbers, the canary guard's verdict, an operator's note.
+        changed_at: When (UTC).
+    """
+
+    name: str
+    revision: int
+    action: str
+    spec: SpecJson
+    previous: SpecJson | None
+    actor: str
+    reason: str
+    changed_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "revision": self.revision,
+            "action": self.action,
+            "spec": self.spec,
+            "previous": self.previous,
+            "actor": self.actor,
+            "reason": self.reason,
+            "changed_at": self.changed_at.isoformat(),
+        }
+
+
+Compute = Callable[[SpecJson | None], SpecJson | None]
+"""Current spec (None: no deployment yet) → next spec; None means "no change"."""
+InTransaction = Callable[[Session, DeploymentChange], None]
+
+
+class DeploymentStore:
+    """Deployments and their history over the registry's sessions."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+
+    def get(self, name: str) -> StoredDeployment | None:
+        with self._sessions() as session:
+            row = session.get(DeploymentRow, name)
+            return None if row is None else _stored(row)
+
+    def list_all(self) -> list[StoredDeployment]:
+        with self._sessions() as session:
+            rows = session.scalars(select(DeploymentRow).order_by(DeploymentRow.name)).all()
+            return [_stored(r) for r in rows]
+
+    def revisions(self) -> dict[str, int]:
+        """Name → revision of every deployment: what a gateway polls (one small query)."""
+        with self._sessions() as session:
+            rows = session.execute(select(DeploymentRow.name, DeploymentRow.revision)).all()
+        return {name: revision for name, revision in rows}
+
+    def history(self, name: str, limit: int = 1000) -> list[DeploymentChange]:
+        """The changes of ``name``, oldest first (the last ``limit``)."""
+        query = (
+            select(DeploymentHistoryRow)
+            .where(DeploymentHistoryRow.name == name)
+            .order_by(DeploymentHistoryRow.id.desc())
+            .limit(limit)
+        )
+        with self._sessions() as session:
+            rows = list(session.scalars(query).all())
+        return [_change(r) for r in reversed(rows)]
+
+    def change(
+        self,
+        name: str,
+        action: str,
+        compute: Compute,
+        *,
+        actor: str,
+        reason: str | Callable[[], str] = "",
+        in_transaction: InTransaction | None = None,
+    ) -> DeploymentChange | None:
+        """Replace the deployment of ``name`` with ``compute(current)`` and record the change,
+        atomically; None when ``compute`` returned None (nothing to change, nothing recorded).
+        ``reason`` may be a callable, read after ``compute`` (which may have found it out).
+
+        Raises:
+            Whatever ``compute`` raises (nothing is written), ConflictError when concurrent
+            creators kept colliding.
+        """
+        for attempt in range(_MAX_ATTEMPTS):
+            try:
+                return self._change_once(name, action, compute, actor, reason, in_transaction)
+            except IntegrityError:
+                # Another writer created the same deployment between our read and our insert.
+                if attempt == _MAX_ATTEMPTS - 1:
+                    raise ConflictError(f"deployment {name} is being changed; retry") from None
+        raise AssertionError("unreachable")
+
+    def _change_once(
+        self,
+        name: str,
+        action: str,
+        compute: Compute,
+        actor: str,
+        reason_of: str | Callable[[], str],
+        in_transaction: InTransaction | None,
+    ) -> DeploymentChange | None:
+        now = datetime.now(UTC)
+        with self._sessions.begin() as session:
+            # Write first: it takes SQLite's write lock (PostgreSQL: the row lock) before the
+            # read, so concurrent changes serialize and each sees the one before it.
+            session.execute(
+                update(DeploymentRow)
+                .where(DeploymentRow.name == name)
+                .values(revision=DeploymentRow.revision)
+            )
+            row = session.scalars(
+                select(DeploymentRow).where(DeploymentRow.name == name).with_for_update()
+            ).first()
+            previous = None if row is None else dict(row.spec)
+            spec = compute(previous)
+            if spec is None:
+                return None
+            reason = reason_of() if callable(reason_of) else reason_of
+            revision = 1 if row is None else row.revision + 1
+            if row is None:
+                session.add(
+                    DeploymentRow(
+                        name=name, spec=spec, revision=revision, updated_at=now, updated_by=actor
+                    )
+                )
+            else:
+                row.spec, row.revision, row.updated_at, row.updated_by = spec, revision, now, actor
+            change = DeploymentChange(name, revision, action, spec, previous, actor, reason, now)
+            session.add(
+                DeploymentHistoryRow(
+                    name=name,
+                    revision=revision,
+                    action=action,
+                    spec=spec,
+                    previous=previous,
+                    actor=actor[:128],
+                    reason=reason,
+                    changed_at=now,
+                )
+            )
+            session.flush()
+            if in_transaction is not None:
+                in_transaction(session, change)
+        return change
+
+
+def _stored(row: DeploymentRow) -> StoredDeployment:
+    return StoredDeployment(
+        row.name, dict(row.spec), row.revision, _utc(row.updated_at), row.updated_by
+    )
+
+
+def _change(row: DeploymentHistoryRow) -> DeploymentChange:
+    return DeploymentChange(
+        row.name,
+        row.revision,
+        row.action,
+        dict(row.spec),
+        None if row.previous is None else dict(row.previous),
+        row.actor,
+        row.reason,
+        _utc(row.changed_at),
+    )
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; they were written in UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

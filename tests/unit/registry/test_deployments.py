@@ -1,0 +1,220 @@
+"""Deployments in the metadata DB (SQLite and PostgreSQL): changes with their history and
+audit rows in one transaction, the promotion gate on stored metrics, rollback targets."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from lmaas.bootstrap.deployments import audit_deployment_change
+from lmaas.core.errors import (
+    ConflictError,
+    GateRefusedError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotFoundError,
+)
+from lmaas.gateway.service import GovernanceService
+from lmaas.lifecycle.deployments import DeploymentService
+from lmaas.registry.deployments_db import DeploymentChange
+from lmaas.registry.lifecycle_db import StoredMetric
+from lmaas.registry.service import RegistryService
+
+MakeModelDir = Callable[..., Path]
+
+
+@pytest.fixture
+def service(registry: RegistryService, make_model_dir: MakeModelDir) -> DeploymentService:
+    src = make_model_dir()
+    for _ in range(3):
+        registry.import_model(str(src), name="m")
+    return DeploymentService(registry, max_metric_drop=0.01, audit=audit_deployment_change)
+
+
+@pytest.fixture
+def governance(database_url: str) -> Iterator[GovernanceService]:
+    gov = GovernanceService.open(database_url)
+    try:
+        yield gov
+    finally:
+        gov.close()
+
+
+def _metric(value: float, metric: str = "accuracy") -> StoredMetric:
+    return StoredMetric(metric, value, "d" * 64, "eval.jsonl", "test", 100, datetime.now(UTC))
+
+
+def test_changes_are_versioned_with_history_and_audit(
+    service: DeploymentService, governance: GovernanceService
+) -> None:
+    seen: list[DeploymentChange] = []
+    service.on_change = seen.append
+    with pytest.raises(NotFoundError, match="no deployment"):
+        service.get("m")
+    service.set_version("m", "1", replicas=2, actor="cli:alice")
+    service.canary("m", "2", 10, actor="cli:alice", reason="try 2")
+    view = service.get("m")
+    assert view.revision == 2 and view.spec.canary == "2" and view.updated_by == "cli:alice"
+    assert view.spec.target("1") is not None and view.spec.weight_of("2") == 10
+    service.rollback("m", actor="lmaas-abc")
+    history = service.history("m")
+    assert [(c.revision, c.action, c.actor) for c in history] == [
+        (1, "set", "cli:alice"),
+        (2, "canary", "cli:alice"),
+        (3, "rollback", "lmaas-abc"),
+    ]
+    assert history[1].reason == "try 2"
+    assert history[1].previous == history[0].spec
+    assert [c.revision for c in seen] == [1, 2, 3]
+    assert service.registry.deployments.revisions() == {"m": 3}
+    audit = governance.list_audit(target="m")
+    assert [r.action for r in reversed(audit)] == [
+        "deployment.set",
+        "deployment.canary",
+        "deployment.rollback",
+    ]
+    assert audit[1].after is not None and audit[1].after["reason"] == "try 2"
+    assert audit[0].before == history[1].spec
+    assert governance.verify_audit().ok
+
+
+def test_versions_are_checked_and_aliases_accepted(
+    service: DeploymentService, registry: RegistryService
+) -> None:
+    with pytest.raises(ModelNotFoundError):
+        service.set_version("m", "9", actor="t")
+    with pytest.raises(ModelNotFoundError):
+        service.set_version("nope", "1", actor="t")
+    with pytest.raises(InvalidRequestError):
+        service.set_version("m", "../1", actor="t")
+    registry.set_alias("m", "production", "2")
+    service.set_version("m", "production", actor="t")
+    assert service.get("m").spec.stable == "2"
+    service.canary("m", "m:3", 20, actor="t")
+    assert service.get("m").spec.canary == "3"
+    service.set_version("m", "@production", actor="t")
+    assert service.get("m").spec.canary is None
+    assert service.history("m")[-1].revision == 3
+
+
+def test_a_refused_change_writes_nothing(
+    service: DeploymentService, governance: GovernanceService
+) -> None:
+    with pytest.raises(NotFoundError):
+        service.canary("m", "2", 10, actor="t")
+    service.set_version("m", "1", actor="t")
+    with pytest.raises(InvalidRequestError):
+        service.canary("m", "1", 10, actor="t")
+    with pytest.raises(ConflictError, match="no canary to promote"):
+        service.promote("m", actor="t")
+    with pytest.raises(ConflictError, match="no canary and no earlier"):
+        service.rollback("m", actor="t")
+    assert [c.revision for c in service.history("m")] == [1]
+    assert len(governance.list_audit(target="m")) == 1
+
+
+def test_promotion_gate_on_stored_metrics(
+    service: DeploymentService, registry: RegistryService
+) -> None:
+    registry.add_metrics(registry.get("m", "1"), [_metric(0.90)])
+    registry.add_metrics(registry.get("m", "2"), [_metric(0.80)])
+    registry.add_metrics(registry.get("m", "3"), [_metric(0.895)])
+    service.set_version("m", "1", actor="t")
+    service.canary("m", "2", 10, actor="t")
+    with pytest.raises(GateRefusedError, match=r"accuracy of m:2 is 0\.8000 against 0\.9000"):
+        service.promote("m", actor="t")
+    assert service.get("m").spec.stable == "1"  # refused: nothing changed
+    change, gate = service.promote("m", actor="t", max_drop=0.2)  # a wider margin passes
+    assert gate.passed and change.spec["stable"] == "2"
+    assert "gate passed (1 shared metrics)" in change.reason
+    service.canary("m", "1", 10, actor="t")  # back from 0.80 to 0.90: fine
+    service.promote("m", actor="t")
+    service.canary("m", "2", 10, actor="t")
+    change, gate = service.promote("m", actor="t", force=True, reason="hotfix")
+    assert not gate.passed and change.spec["stable"] == "2"
+    assert change.reason.startswith("hotfix; gate refused, promoted with --force")
+    service.canary("m", "3", 50, actor="t")
+    assert service.promote("m", actor="t")[1].passed  # 0.895 vs 0.80
+
+
+def test_rollback_without_canary_returns_to_the_previous_stable(
+    service: DeploymentService,
+) -> None:
+    service.set_version("m", "1", replicas=2, actor="t")
+    service.canary("m", "2", 10, actor="t")
+    service.promote("m", actor="t")
+    service.scale("m", 3, actor="t")
+    change = service.rollback("m", actor="t")
+    assert change is not None
+    assert change.spec["stable"] == "1" and change.spec["targets"][0]["replicas"] == 3
+    # Automatic rollback acts only while its canary is still the canary.
+    assert service.rollback("m", actor="guard", only_canary="2", action="auto-rollback") is None
+    service.canary("m", "3", 10, actor="t")
+    done = service.rollback("m", actor="guard", only_canary="3", action="auto-rollback")
+    assert done is not None and done.action == "auto-rollback"
+    assert service.get("m").spec.canary is None
+
+
+def test_ensure_serving_follows_or_records(service: DeploymentService) -> None:
+    first = service.ensure_serving("m", None, actor="system:serve")
+    assert first.spec.stable == "3" and first.revision == 1  # the latest, recorded
+    service.canary("m", "2", 10, actor="t")
+    followed = service.ensure_serving("m", None, actor="system:serve")
+    assert followed.spec.canary == "2" and followed.revision == 2
+    same = service.ensure_serving("m", "3", actor="system:serve")  # its stable: followed
+    assert same.revision == 2
+    pinned = service.ensure_serving("m", "1", actor="system:serve")
+    assert pinned.spec.stable == "1" and pinned.spec.canary is None and pinned.revision == 3
+    assert service.history("m")[-1].action == "serve"
+
+
+def test_split_and_scale(service: DeploymentService) -> None:
+    service.set_version("m", "1", actor="t")
+    service.set_weights("m", {"1": 50, "2": 30, "3": 20}, actor="t")
+    spec = service.get("m").spec
+    assert [(t.version, t.weight) for t in spec.targets] == [("1", 50), ("2", 30), ("3", 20)]
+    with pytest.raises(InvalidRequestError, match="add up to 90"):
+        service.set_weights("m", {"1": 60, "2": 30}, actor="t")
+    service.scale("m", 2, version="3", actor="t")
+    assert service.get("m").spec.target("3") is not None
+    assert [t.replicas for t in service.get("m").spec.targets] == [1, 1, 2]
+    assert len(service.list_all()) == 1
+
+
+def test_concurrent_changes_serialize(service: DeploymentService) -> None:
+    service.set_version("m", "1", actor="t")
+    errors: list[BaseException] = []
+
+    def scale(n: int) -> None:
+        try:
+            service.scale("m", n, actor=f"t{n}")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=scale, args=(n,)) for n in range(1, 9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    history = service.history("m")
+    assert [c.revision for c in history] == list(range(1, 10))
+    for before, after in itertools.pairwise(history):
+        assert after.previous == before.spec
+
+
+def test_a_deployed_version_cannot_be_removed(
+    service: DeploymentService, registry: RegistryService
+) -> None:
+    service.set_version("m", "1", actor="t")
+    service.canary("m", "2", 10, actor="t")
+    with pytest.raises(ConflictError, match=r"routes to version\(s\) 2"):
+        registry.remove("m", "2")
+    with pytest.raises(ConflictError, match=r"routes to version\(s\) 1, 2"):
+        registry.remove("m")
+    assert [m.version for m in registry.remove("m", "3")] == ["3"]
