@@ -44,6 +44,15 @@ TestSplitOption = Annotated[
     float, typer.Option(min=0.0, max=0.9, help="Fraction held out for the reported accuracy.")
 ]
 SeedOption = Annotated[int, typer.Option(help="Seed of the split, the weights and the shuffling.")]
+KFoldOption = Annotated[
+    int | None,
+    typer.Option(
+        "--k-fold",
+        min=2,
+        help="First cross-validate with K folds of the train+validation data (K more "
+        "trainings); per-fold and mean±std accuracy are stored with the version.",
+    ),
+]
 DataOption = Annotated[
     Path | None,
     typer.Option(
@@ -113,6 +122,7 @@ def train_image_classifier(
     layers: Annotated[int, typer.Option(min=1, help="Transformer layers.")] = 2,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW, cosine).")] = None,
     seed: SeedOption = 0,
+    k_fold: KFoldOption = None,
     home: HomeOption = None,
 ) -> None:
     """Train a small ViT image classifier (servable by the image-classification runtime)."""
@@ -129,6 +139,7 @@ def train_image_classifier(
         "--image-size", str(image_size), "--hidden-size", str(hidden_size),
         "--layers", str(layers), "--seed", str(seed),
         *_flag("--epochs", epochs), *_flag("--patch-size", patch_size), *_flag("--lr", lr),
+        *_flag("--k-fold", k_fold),
     ]  # fmt: skip
     run_job("train", args, home)
 
@@ -148,6 +159,7 @@ def train_text_classifier(
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 5e-5).")] = None,
     max_length: Annotated[int, typer.Option(min=8, help="Tokens kept per text.")] = 128,
     seed: SeedOption = 0,
+    k_fold: KFoldOption = None,
     home: HomeOption = None,
 ) -> None:
     """Fine-tune an encoder with a classification head (servable by the classification runtime)."""
@@ -155,7 +167,7 @@ def train_text_classifier(
         "text-classifier", "--data", str(data), "--base", base, "--name", name,
         "--patience", str(patience), "--val-split", str(val_split),
         "--test-split", str(test_split), "--max-length", str(max_length), "--seed", str(seed),
-        *_flag("--epochs", epochs), *_flag("--lr", lr),
+        *_flag("--epochs", epochs), *_flag("--lr", lr), *_flag("--k-fold", k_fold),
     ]  # fmt: skip
     run_job("train", args, home)
 

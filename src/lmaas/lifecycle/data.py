@@ -165,6 +165,35 @@ def split(count: int, *, test_fraction: float, val_fraction: float, seed: int) -
     )
 
 
+def k_folds(
+    indices: Sequence[int], k: int, *, val_fraction: float
+) -> list[tuple[list[int], list[int], list[int]]]:
+    """``k`` folds of ``indices`` (already shuffled): ``(train, val, held_out)`` per fold.
+
+    Fold ``i`` holds out every ``k``-th index starting at ``i`` (sizes differ by at most one);
+    the other folds are cut into validation (the first ``val_fraction`` of them, at least one,
+    for early stopping) and training.
+
+    Raises:
+        InvalidRequestError: ``k`` < 2, or too few indices for ``k`` folds with a validation
+            and a training row each.
+    """
+    if k < 2:
+        raise InvalidRequestError(f"k-fold cross-validation needs k >= 2, got {k}", param="k_fold")
+    if len(indices) < 3 * k:
+        raise InvalidRequestError(
+            f"{len(indices)} examples (after the test split) are too few for {k} folds",
+            param="k_fold",
+        )
+    folds = []
+    for fold in range(k):
+        held_out = list(indices[fold::k])
+        rest = [index for n, index in enumerate(indices) if n % k != fold]
+        num_val = max(1, round(len(rest) * val_fraction))
+        folds.append((rest[num_val:], rest[:num_val], held_out))
+    return folds
+
+
 def images_digest(data: LabelledImages, indices: Sequence[int]) -> str:
     """sha256 of the chosen images' pixels and labels (the metric's ``dataset_digest``)."""
     digest = hashlib.sha256()
