@@ -172,6 +172,54 @@ def train_text_classifier(
     run_job("train", args, home)
 
 
+@train_app.command("chat-lora")
+def train_chat_lora(
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            exists=True,
+            dir_okay=False,
+            help='Chat JSONL: one {"messages": [{"role": ..., "content": ...}, ...]} a line.',
+        ),
+    ],
+    base: Annotated[
+        str, typer.Option("--base", help="Chat/causal LM to fine-tune: NAME[:VERSION|@ALIAS].")
+    ],
+    name: NameOption,
+    epochs: EpochsOption = None,
+    patience: PatienceOption = 3,
+    val_split: ValSplitOption = 0.15,
+    test_split: Annotated[
+        float, typer.Option(min=0.0, max=0.9, help="Fraction held out for the reported loss.")
+    ] = 0.1,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 2e-4).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Conversations per step.")] = 4,
+    max_length: Annotated[int, typer.Option(min=8, help="Tokens kept per conversation.")] = 512,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank r.")] = 8,
+    alpha: Annotated[float, typer.Option(min=0.0, help="LoRA alpha (scale alpha/r).")] = 16.0,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.9, help="LoRA dropout.")] = 0.05,
+    target_modules: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated module names to adapt (e.g. q_proj,v_proj), or all-linear."
+        ),
+    ] = "all-linear",
+    seed: SeedOption = 0,
+    home: HomeOption = None,
+) -> None:
+    """LoRA fine-tune a chat model (peft) on its assistant turns; merged into a new version."""
+    args = [
+        "chat-lora", "--data", str(data), "--base", base, "--name", name,
+        "--patience", str(patience), "--val-split", str(val_split),
+        "--test-split", str(test_split), "--batch-size", str(batch_size),
+        "--max-length", str(max_length), "--rank", str(rank), "--alpha", str(alpha),
+        "--dropout", str(dropout), "--target-modules", target_modules, "--seed", str(seed),
+        *_flag("--epochs", epochs), *_flag("--lr", lr),
+    ]  # fmt: skip
+    run_job("train", args, home)
+
+
 def compress_command(
     model: Annotated[str, typer.Argument(metavar="MODEL[:VERSION]", help="The parent version.")],
     int8: Annotated[bool, typer.Option("--int8", help="Int8 Linear weights.")] = False,

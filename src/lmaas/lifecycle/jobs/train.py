@@ -22,7 +22,6 @@ and almost all its weights are in Linear layers, which int8 compression shrinks 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
@@ -66,6 +65,22 @@ class FitResult:
     best_val_accuracy: float
     epochs_run: int
     stopped_early: bool
+    best_val_loss: float = math.nan
+
+
+def classification_loss(output: Any, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a classifier's ``.logits`` against integer labels."""
+    loss: torch.Tensor = torch.nn.functional.cross_entropy(output.logits, labels)
+    return loss
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the weights training changes (all of a classifier; the adapters of LoRA)."""
+    return {
+        name: param.detach().clone()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
 
 
 def fit(
@@ -80,6 +95,7 @@ def fit(
     batch_size: int,
     seed: int,
     label: str,
+    criterion: Callable[[Any, torch.Tensor], torch.Tensor] = classification_loss,
 ) -> FitResult:
     """Train with AdamW and a cosine schedule; keep the weights of the best validation epoch.
 
@@ -92,15 +108,18 @@ def fit(
         epochs: Most epochs; ``patience`` epochs without improvement stop early.
         lr, batch_size, seed: Optimiser settings and the shuffling seed.
         label: The progress bar's title.
+        criterion: The training loss of ``(model output, labels)``; a causal LM's is its own
+            ``.loss`` (``validate`` then returns ``(-loss, loss)``: lower loss is better).
     """
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
     steps_per_epoch = math.ceil(num_train / batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / (epochs * steps_per_epoch)))
     )
-    best_state: dict[str, Any] = copy.deepcopy(model.state_dict())
-    best, best_epoch, stale, epoch = (-1.0, 0.0), 0, 0, 0
+    best_state = _trainable_state(model)
+    best, best_epoch, stale, epoch = (-math.inf, -math.inf), 0, 0, 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TimeElapsedColumn(), console=Console(stderr=True)) as progress:
         bar = progress.add_task(label, total=epochs * steps_per_epoch)
@@ -109,7 +128,7 @@ def fit(
             order = torch.randperm(num_train, generator=generator)
             for start in range(0, num_train, batch_size):
                 inputs, labels = batch(order[start : start + batch_size])
-                loss = torch.nn.functional.cross_entropy(model(**inputs).logits, labels)
+                loss = criterion(model(**inputs), labels)
                 optimizer.zero_grad()
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
@@ -118,22 +137,24 @@ def fit(
             model.eval()
             with torch.no_grad():
                 acc, val_loss = validate()
+            scored = f", accuracy {acc:.4f}" if criterion is classification_loss else ""
             _log.info(
-                "epoch %d: train loss %.4f, validation loss %.4f, accuracy %.4f",
-                epoch, loss.item(), val_loss, acc,
+                "epoch %d: train loss %.4f, validation loss %.4f%s",
+                epoch, loss.item(), val_loss, scored,
             )  # fmt: skip
-            progress.update(bar, description=f"{label} (epoch {epoch}, val acc {acc:.3f})")
+            shown = f"val acc {acc:.3f}" if scored else f"val loss {val_loss:.3f}"
+            progress.update(bar, description=f"{label} (epoch {epoch}, {shown})")
             if (acc, -val_loss) > best:
                 best, best_epoch, stale = (acc, -val_loss), epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = _trainable_state(model)
             else:
                 stale += 1
                 if stale >= patience:
-                    _log.info("no better validation accuracy for %d epochs: stopping", patience)
+                    _log.info("no better validation epoch for %d epochs: stopping", patience)
                     break
-    model.load_state_dict(best_state)
+    model.load_state_dict(best_state, strict=False)
     model.eval()
-    return FitResult(best_epoch, best[0], epoch, epoch < epochs)
+    return FitResult(best_epoch, best[0], epoch, epoch < epochs, -best[1])
 
 
 # ---------------------------------------------------------------- k-fold cross-validation
@@ -485,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--base", required=True)
     text.add_argument("--max-length", type=int, default=128)
     _common(text, epochs=5, lr=5e-5, batch_size=16)
+    from lmaas.lifecycle.jobs import lora  # imports this module: not at the top
+
+    lora.add_parser(commands, _common)
     return parser
 
 
@@ -499,6 +523,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.patch_size is None:
             args.patch_size = args.image_size
         return run_job(lambda: train_image_classifier(args))
+    if args.command == "chat-lora":
+        from lmaas.lifecycle.jobs import lora
+
+        return run_job(lambda: lora.train_chat_lora(args))
     return run_job(lambda: train_text_classifier(args))
 
 
