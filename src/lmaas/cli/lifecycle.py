@@ -227,15 +227,30 @@ def compress_command(
         float | None,
         typer.Option(min=0.0, max=1.0, help="Magnitude pruning to this sparsity (no fine-tune)."),
     ] = None,
+    all_layers: Annotated[
+        bool,
+        typer.Option(
+            "--all-layers",
+            help="ONNX versions: quantise the GELU-fed MatMuls and the convolutions too "
+            "(smaller; riskier for transformer encoders).",
+        ),
+    ] = False,
     name: Annotated[str | None, typer.Option(help="Name of the new version's model.")] = None,
     data: DataOption = None,
     sklearn_digits: DigitsOption = False,
     home: HomeOption = None,
 ) -> None:
-    """Compress a classifier into a new version; records size, latency and accuracy delta."""
+    """Compress a classifier into a new version; records size, latency and accuracy delta.
+
+    Safetensors versions are compressed with torch (int8 Linear weights, or pruning); ONNX
+    versions (from `lmaas convert --onnx`) take --int8, quantised by onnxruntime.
+    """
     if int8 == (prune is not None):
         raise typer.BadParameter("give exactly one of --int8 or --prune FRACTION")
+    if all_layers and not int8:
+        raise typer.BadParameter("--all-layers goes with --int8")
     args = [model, *(["--int8"] if int8 else ["--prune", str(prune)]), *_flag("--name", name)]
+    args += ["--all-layers"] if all_layers else []
     args += _data_flags(data, sklearn_digits)
     run_job("compress", args, home)
 

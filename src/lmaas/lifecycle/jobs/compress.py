@@ -48,6 +48,7 @@ from lmaas.lifecycle.jobs.common import (
     version_spec,
     worker_spec,
 )
+from lmaas.lifecycle.jobs.onnx_export import compact_graph
 from lmaas.registry.manifest import Lineage, Manifest
 from lmaas.registry.service import RegistryService
 from lmaas.runtimes.int8_weights import INT8_WEIGHTS_FILE, save_int8
@@ -125,6 +126,12 @@ def compress(args: argparse.Namespace) -> int:
             )
         if parent.format is ModelFormat.ONNX:
             return compress_onnx(registry, parent, args, Path(tmp))
+        if args.all_layers:
+            raise InvalidRequestError(
+                "--all-layers is for ONNX versions (onnxruntime int8); torch int8 quantises "
+                "every Linear already",
+                param="all_layers",
+            )
         parent_dir = registry.model_dir(parent)
         model = load_float_model(parent, parent_dir)
         data: EvalSet = eval_set(registry, parent, args)
@@ -170,7 +177,9 @@ def compress_onnx(
     The recipe is the one the ONNX embedding runner uses at load time
     (:func:`lmaas.runtimes.onnx_session.quantize_int8`): int8 per-channel weights for MatMul and
     Gemm with a constant weight, activations quantised per call; MatMuls fed by a GELU stay
-    float. The new version holds the quantised graph itself (format ``onnx``), served by the same
+    float and convolutions too, unless ``--all-layers`` (smaller; the recorded accuracy delta
+    says what it cost).
+    The new version holds the quantised graph itself (format ``onnx``), served by the same
     ONNX Runtime runner as its parent.
     """
     if not args.int8:
@@ -190,7 +199,11 @@ def compress_onnx(
     out.mkdir()
     copy_side_files(parent_dir, out, lambda rel: not rel.name.startswith(ONNX_GRAPH))
     with _progress(f"quantising {parent.ref} with onnxruntime"):
-        quantize_int8(graph, out / ONNX_GRAPH)
+        kept = quantize_int8(
+            graph, out / ONNX_GRAPH, keep_after_gelu=not args.all_layers,
+            convolutions=args.all_layers,
+        )  # fmt: skip
+    compact_graph(out / ONNX_GRAPH)
     before = measure(version_spec(registry, parent), data)
     after = measure(worker_spec(parent.name, out, parent.task, ModelFormat.ONNX), data)
     parent_bytes, child_bytes = parent.size_bytes, dir_size(out)
@@ -202,7 +215,10 @@ def compress_onnx(
             parameters={
                 "backend": "onnxruntime",
                 "scheme": "quantize_dynamic: per-channel int8 MatMul/Gemm weights, "
-                "dynamic int8 activations; GELU-fed MatMuls stay float",
+                "dynamic int8 activations",
+                "gelu_fed_matmuls": "int8" if args.all_layers else "float",
+                "convolutions": "int8" if args.all_layers else "float",
+                "float_matmuls": kept,
             },
         ),
         metrics=metrics, serving=parent.serving.model_dump(),
@@ -234,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("model")
     parser.add_argument("--int8", action="store_true")
     parser.add_argument("--prune", type=float, default=None)
+    parser.add_argument("--all-layers", action="store_true")
     parser.add_argument("--name", default=None)
     add_data_args(parser)
     add_registry_args(parser)

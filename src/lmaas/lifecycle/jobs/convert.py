@@ -30,7 +30,7 @@ import torch
 
 from lmaas.core.errors import InvalidRequestError, LmaasError
 from lmaas.core.types import ModelFormat, Task
-from lmaas.lifecycle.jobs import onnx_text
+from lmaas.lifecycle.jobs import onnx_export
 from lmaas.lifecycle.jobs.common import (
     EvalSet,
     add_data_args,
@@ -219,6 +219,7 @@ def _image_graph(
     processor = transformers.AutoImageProcessor.from_pretrained(str(parent_dir))  # type: ignore[no-untyped-call]
     pixels = _sample_pixels(processor, data.images if data else None, args.samples)
     export_image_classifier(model, tuple(pixels.shape[1:]), out / GRAPH_FILE)  # type: ignore[arg-type]
+    onnx_export.compact_graph(out / GRAPH_FILE)
     diff, agreement = parity(model, out / GRAPH_FILE, pixels)
     return diff, agreement, len(pixels)
 
@@ -237,17 +238,18 @@ def _text_graph(
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         str(parent_dir), local_files_only=True, trust_remote_code=trust
     )
-    segments = onnx_text.uses_segments(model, tokenizer)
+    segments = onnx_export.uses_segments(model, tokenizer)
     if data is not None:
         texts = [t for request in data.requests for t in request.texts or []]
         documents = None
     else:
-        texts = onnx_text.random_texts(tokenizer, args.samples, seed=0)
+        texts = onnx_export.random_texts(tokenizer, args.samples, seed=0)
         is_pairs = parent.task is Task.RERANK
-        documents = onnx_text.random_texts(tokenizer, args.samples, seed=1) if is_pairs else None
-    onnx_text.export_sequence_classifier(model, segments, out / GRAPH_FILE)
-    batches = onnx_text.sample_batches(tokenizer, texts, documents, segments)
-    diff, agreement = onnx_text.text_parity(model, out / GRAPH_FILE, batches)
+        documents = onnx_export.random_texts(tokenizer, args.samples, seed=1) if is_pairs else None
+    onnx_export.export_sequence_classifier(model, segments, out / GRAPH_FILE)
+    onnx_export.compact_graph(out / GRAPH_FILE)
+    batches = onnx_export.sample_batches(tokenizer, texts, documents, segments)
+    diff, agreement = onnx_export.text_parity(model, out / GRAPH_FILE, batches)
     return diff, agreement, len(texts)
 
 

@@ -1,4 +1,5 @@
-"""ONNX export and parity samples of sequence classifiers (text classifiers, cross-encoders).
+"""ONNX export of sequence classifiers (text classifiers, cross-encoders), parity samples, and
+the compaction of exported graphs.
 
 The graph takes what the runner feeds (:meth:`~lmaas.runtimes.classification.sequence.
 SequenceClassifier.padded`): ``input_ids`` and ``attention_mask`` and, when the model uses
@@ -90,6 +91,36 @@ def export_sequence_classifier(model: Any, segments: bool, dest: Path) -> None:
             )  # fmt: skip
     except Exception as exc:  # the exporter raises many types; all mean "cannot export"
         raise InvalidRequestError(f"cannot export the model to ONNX: {exc}") from exc
+
+
+_EXTERNAL_DATA_BYTES = 1 << 30
+"""Graphs with more weight bytes keep them in a side file (protobuf's 2 GiB limit)."""
+
+
+def compact_graph(path: Path) -> None:
+    """Drop the exporter's per-node debug metadata (source stack traces, module paths).
+
+    They take more room than the weights of a small model and nothing reads them at serving
+    time. The graph is rewritten in place: one file, or ``<name>.data`` beside it for weights
+    over 1 GiB (the exporter's own external-data file is replaced).
+    """
+    import onnx
+
+    header = onnx.load(str(path), load_external_data=False)
+    external = {
+        entry.value
+        for init in header.graph.initializer
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    weight_bytes = sum(len(init.raw_data) for init in model.graph.initializer)
+    for name in external:
+        (path.parent / name).unlink(missing_ok=True)
+    big = weight_bytes > _EXTERNAL_DATA_BYTES
+    onnx.save(model, str(path), save_as_external_data=big, location=f"{path.name}.data")
 
 
 def random_texts(tokenizer: Any, count: int, seed: int = 0) -> list[str]:
