@@ -74,6 +74,18 @@ def no_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+@contextmanager
+def spinner(label: str) -> Iterator[None]:
+    """A spinner with elapsed time on stderr, for a step that reports no progress of its own."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        progress.add_task(label, total=None)
+        yield
+
+
 def register(
     registry: RegistryService,
     model_dir: Path,

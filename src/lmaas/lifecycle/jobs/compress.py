@@ -20,14 +20,10 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from lmaas.core.errors import InvalidRequestError
 from lmaas.core.types import ModelFormat, Task
@@ -44,6 +40,7 @@ from lmaas.lifecycle.jobs.common import (
     open_registry,
     register,
     run_job,
+    spinner,
     summary,
     version_spec,
     worker_spec,
@@ -198,7 +195,7 @@ def compress_onnx(
     out = tmp / "version"
     out.mkdir()
     copy_side_files(parent_dir, out, lambda rel: not rel.name.startswith(ONNX_GRAPH))
-    with _progress(f"quantising {parent.ref} with onnxruntime"):
+    with spinner(f"quantising {parent.ref} with onnxruntime"):
         kept = quantize_int8(
             graph, out / ONNX_GRAPH, keep_after_gelu=not args.all_layers,
             convolutions=args.all_layers,
@@ -233,15 +230,6 @@ def _is_quantized(graph: Path) -> bool:
 
     model = onnx.load(str(graph), load_external_data=False)
     return any(node.op_type in _INT8_OPS for node in model.graph.node)
-
-
-@contextmanager
-def _progress(label: str) -> Iterator[None]:
-    """A spinner with elapsed time for a step that reports no progress of its own."""
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True)) as progress:
-        progress.add_task(label, total=None)
-        yield
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,6 +44,7 @@ from lmaas.lifecycle.jobs.common import (
     open_registry,
     register,
     run_job,
+    spinner,
     summary,
     version_spec,
     worker_spec,
@@ -126,10 +127,11 @@ def convert(args: argparse.Namespace) -> int:
         out = Path(tmp) / "version"
         out.mkdir()
         copy_side_files(parent_dir, out, lambda rel: not rel.name.startswith("model."))
-        if parent.task is Task.IMAGE_CLASSIFICATION:
-            diff, agreement, samples = _image_graph(parent_dir, model, data, args, out)
-        else:
-            diff, agreement, samples = _text_graph(parent, parent_dir, model, data, args, out)
+        with spinner(f"exporting {parent.ref} to ONNX and checking parity"):
+            if parent.task is Task.IMAGE_CLASSIFICATION:
+                diff, agreement, samples = _image_graph(parent_dir, model, data, args, out)
+            else:
+                diff, agreement, samples = _text_graph(parent, parent_dir, model, data, args, out)
         print(
             f"parity on {samples} samples: max abs diff {diff:.3g} (limit "
             f"{args.max_abs_diff:g}), top-1 agreement {agreement:.4f} (minimum "
