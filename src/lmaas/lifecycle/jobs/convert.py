@@ -250,7 +250,7 @@ def _text_graph(
         documents = onnx_export.random_texts(tokenizer, args.samples, seed=1) if is_pairs else None
     onnx_export.export_sequence_classifier(model, segments, out / GRAPH_FILE)
     onnx_export.compact_graph(out / GRAPH_FILE)
-    batches = onnx_export.sample_batches(tokenizer, texts, documents, segments)
+    batches = onnx_export.sample_batches(model, tokenizer, texts, documents, segments)
     diff, agreement = onnx_export.text_parity(model, out / GRAPH_FILE, batches)
     return diff, agreement, len(texts)
 

@@ -133,16 +133,23 @@ def random_texts(tokenizer: Any, count: int, seed: int = 0) -> list[str]:
 
 
 def sample_batches(
-    tokenizer: Any, texts: list[str], pairs_with: list[str] | None, segments: bool
+    model: Any, tokenizer: Any, texts: list[str], pairs_with: list[str] | None, segments: bool
 ) -> list[dict[str, torch.Tensor]]:
-    """Tokenised, right-padded batches of ``texts`` (or ``(text, pairs_with[i])`` pairs)."""
+    """Tokenised, right-padded batches of ``texts`` (or ``(text, pairs_with[i])`` pairs), each
+    row at most :data:`PARITY_MAX_TOKENS` tokens or the model's own limit if lower."""
     names = input_names(segments)
+    limits = [
+        PARITY_MAX_TOKENS,
+        int(getattr(tokenizer, "model_max_length", 0) or 0),
+        int(getattr(model.config, "max_position_embeddings", 0) or 0),
+    ]
+    max_length = min(limit for limit in limits if limit > 0)
     batches = []
     for start in range(0, len(texts), _CHUNK):
         first = texts[start : start + _CHUNK]
         second = pairs_with[start : start + _CHUNK] if pairs_with is not None else None
         encoded = tokenizer(
-            first, second, padding=True, truncation=True, max_length=PARITY_MAX_TOKENS,
+            first, second, padding=True, truncation=True, max_length=max_length,
             return_tensors="pt",
         )  # fmt: skip
         if segments and "token_type_ids" not in encoded:
