@@ -33,6 +33,7 @@ from lmaas.core.types import ModelFormat, Task
 from lmaas.lifecycle.jobs import onnx_export
 from lmaas.lifecycle.jobs.common import (
     EvalSet,
+    Measured,
     add_data_args,
     add_registry_args,
     comparison_metrics,
@@ -50,7 +51,7 @@ from lmaas.lifecycle.jobs.common import (
     worker_spec,
 )
 from lmaas.lifecycle.jobs.compress import load_float_model
-from lmaas.registry.manifest import Lineage, Manifest
+from lmaas.registry.manifest import Lineage, Manifest, MetricRecord
 from lmaas.runtimes.onnx_session import open_session
 
 GRAPH_FILE = "model.onnx"
@@ -152,17 +153,14 @@ def convert(args: argparse.Namespace) -> int:
         ]
         options = {k: v for k, v in parent.serving.options.items() if k != "quantize"}
         serving = {**parent.serving.model_dump(), "options": options, "backend": "auto"}
-        if data is not None:
-            before = measure(version_spec(registry, parent), data)
-            after = measure(worker_spec(parent.name, out, parent.task, ModelFormat.ONNX), data)
-            metrics += comparison_metrics(
-                before, after, parent.size_bytes, dir_size(out), data.digest
-            )
-        else:
+        compared = _compare(registry, parent, out, data)
+        if compared is None:
             metrics += [
                 metric("size_bytes", dir_size(out), digest),
                 metric("parent_size_bytes", parent.size_bytes, digest),
             ]
+        else:
+            metrics += compared[2]
         manifest = register(
             registry, out, name=args.name or parent.name, task=parent.task,
             lineage=Lineage(
@@ -176,11 +174,25 @@ def convert(args: argparse.Namespace) -> int:
             metrics=metrics, serving=serving,
             description=f"ONNX export of {parent.ref} by `lmaas convert`",
         )  # fmt: skip
-        if data is not None:
-            print(summary(manifest, before, after, parent.size_bytes / dir_size(out)), flush=True)
-        else:
+        if compared is None:
             print(f"registered {manifest.ref} from {parent.ref}", flush=True)
+        else:
+            before, after, _ = compared
+            ratio = parent.size_bytes / dir_size(out)
+            print(summary(manifest, before, after, ratio), flush=True)
     return 0
+
+
+def _compare(
+    registry: Any, parent: Manifest, out: Path, data: EvalSet | None
+) -> tuple[Measured, Measured, list[MetricRecord]] | None:
+    """Parent and graph measured on ``data`` through their runtimes (None without data)."""
+    if data is None:
+        return None
+    before = measure(version_spec(registry, parent), data)
+    after = measure(worker_spec(parent.name, out, parent.task, ModelFormat.ONNX), data)
+    metrics = comparison_metrics(before, after, parent.size_bytes, dir_size(out), data.digest)
+    return before, after, metrics
 
 
 def _check_parent(parent: Manifest, args: argparse.Namespace) -> None:

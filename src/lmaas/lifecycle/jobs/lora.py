@@ -38,7 +38,7 @@ from lmaas.lifecycle.jobs.common import (
     register,
 )
 from lmaas.lifecycle.jobs.train import FitResult, fit
-from lmaas.registry.manifest import Lineage
+from lmaas.registry.manifest import Lineage, MetricRecord
 from lmaas.runtimes.llm.chat_template import ChatTemplate
 from lmaas.runtimes.llm.hf_prompt import chat_template_of
 
@@ -136,7 +136,6 @@ def _lm_loss(output: Any, _labels: torch.Tensor) -> torch.Tensor:
 
 def train_chat_lora(args: argparse.Namespace) -> int:
     """The ``chat-lora`` command."""
-    import peft
     import transformers
 
     # peft asks transformers a deprecated question on every step; the warning is theirs.
@@ -161,19 +160,7 @@ def train_chat_lora(args: argparse.Namespace) -> int:
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             str(base_dir), local_files_only=True, trust_remote_code=trust
         )
-        template = chat_template_of(tokenizer)
-        if template is None:
-            raise InvalidRequestError(
-                f"{base.ref} has no chat template: chat-formatted data cannot be rendered",
-                param="base",
-            )
-        rows = [encode_chat(template, tokenizer, c, args.max_length) for c in chats.conversations]
-        if any(all(label == IGNORE for label in r.labels[1:]) for r in rows):
-            raise InvalidRequestError(
-                f"an assistant turn falls beyond --max-length {args.max_length} tokens in some "
-                "conversations: raise --max-length or shorten them",
-                param="max_length",
-            )
+        rows = _encode(base.ref, tokenizer, chats, args.max_length)
         pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         torch.manual_seed(args.seed)
         model: Any = transformers.AutoModelForCausalLM.from_pretrained(
@@ -185,16 +172,7 @@ def train_chat_lora(args: argparse.Namespace) -> int:
         held_rows = [rows[i] for i in held]
         model.eval()
         before, tokens = held_out_loss(model, held_rows, pad_id)
-        config = peft.LoraConfig(
-            r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
-            target_modules=_targets(args.target_modules), task_type="CAUSAL_LM",
-        )  # fmt: skip
-        try:
-            model = peft.get_peft_model(model, config)
-        except ValueError as exc:  # peft: target modules not found, ...
-            raise InvalidRequestError(
-                f"cannot add LoRA adapters: {exc}", param="target_modules"
-            ) from exc
+        model = _with_adapters(model, args)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         val_rows = [rows[i] for i in parts.val]
         train_rows = [rows[i] for i in parts.train]
@@ -219,15 +197,7 @@ def train_chat_lora(args: argparse.Namespace) -> int:
         copy_side_files(base_dir, out, lambda rel: not _is_weights(rel))
         merged.to(saved_dtype).save_pretrained(str(out), safe_serialization=True)
         digest = datasets.chats_digest(chats, held)
-        metrics = [
-            metric("loss", after, digest),
-            metric("perplexity", math.exp(after), digest),
-            metric("parent_loss", before, digest),
-            metric("parent_perplexity", math.exp(before), digest),
-            metric("loss_delta", after - before, digest),
-            metric("held_out_examples", len(held), digest),
-            metric("held_out_tokens", tokens, digest),
-        ]
+        metrics = _loss_metrics(before, after, len(held), tokens, digest)
         parameters = _parameters(args, chats, result, trainable)
         manifest = register(
             registry, out, name=args.name, task=base.task,
@@ -243,6 +213,52 @@ def train_chat_lora(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0
+
+
+def _encode(ref: str, tokenizer: Any, chats: datasets.Chats, max_length: int) -> list[Encoded]:
+    template = chat_template_of(tokenizer)
+    if template is None:
+        raise InvalidRequestError(
+            f"{ref} has no chat template: chat-formatted data cannot be rendered", param="base"
+        )
+    rows = [encode_chat(template, tokenizer, c, max_length) for c in chats.conversations]
+    if any(all(label == IGNORE for label in r.labels[1:]) for r in rows):
+        raise InvalidRequestError(
+            f"an assistant turn falls beyond --max-length {max_length} tokens in some "
+            "conversations: raise --max-length or shorten them",
+            param="max_length",
+        )
+    return rows
+
+
+def _with_adapters(model: Any, args: argparse.Namespace) -> Any:
+    """``model`` wrapped by peft with trainable LoRA adapters (the rest frozen)."""
+    import peft
+
+    config = peft.LoraConfig(
+        r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
+        target_modules=_targets(args.target_modules), task_type="CAUSAL_LM",
+    )  # fmt: skip
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as exc:  # peft: target modules not found, ...
+        raise InvalidRequestError(
+            f"cannot add LoRA adapters: {exc}", param="target_modules"
+        ) from exc
+
+
+def _loss_metrics(
+    before: float, after: float, examples: int, tokens: int, digest: str
+) -> list[MetricRecord]:
+    return [
+        metric("loss", after, digest),
+        metric("perplexity", math.exp(after), digest),
+        metric("parent_loss", before, digest),
+        metric("parent_perplexity", math.exp(before), digest),
+        metric("loss_delta", after - before, digest),
+        metric("held_out_examples", examples, digest),
+        metric("held_out_tokens", tokens, digest),
+    ]
 
 
 def base_dtype(model_dir: Path) -> torch.dtype:
