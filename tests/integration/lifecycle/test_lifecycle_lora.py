@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -177,3 +178,32 @@ def test_bad_inputs_get_clear_errors(
     )
     with _registry(home) as registry:
         assert {m.name for m in registry.list_models()} == {"chat", "chat-ft", "cls"}
+
+
+def test_ctrl_c_cancels_the_fine_tune_and_registers_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with _registry(home) as registry:
+        registry.import_model(str(build_tiny_causal_lm(tmp_path / "llama", "llama")), name="chat")
+    command = [
+        sys.executable, "-m", "lmaas.cli", "train", "chat-lora", "--data",
+        str(_chats(tmp_path / "chats.jsonl")), "--base", "chat", "--name", "cancelled",
+        "--epochs", "500", "--patience", "500", "--home", str(home),
+    ]  # fmt: skip
+    # A terminal's Ctrl-C signals the whole foreground process group: the CLI and its job.
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, env={**os.environ, "LMAAS_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = ""
+    for line in proc.stderr:
+        seen += line
+        if "epoch 1:" in line:
+            break
+    assert "epoch 1:" in seen, seen[-3000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (seen + rest)[-3000:]
+    assert "no version was registered" in rest
+    with _registry(home) as registry:
+        assert [m.ref for m in registry.list_models()] == ["chat:1"]
