@@ -44,6 +44,15 @@ TestSplitOption = Annotated[
     float, typer.Option(min=0.0, max=0.9, help="Fraction held out for the reported accuracy.")
 ]
 SeedOption = Annotated[int, typer.Option(help="Seed of the split, the weights and the shuffling.")]
+KFoldOption = Annotated[
+    int | None,
+    typer.Option(
+        "--k-fold",
+        min=2,
+        help="First cross-validate with K folds of the train+validation data (K more "
+        "trainings); per-fold and mean±std accuracy are stored with the version.",
+    ),
+]
 DataOption = Annotated[
     Path | None,
     typer.Option(
@@ -113,6 +122,7 @@ def train_image_classifier(
     layers: Annotated[int, typer.Option(min=1, help="Transformer layers.")] = 2,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW, cosine).")] = None,
     seed: SeedOption = 0,
+    k_fold: KFoldOption = None,
     home: HomeOption = None,
 ) -> None:
     """Train a small ViT image classifier (servable by the image-classification runtime)."""
@@ -129,6 +139,7 @@ def train_image_classifier(
         "--image-size", str(image_size), "--hidden-size", str(hidden_size),
         "--layers", str(layers), "--seed", str(seed),
         *_flag("--epochs", epochs), *_flag("--patch-size", patch_size), *_flag("--lr", lr),
+        *_flag("--k-fold", k_fold),
     ]  # fmt: skip
     run_job("train", args, home)
 
@@ -148,6 +159,7 @@ def train_text_classifier(
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 5e-5).")] = None,
     max_length: Annotated[int, typer.Option(min=8, help="Tokens kept per text.")] = 128,
     seed: SeedOption = 0,
+    k_fold: KFoldOption = None,
     home: HomeOption = None,
 ) -> None:
     """Fine-tune an encoder with a classification head (servable by the classification runtime)."""
@@ -155,6 +167,54 @@ def train_text_classifier(
         "text-classifier", "--data", str(data), "--base", base, "--name", name,
         "--patience", str(patience), "--val-split", str(val_split),
         "--test-split", str(test_split), "--max-length", str(max_length), "--seed", str(seed),
+        *_flag("--epochs", epochs), *_flag("--lr", lr), *_flag("--k-fold", k_fold),
+    ]  # fmt: skip
+    run_job("train", args, home)
+
+
+@train_app.command("chat-lora")
+def train_chat_lora(
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            exists=True,
+            dir_okay=False,
+            help='Chat JSONL: one {"messages": [{"role": ..., "content": ...}, ...]} a line.',
+        ),
+    ],
+    base: Annotated[
+        str, typer.Option("--base", help="Chat/causal LM to fine-tune: NAME[:VERSION|@ALIAS].")
+    ],
+    name: NameOption,
+    epochs: EpochsOption = None,
+    patience: PatienceOption = 3,
+    val_split: ValSplitOption = 0.15,
+    test_split: Annotated[
+        float, typer.Option(min=0.0, max=0.9, help="Fraction held out for the reported loss.")
+    ] = 0.1,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 2e-4).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Conversations per step.")] = 4,
+    max_length: Annotated[int, typer.Option(min=8, help="Tokens kept per conversation.")] = 512,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank r.")] = 8,
+    alpha: Annotated[float, typer.Option(min=0.0, help="LoRA alpha (scale alpha/r).")] = 16.0,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.9, help="LoRA dropout.")] = 0.05,
+    target_modules: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated module names to adapt (e.g. q_proj,v_proj), or all-linear."
+        ),
+    ] = "all-linear",
+    seed: SeedOption = 0,
+    home: HomeOption = None,
+) -> None:
+    """LoRA fine-tune a chat model (peft) on its assistant turns; merged into a new version."""
+    args = [
+        "chat-lora", "--data", str(data), "--base", base, "--name", name,
+        "--patience", str(patience), "--val-split", str(val_split),
+        "--test-split", str(test_split), "--batch-size", str(batch_size),
+        "--max-length", str(max_length), "--rank", str(rank), "--alpha", str(alpha),
+        "--dropout", str(dropout), "--target-modules", target_modules, "--seed", str(seed),
         *_flag("--epochs", epochs), *_flag("--lr", lr),
     ]  # fmt: skip
     run_job("train", args, home)
@@ -167,15 +227,30 @@ def compress_command(
         float | None,
         typer.Option(min=0.0, max=1.0, help="Magnitude pruning to this sparsity (no fine-tune)."),
     ] = None,
+    all_layers: Annotated[
+        bool,
+        typer.Option(
+            "--all-layers",
+            help="ONNX versions: quantise the GELU-fed MatMuls and the convolutions too "
+            "(smaller; riskier for transformer encoders).",
+        ),
+    ] = False,
     name: Annotated[str | None, typer.Option(help="Name of the new version's model.")] = None,
     data: DataOption = None,
     sklearn_digits: DigitsOption = False,
     home: HomeOption = None,
 ) -> None:
-    """Compress a classifier into a new version; records size, latency and accuracy delta."""
+    """Compress a classifier into a new version; records size, latency and accuracy delta.
+
+    Safetensors versions are compressed with torch (int8 Linear weights, or pruning); ONNX
+    versions (from `lmaas convert --onnx`) take --int8, quantised by onnxruntime.
+    """
     if int8 == (prune is not None):
         raise typer.BadParameter("give exactly one of --int8 or --prune FRACTION")
+    if all_layers and not int8:
+        raise typer.BadParameter("--all-layers goes with --int8")
     args = [model, *(["--int8"] if int8 else ["--prune", str(prune)]), *_flag("--name", name)]
+    args += ["--all-layers"] if all_layers else []
     args += _data_flags(data, sklearn_digits)
     run_job("compress", args, home)
 

@@ -130,6 +130,70 @@ def load_texts(path: Path) -> LabelledTexts:
     )
 
 
+CHAT_ROLES = frozenset({"system", "user", "assistant"})
+
+
+@dataclass(frozen=True, slots=True)
+class Chats:
+    """Conversations (``[{"role": ..., "content": ...}, ...]``), each with an assistant turn."""
+
+    conversations: list[list[dict[str, str]]]
+    source: str
+
+
+def load_chats(path: Path) -> Chats:
+    """Chat-formatted JSONL: one ``{"messages": [{"role": ..., "content": ...}, ...]}`` a line.
+
+    Roles are ``system``, ``user`` and ``assistant``; every conversation needs at least one
+    assistant message (the text the fine-tune learns to produce).
+
+    Raises:
+        InvalidRequestError: not ``.jsonl``, unreadable, or a line that is not such an object
+            (the message names the line).
+    """
+    if path.suffix.lower() != ".jsonl":
+        raise InvalidRequestError(f"{path.name}: expected a .jsonl file of chats", param="data")
+    conversations = []
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if line.strip():
+                    conversations.append(_chat_row(json.loads(line), f"{path.name}:{number}"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequestError(f"cannot read {path}: {exc}", param="data") from exc
+    if not conversations:
+        raise InvalidRequestError(f"{path.name} holds no conversations", param="data")
+    return Chats(conversations, str(path.resolve()))
+
+
+def _chat_row(record: object, where: str) -> list[dict[str, str]]:
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError(f'{where}: expected {{"messages": [...]}}', param="data")
+    out = []
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if role not in CHAT_ROLES or not isinstance(content, str):
+            raise InvalidRequestError(
+                f"{where}: messages[{index}] needs a role (system, user or assistant) and a "
+                "string content",
+                param="data",
+            )
+        out.append({"role": str(role), "content": content})
+    if not any(m["role"] == "assistant" and m["content"] for m in out):
+        raise InvalidRequestError(f"{where}: the conversation has no assistant message to learn")
+    return out
+
+
+def chats_digest(data: Chats, indices: Sequence[int]) -> str:
+    """sha256 of the chosen conversations."""
+    digest = hashlib.sha256()
+    for i in indices:
+        digest.update(json.dumps(data.conversations[i], sort_keys=True).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def _text_row(record: object, where: str) -> tuple[str, str]:
     if not isinstance(record, dict):
         raise InvalidRequestError(f"{where}: expected an object with 'text' and 'label'")
@@ -163,6 +227,35 @@ def split(count: int, *, test_fraction: float, val_fraction: float, seed: int) -
         val=order[num_test : num_test + num_val],
         test=order[:num_test],
     )
+
+
+def k_folds(
+    indices: Sequence[int], k: int, *, val_fraction: float
+) -> list[tuple[list[int], list[int], list[int]]]:
+    """``k`` folds of ``indices`` (already shuffled): ``(train, val, held_out)`` per fold.
+
+    Fold ``i`` holds out every ``k``-th index starting at ``i`` (sizes differ by at most one);
+    the other folds are cut into validation (the first ``val_fraction`` of them, at least one,
+    for early stopping) and training.
+
+    Raises:
+        InvalidRequestError: ``k`` < 2, or too few indices for ``k`` folds with a validation
+            and a training row each.
+    """
+    if k < 2:
+        raise InvalidRequestError(f"k-fold cross-validation needs k >= 2, got {k}", param="k_fold")
+    if len(indices) < 3 * k:
+        raise InvalidRequestError(
+            f"{len(indices)} examples (after the test split) are too few for {k} folds",
+            param="k_fold",
+        )
+    folds = []
+    for fold in range(k):
+        held_out = list(indices[fold::k])
+        rest = [index for n, index in enumerate(indices) if n % k != fold]
+        num_val = max(1, round(len(rest) * val_fraction))
+        folds.append((rest[num_val:], rest[:num_val], held_out))
+    return folds
 
 
 def images_digest(data: LabelledImages, indices: Sequence[int]) -> str:

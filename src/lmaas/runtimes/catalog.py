@@ -35,6 +35,14 @@ def create_runner(spec: WorkerSpec) -> Runner:
         from lmaas.runtimes.vision.onnx import OnnxImageClassificationRunner
 
         return OnnxImageClassificationRunner(spec)
+    if spec.task == Task.CLASSIFICATION.value and spec.format == ModelFormat.ONNX.value:
+        from lmaas.runtimes.classification.onnx import OnnxTextClassificationRunner
+
+        return OnnxTextClassificationRunner(spec)
+    if spec.task == Task.RERANK.value and spec.format == ModelFormat.ONNX.value:
+        from lmaas.runtimes.rerank.onnx import OnnxRerankRunner
+
+        return OnnxRerankRunner(spec)
     if spec.format == ModelFormat.SAFETENSORS.value and backend != "onnxruntime":
         if spec.task in _GENERATION_TASKS:
             from lmaas.runtimes.llm.torch import TorchCausalLMRunner
@@ -66,8 +74,9 @@ def create_runner(spec: WorkerSpec) -> Runner:
         f"no runtime serves task {spec.task!r} in format {spec.format!r} on backend "
         f"{backend!r} yet; supported: chat/completion, embedding, rerank, classification, "
         "seq2seq and image-classification models in safetensors format on torch, embedding "
-        "models on onnxruntime (safetensors or onnx), tensor and image-classification models "
-        "in onnx format, speech-to-text in ct2 or safetensors format"
+        "models on onnxruntime (safetensors or onnx), tensor, image-classification, "
+        "classification and rerank models in onnx format, speech-to-text in ct2 or "
+        "safetensors format"
     )
 
 

@@ -110,7 +110,7 @@ def source_digest(spec: WorkerSpec, *parts: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_once(dest: Path, build: Callable[[Path], None]) -> Path:
+def build_once(dest: Path, build: Callable[[Path], object]) -> Path:
     """Return ``dest``, calling ``build(tmp_path)`` first when it does not exist yet.
 
     ``build`` writes a complete file at the path it is given; it is then renamed to ``dest``
@@ -131,14 +131,20 @@ def build_once(dest: Path, build: Callable[[Path], None]) -> Path:
     return dest
 
 
-def quantize_int8(source: Path, dest: Path) -> None:
+def quantize_int8(
+    source: Path, dest: Path, *, keep_after_gelu: bool = True, convolutions: bool = False
+) -> int:
     """Dynamic int8 quantisation of ``source`` into ``dest`` (onnxruntime ``quantize_dynamic``).
 
     The recipe keeps accuracy on transformer encoders (cosine ≥ 0.99 to fp32 on
     all-MiniLM-L6-v2): weights are quantised per output channel, only MatMuls with a constant
-    weight are quantised (two activations multiplied in attention stay in float), and MatMuls fed
-    by a GELU stay in float too: their inputs carry outliers that one per-tensor activation scale
-    cannot represent.
+    weight are quantised (two activations multiplied in attention stay in float), and, with
+    ``keep_after_gelu``, MatMuls fed by a GELU stay in float too: their inputs carry outliers
+    that one per-tensor activation scale cannot represent. ``convolutions`` quantises Conv
+    weights too (``ConvInteger``).
+
+    Returns:
+        How many MatMuls stayed in float.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -151,7 +157,10 @@ def quantize_int8(source: Path, dest: Path) -> None:
         node.name
         for node in model.graph.node
         if node.op_type == "MatMul"
-        and (not any(i in constants for i in node.input) or node.input[0] in gelu_outputs)
+        and (
+            not any(i in constants for i in node.input)
+            or (keep_after_gelu and node.input[0] in gelu_outputs)
+        )
     ]
     try:
         quantize_dynamic(
@@ -159,9 +168,10 @@ def quantize_int8(source: Path, dest: Path) -> None:
             str(dest),
             weight_type=QuantType.QInt8,
             per_channel=True,
-            op_types_to_quantize=["MatMul", "Gemm"],
+            op_types_to_quantize=["MatMul", "Gemm", *(["Conv"] if convolutions else [])],
             nodes_to_exclude=excluded,
         )
     except Exception as exc:  # the quantiser raises whatever its graph passes raise
         raise ModelLoadError(f"int8 quantisation of {source.name} failed: {exc}") from exc
     _log.info("quantised %s to int8 (%d MatMuls kept in float)", source.name, len(excluded))
+    return len(excluded)

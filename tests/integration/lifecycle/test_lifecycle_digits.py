@@ -54,7 +54,8 @@ def _metrics(manifest: Manifest) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """digits:1 trained through the CLI, digits-int8:1 and digits-onnx:1 made from it."""
+    """digits:1 trained through the CLI, digits-int8:1 and digits-onnx:1 made from it, and
+    digits-ort8:1 (onnxruntime int8) from digits-onnx:1."""
     home = tmp_path_factory.mktemp("lifecycle-home")
     trained = _cli(
         home, "train", "image-classifier", "--sklearn-digits", "--name", "digits", *SUITE_TRAINING
@@ -65,6 +66,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # them in-process here to spare the suite two more torch start-ups.
     assert compress.main(["digits:1", "--int8", "--name", "digits-int8", *_job_args(home)]) == 0
     assert convert.main(["digits:1", "--onnx", "--name", "digits-onnx", *_job_args(home)]) == 0
+    ort8 = ["digits-onnx", "--int8", "--all-layers", "--name", "digits-ort8", *_job_args(home)]
+    assert compress.main(ort8) == 0
     return home
 
 
@@ -110,6 +113,21 @@ def test_onnx_version_meets_parity(home: Path) -> None:
     assert child.lineage is not None and child.lineage.transform == "onnx-export"
 
 
+def test_onnxruntime_int8_version_is_twice_smaller_and_as_accurate(home: Path) -> None:
+    with _registry(home) as registry:
+        parent, child = registry.get("digits-onnx"), registry.get("digits-ort8")
+    metrics = _metrics(child)
+    assert child.format.value == "onnx"
+    assert parent.size_bytes / child.size_bytes >= 2.0
+    assert metrics["accuracy_delta"] >= -0.01
+    assert metrics["latency_ms"] > 0 and metrics["parent_latency_ms"] > 0
+    assert child.lineage is not None and child.lineage.parent == "digits-onnx:1"
+    assert child.lineage.transform == "quantize-int8"
+    assert child.lineage.parameters["backend"] == "onnxruntime"
+    assert child.lineage.parameters["gelu_fed_matmuls"] == "int8"
+    assert child.lineage.parameters["convolutions"] == "int8"
+
+
 def test_failed_parity_check_creates_no_version(
     home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -139,7 +157,7 @@ def test_pruning_reaches_its_sparsity(home: Path) -> None:
 
 @pytest.fixture(scope="module")
 def server(home: Path) -> Iterator[ServerProcess]:
-    proc = start_server(home, ["digits:1", "digits-int8", "digits-onnx"])
+    proc = start_server(home, ["digits:1", "digits-int8", "digits-onnx", "digits-ort8"])
     try:
         proc.wait_ready()
         yield proc
@@ -147,7 +165,7 @@ def server(home: Path) -> Iterator[ServerProcess]:
         proc.stop()
 
 
-@pytest.mark.parametrize("name", ["digits", "digits-int8", "digits-onnx"])
+@pytest.mark.parametrize("name", ["digits", "digits-int8", "digits-onnx", "digits-ort8"])
 def test_served_predictions_equal_the_evaluation(
     home: Path, server: ServerProcess, name: str
 ) -> None:

@@ -43,6 +43,11 @@ def _run(tmp_path: Path, *args: str) -> tuple[int, str]:
         (["compress", "digits:1", "--int8", "--prune", "0.3"], "--int8 or --prune"),
         (["compress", "digits:1", "--prune", "1.5"], "--prune"),
         (["convert", "digits:1"], "--onnx"),
+        (["compress", "d:1", "--prune", "0.3", "--all-layers"], "--all-layers goes with --int8"),
+        (["train", "image-classifier", "--name", "d", "--sklearn-digits", "--k-fold", "1"],
+         "--k-fold"),
+        (["train", "chat-lora", "--name", "c", "--data", "missing.jsonl", "--base", "b"],
+         "missing.jsonl"),
     ],
 )  # fmt: skip
 def test_bad_arguments_start_no_job(
@@ -69,3 +74,36 @@ def test_commands_run_the_job_modules_with_the_home_and_database(
         assert command[-4:] == [
             "--home", str(tmp_path), "--database-url", f"sqlite:///{tmp_path / 'lmaas.db'}"
         ]  # fmt: skip
+
+
+def test_the_jobs_accept_every_argument_the_cli_passes(
+    tmp_path: Path, started: list[list[str]]
+) -> None:
+    from lmaas.lifecycle.jobs import compress, convert, train
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("{}\n")
+    invocations = [
+        ["train", "image-classifier", "--sklearn-digits", "--name", "d", "--k-fold", "5"],
+        ["train", "text-classifier", "--data", str(chats), "--base", "b", "--name", "t",
+         "--k-fold", "3"],
+        ["train", "chat-lora", "--data", str(chats), "--base", "llama", "--name", "c",
+         "--rank", "4", "--alpha", "8", "--target-modules", "q_proj,v_proj", "--lr", "1e-3"],
+        ["compress", "d:2", "--int8", "--all-layers"],
+        ["convert", "t:1", "--onnx", "--samples", "16"],
+    ]  # fmt: skip
+    for args in invocations:
+        assert _run(tmp_path, *args)[0] == 0, args
+    parsers = {
+        "lmaas.lifecycle.jobs.train": train.build_parser(),
+        "lmaas.lifecycle.jobs.compress": compress.build_parser(),
+        "lmaas.lifecycle.jobs.convert": convert.build_parser(),
+    }
+    parsed = [parsers[command[2]].parse_args(command[3:]) for command in started]
+    image, text, lora, comp, conv = parsed
+    assert image.k_fold == 5 and text.k_fold == 3
+    assert lora.command == "chat-lora" and lora.rank == 4 and lora.alpha == 8.0
+    assert lora.target_modules == "q_proj,v_proj" and lora.test_split == 0.1
+    assert lora.lr == 1e-3 and lora.epochs == 3  # the job's default
+    assert comp.int8 and comp.all_layers
+    assert conv.onnx and conv.samples == 16

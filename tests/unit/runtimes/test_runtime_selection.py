@@ -86,3 +86,20 @@ def test_catalog_picks_the_embedding_backend(tmp_path: Path) -> None:
         runner("onnx", "torch")
     with pytest.raises(NotSupportedError, match="backend 'onnxruntime'"):
         runner("safetensors", "onnxruntime", "chat")
+
+
+def test_catalog_serves_converted_sequence_classifiers_on_onnxruntime(tmp_path: Path) -> None:
+    from lmaas.runtimes.classification.onnx import OnnxTextClassificationRunner
+    from lmaas.runtimes.classification.torch import TorchTextClassificationRunner
+    from lmaas.runtimes.rerank.onnx import OnnxRerankRunner
+    from lmaas.runtimes.rerank.torch import TorchRerankRunner
+
+    def runner(task: str, fmt: str) -> object:
+        return create_runner(make_spec(tmp_path, task, format=fmt))
+
+    assert isinstance(runner("classification", "onnx"), OnnxTextClassificationRunner)
+    assert isinstance(runner("rerank", "onnx"), OnnxRerankRunner)
+    assert type(runner("classification", "safetensors")) is TorchTextClassificationRunner
+    assert type(runner("rerank", "safetensors")) is TorchRerankRunner
+    with pytest.raises(ModelLoadError, match=r"has no model\.onnx"):
+        OnnxTextClassificationRunner(make_spec(tmp_path, "classification", format="onnx")).load()

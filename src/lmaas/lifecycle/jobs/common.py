@@ -74,6 +74,18 @@ def no_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+@contextmanager
+def spinner(label: str) -> Iterator[None]:
+    """A spinner with elapsed time on stderr, for a step that reports no progress of its own."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        progress.add_task(label, total=None)
+        yield
+
+
 def register(
     registry: RegistryService,
     model_dir: Path,
@@ -276,7 +288,7 @@ def eval_set(registry: RegistryService, parent: Manifest, args: argparse.Namespa
         test = _held_out(len(texts.labels), params, explicit)
         requests = text_requests(texts, test)
         sample = ClassifyRequest("latency", texts=[texts.texts[test[0]]])
-        labels = [texts.labels[i] for i in test]
+        labels = _in_model_order([texts.labels[i] for i in test], texts.label_names, parent)
         return EvalSet(requests, labels, datasets.texts_digest(texts, test), sample)
     images = (
         datasets.load_digits_images()
@@ -287,8 +299,27 @@ def eval_set(registry: RegistryService, parent: Manifest, args: argparse.Namespa
     requests = image_requests(images, test)
     sample = ClassifyRequest("latency", images=[png_bytes(images.images[test[0]])])
     chosen = [images.images[i] for i in test]
-    labels = [images.labels[i] for i in test]
+    labels = _in_model_order([images.labels[i] for i in test], images.label_names, parent)
     return EvalSet(requests, labels, datasets.images_digest(images, test), sample, chosen)
+
+
+def _in_model_order(labels: list[int], names: list[str], parent: Manifest) -> list[int]:
+    """The data's label indices (into its sorted ``names``) as indices of the model's labels.
+
+    Raises:
+        InvalidRequestError: a label of the data is not one of the model's.
+    """
+    if not parent.labels:
+        return labels
+    index = {name: i for i, name in enumerate(parent.labels)}
+    unknown = sorted({names[label] for label in labels} - index.keys())
+    if unknown:
+        raise InvalidRequestError(
+            f"the data has labels {parent.ref} does not know: {', '.join(unknown[:5])} (its "
+            f"labels: {', '.join(parent.labels[:10])})",
+            param="data",
+        )
+    return [index[names[label]] for label in labels]
 
 
 def _held_out(count: int, params: dict[str, Any], explicit: bool) -> list[int]:

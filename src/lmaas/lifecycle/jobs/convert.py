@@ -1,4 +1,4 @@
-"""``lmaas convert --onnx``: export an image classifier to ONNX, check parity, register it.
+"""``lmaas convert --onnx``: export a classifier to ONNX, check parity, register it.
 
 Run as ``python -m lmaas.lifecycle.jobs.convert REF --onnx`` (the CLI does). The new version is
 the parent's directory with ``model.onnx`` (``pixel_values`` → ``logits``, dynamic batch) in
@@ -30,7 +30,10 @@ import torch
 
 from lmaas.core.errors import InvalidRequestError, LmaasError
 from lmaas.core.types import ModelFormat, Task
+from lmaas.lifecycle.jobs import onnx_export
 from lmaas.lifecycle.jobs.common import (
+    EvalSet,
+    Measured,
     add_data_args,
     add_registry_args,
     comparison_metrics,
@@ -42,12 +45,13 @@ from lmaas.lifecycle.jobs.common import (
     open_registry,
     register,
     run_job,
+    spinner,
     summary,
     version_spec,
     worker_spec,
 )
 from lmaas.lifecycle.jobs.compress import load_float_model
-from lmaas.registry.manifest import Lineage
+from lmaas.registry.manifest import Lineage, Manifest, MetricRecord
 from lmaas.runtimes.onnx_session import open_session
 
 GRAPH_FILE = "model.onnx"
@@ -108,36 +112,29 @@ def _sample_pixels(processor: Any, images: list[Any] | None, count: int) -> torc
     return torch.randn((count, *probe.shape[1:]), generator=generator)
 
 
+_SUPPORTED = (Task.IMAGE_CLASSIFICATION, Task.CLASSIFICATION, Task.RERANK)
+
+
 def convert(args: argparse.Namespace) -> int:
     """The job: export, check parity, measure, register."""
-    import transformers
-
     if not args.onnx:
         raise InvalidRequestError("choose a target format: --onnx")
     with open_registry(args) as registry, tempfile.TemporaryDirectory() as tmp:
         parent = registry.resolve(args.model)
-        if parent.task is not Task.IMAGE_CLASSIFICATION:
-            raise InvalidRequestError(
-                f"{parent.ref} is a {parent.task.value} model; ONNX conversion supports "
-                "image-classification models (embedding models are exported at load time with "
-                "serving.backend onnxruntime)",
-                param="model",
-            )
+        _check_parent(parent, args)
         parent_dir = registry.model_dir(parent)
         model = load_float_model(parent, parent_dir)
-        processor = transformers.AutoImageProcessor.from_pretrained(str(parent_dir))  # type: ignore[no-untyped-call]
-        try:
-            data = eval_set(registry, parent, args)
-        except LmaasError:
-            data = None  # no data: parity on random pixels, no accuracy
-        pixels = _sample_pixels(processor, data.images if data else None, args.samples)
+        data = _data(registry, parent, args)
         out = Path(tmp) / "version"
         out.mkdir()
         copy_side_files(parent_dir, out, lambda rel: not rel.name.startswith("model."))
-        export_image_classifier(model, tuple(pixels.shape[1:]), out / GRAPH_FILE)  # type: ignore[arg-type]
-        diff, agreement = parity(model, out / GRAPH_FILE, pixels)
+        with spinner(f"exporting {parent.ref} to ONNX and checking parity"):
+            if parent.task is Task.IMAGE_CLASSIFICATION:
+                diff, agreement, samples = _image_graph(parent_dir, model, data, args, out)
+            else:
+                diff, agreement, samples = _text_graph(parent, parent_dir, model, data, args, out)
         print(
-            f"parity on {len(pixels)} samples: max abs diff {diff:.3g} (limit "
+            f"parity on {samples} samples: max abs diff {diff:.3g} (limit "
             f"{args.max_abs_diff:g}), top-1 agreement {agreement:.4f} (minimum "
             f"{args.min_top1_agreement:g})",
             file=sys.stderr,
@@ -149,36 +146,125 @@ def convert(args: argparse.Namespace) -> int:
                 f"top-1 agreement {agreement:.4f} (minimum {args.min_top1_agreement:g}); "
                 "no version was created"
             )
-        digest = data.digest if data else "random-pixels"
+        digest = data.digest if data else "random-samples"
         metrics = [
             metric("parity_max_abs_diff", diff, digest),
             metric("parity_top1_agreement", agreement, digest),
         ]
         options = {k: v for k, v in parent.serving.options.items() if k != "quantize"}
         serving = {**parent.serving.model_dump(), "options": options, "backend": "auto"}
-        if data is not None:
-            before = measure(version_spec(registry, parent), data)
-            after = measure(worker_spec(parent.name, out, parent.task, ModelFormat.ONNX), data)
-            metrics += comparison_metrics(
-                before, after, parent.size_bytes, dir_size(out), data.digest
-            )
+        compared = _compare(registry, parent, out, data)
+        if compared is None:
+            metrics += [
+                metric("size_bytes", dir_size(out), digest),
+                metric("parent_size_bytes", parent.size_bytes, digest),
+            ]
+        else:
+            metrics += compared[2]
         manifest = register(
             registry, out, name=args.name or parent.name, task=parent.task,
             lineage=Lineage(
                 parent=parent.ref, transform="onnx-export",
                 parameters={
                     "opset": "dynamo default", "max_abs_diff": args.max_abs_diff,
-                    "min_top1_agreement": args.min_top1_agreement, "samples": len(pixels),
+                    "min_top1_agreement": args.min_top1_agreement, "samples": samples,
+                    "sample_source": "held-out data" if data else "random",
                 },
             ),
             metrics=metrics, serving=serving,
             description=f"ONNX export of {parent.ref} by `lmaas convert`",
         )  # fmt: skip
-        if data is not None:
-            print(summary(manifest, before, after, parent.size_bytes / dir_size(out)), flush=True)
-        else:
+        if compared is None:
             print(f"registered {manifest.ref} from {parent.ref}", flush=True)
+        else:
+            before, after, _ = compared
+            ratio = parent.size_bytes / dir_size(out)
+            print(summary(manifest, before, after, ratio), flush=True)
     return 0
+
+
+def _compare(
+    registry: Any, parent: Manifest, out: Path, data: EvalSet | None
+) -> tuple[Measured, Measured, list[MetricRecord]] | None:
+    """Parent and graph measured on ``data`` through their runtimes (None without data)."""
+    if data is None:
+        return None
+    before = measure(version_spec(registry, parent), data)
+    after = measure(worker_spec(parent.name, out, parent.task, ModelFormat.ONNX), data)
+    metrics = comparison_metrics(before, after, parent.size_bytes, dir_size(out), data.digest)
+    return before, after, metrics
+
+
+def _check_parent(parent: Manifest, args: argparse.Namespace) -> None:
+    if parent.task not in _SUPPORTED:
+        raise InvalidRequestError(
+            f"{parent.ref} is a {parent.task.value} model; ONNX conversion supports "
+            "image-classification, classification and rerank models (embedding models are "
+            "exported at load time with serving.backend onnxruntime)",
+            param="model",
+        )
+    if parent.task is Task.RERANK and (args.data or args.sklearn_digits):
+        raise InvalidRequestError(
+            "a reranker has no labelled data to measure: drop --data (parity runs on random "
+            "query/document pairs)",
+            param="data",
+        )
+    if parent.task is Task.CLASSIFICATION and args.sklearn_digits:
+        raise InvalidRequestError("--sklearn-digits are images; this is a text classifier")
+
+
+def _data(registry: Any, parent: Manifest, args: argparse.Namespace) -> EvalSet | None:
+    """The held-out data, or None (parity then runs on random samples, no accuracy)."""
+    if parent.task is Task.RERANK:
+        return None
+    try:
+        return eval_set(registry, parent, args)
+    except LmaasError:
+        if args.data or args.sklearn_digits:
+            raise  # data named explicitly: its errors are the user's to see
+        return None
+
+
+def _image_graph(
+    parent_dir: Path, model: Any, data: EvalSet | None, args: argparse.Namespace, out: Path
+) -> tuple[float, float, int]:
+    import transformers
+
+    processor = transformers.AutoImageProcessor.from_pretrained(str(parent_dir))  # type: ignore[no-untyped-call]
+    pixels = _sample_pixels(processor, data.images if data else None, args.samples)
+    export_image_classifier(model, tuple(pixels.shape[1:]), out / GRAPH_FILE)  # type: ignore[arg-type]
+    onnx_export.compact_graph(out / GRAPH_FILE)
+    diff, agreement = parity(model, out / GRAPH_FILE, pixels)
+    return diff, agreement, len(pixels)
+
+
+def _text_graph(
+    parent: Manifest,
+    parent_dir: Path,
+    model: Any,
+    data: EvalSet | None,
+    args: argparse.Namespace,
+    out: Path,
+) -> tuple[float, float, int]:
+    import transformers
+
+    trust = parent.serving.options.get("trust_remote_code") == "true"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        str(parent_dir), local_files_only=True, trust_remote_code=trust
+    )
+    segments = onnx_export.uses_segments(model, tokenizer)
+    if data is not None:
+        texts = [t for request in data.requests for t in request.texts or []]
+        documents = None
+    else:
+        texts = onnx_export.random_texts(tokenizer, args.samples, seed=0)
+        is_pairs = parent.task is Task.RERANK
+        documents = onnx_export.random_texts(tokenizer, args.samples, seed=1) if is_pairs else None
+    onnx_export.export_sequence_classifier(model, segments, out / GRAPH_FILE)
+    onnx_export.compact_graph(out / GRAPH_FILE)
+    batches = onnx_export.sample_batches(model, tokenizer, texts, documents, segments)
+    diff, agreement = onnx_export.text_parity(model, out / GRAPH_FILE, batches)
+    return diff, agreement, len(texts)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,11 @@ and test (held out: the reported accuracy). The model is saved in Hugging Face l
 on the test split through the serving runtime itself, then registered with lineage
 (``transform: train`` and every setting) and its metrics.
 
+``--k-fold K`` first cross-validates: ``K`` fresh models are trained on the train+validation
+examples, each without one fold, and scored on that fold; the per-fold accuracies and their
+mean and standard deviation are stored with the version (``cv_accuracy_*`` metrics and the
+lineage's ``cv_fold_accuracies``). The registered model is then trained as without the flag.
+
 The image classifier is a small ``ViTForImageClassification`` with a ``ViTImageProcessor``
 (resize, rescale, normalise to [-1, 1]): the ``image-classification`` runtime serves it as is.
 With the default ``--patch-size`` equal to ``--image-size`` the whole image is one patch, which
@@ -17,10 +22,10 @@ and almost all its weights are in Linear layers, which int8 compression shrinks 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
+import statistics
 import sys
 import tempfile
 from collections.abc import Callable
@@ -47,7 +52,7 @@ from lmaas.lifecycle.jobs.common import (
     text_requests,
     worker_spec,
 )
-from lmaas.registry.manifest import Lineage
+from lmaas.registry.manifest import Lineage, MetricRecord
 
 _log = logging.getLogger("lmaas.lifecycle.train")
 
@@ -60,6 +65,22 @@ class FitResult:
     best_val_accuracy: float
     epochs_run: int
     stopped_early: bool
+    best_val_loss: float = math.nan
+
+
+def classification_loss(output: Any, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a classifier's ``.logits`` against integer labels."""
+    loss: torch.Tensor = torch.nn.functional.cross_entropy(output.logits, labels)
+    return loss
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the weights training changes (all of a classifier; the adapters of LoRA)."""
+    return {
+        name: param.detach().clone()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
 
 
 def fit(
@@ -74,6 +95,7 @@ def fit(
     batch_size: int,
     seed: int,
     label: str,
+    criterion: Callable[[Any, torch.Tensor], torch.Tensor] = classification_loss,
 ) -> FitResult:
     """Train with AdamW and a cosine schedule; keep the weights of the best validation epoch.
 
@@ -86,15 +108,18 @@ def fit(
         epochs: Most epochs; ``patience`` epochs without improvement stop early.
         lr, batch_size, seed: Optimiser settings and the shuffling seed.
         label: The progress bar's title.
+        criterion: The training loss of ``(model output, labels)``; a causal LM's is its own
+            ``.loss`` (``validate`` then returns ``(-loss, loss)``: lower loss is better).
     """
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
     steps_per_epoch = math.ceil(num_train / batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / (epochs * steps_per_epoch)))
     )
-    best_state: dict[str, Any] = copy.deepcopy(model.state_dict())
-    best, best_epoch, stale, epoch = (-1.0, 0.0), 0, 0, 0
+    best_state = _trainable_state(model)
+    best, best_epoch, stale, epoch = (-math.inf, -math.inf), 0, 0, 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TimeElapsedColumn(), console=Console(stderr=True)) as progress:
         bar = progress.add_task(label, total=epochs * steps_per_epoch)
@@ -103,7 +128,7 @@ def fit(
             order = torch.randperm(num_train, generator=generator)
             for start in range(0, num_train, batch_size):
                 inputs, labels = batch(order[start : start + batch_size])
-                loss = torch.nn.functional.cross_entropy(model(**inputs).logits, labels)
+                loss = criterion(model(**inputs), labels)
                 optimizer.zero_grad()
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
@@ -112,22 +137,97 @@ def fit(
             model.eval()
             with torch.no_grad():
                 acc, val_loss = validate()
+            scored = f", accuracy {acc:.4f}" if criterion is classification_loss else ""
             _log.info(
-                "epoch %d: train loss %.4f, validation loss %.4f, accuracy %.4f",
-                epoch, loss.item(), val_loss, acc,
+                "epoch %d: train loss %.4f, validation loss %.4f%s",
+                epoch, loss.item(), val_loss, scored,
             )  # fmt: skip
-            progress.update(bar, description=f"{label} (epoch {epoch}, val acc {acc:.3f})")
+            shown = f"val acc {acc:.3f}" if scored else f"val loss {val_loss:.3f}"
+            progress.update(bar, description=f"{label} (epoch {epoch}, {shown})")
             if (acc, -val_loss) > best:
                 best, best_epoch, stale = (acc, -val_loss), epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = _trainable_state(model)
             else:
                 stale += 1
                 if stale >= patience:
-                    _log.info("no better validation accuracy for %d epochs: stopping", patience)
+                    _log.info("no better validation epoch for %d epochs: stopping", patience)
                     break
-    model.load_state_dict(best_state)
+    model.load_state_dict(best_state, strict=False)
     model.eval()
-    return FitResult(best_epoch, best[0], epoch, epoch < epochs)
+    return FitResult(best_epoch, best[0], epoch, epoch < epochs, -best[1])
+
+
+# ---------------------------------------------------------------- k-fold cross-validation
+
+
+@dataclass(frozen=True, slots=True)
+class CrossValidation:
+    """Accuracy of ``k`` models, each trained without one fold and scored on it."""
+
+    fold_accuracies: list[float]
+    digest: str
+    """sha256 of the examples the folds were cut from (the data minus its test split)."""
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.fold_accuracies)
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation (numpy's default, ``ddof=0``)."""
+        return statistics.pstdev(self.fold_accuracies)
+
+
+FitOn = Callable[[list[int], list[int], str], tuple[Any, FitResult]]
+
+
+def cross_validate(
+    args: argparse.Namespace,
+    pool: list[int],
+    fit_on: FitOn,
+    score: Callable[[Any, list[int]], float],
+    digest: str,
+) -> CrossValidation | None:
+    """``--k-fold K``: train ``K`` fresh models on the train+validation examples, each
+    without one fold (early stopping on a validation part of the others), and score each on the
+    fold it did not see. None without ``--k-fold``. The test split stays out of every fold.
+    """
+    if not args.k_fold:
+        return None
+    val_fraction = args.val_split / max(1e-9, 1.0 - args.test_split)
+    folds = datasets.k_folds(pool, args.k_fold, val_fraction=val_fraction)
+    scores = []
+    for number, (train, val, held_out) in enumerate(folds, 1):
+        model, _ = fit_on(train, val, f"fold {number}/{len(folds)} of {args.name}")
+        model.eval()
+        scores.append(score(model, held_out))
+        _log.info(
+            "fold %d/%d: accuracy %.4f on %d examples", number, len(folds), scores[-1],
+            len(held_out),
+        )  # fmt: skip
+    result = CrossValidation(scores, digest)
+    print(
+        f"{len(folds)}-fold cross-validation: accuracy {result.mean:.4f} ± {result.std:.4f} "
+        f"(folds: {', '.join(f'{a:.4f}' for a in scores)})",
+        flush=True,
+    )
+    return result
+
+
+def cv_metrics(cv: CrossValidation | None) -> list[MetricRecord]:
+    """``cv_accuracy_mean``, ``cv_accuracy_std``, ``cv_folds`` and ``cv_accuracy_fold<i>``."""
+    if cv is None:
+        return []
+    records = [
+        metric("cv_accuracy_mean", cv.mean, cv.digest),
+        metric("cv_accuracy_std", cv.std, cv.digest),
+        metric("cv_folds", len(cv.fold_accuracies), cv.digest),
+    ]
+    records += [
+        metric(f"cv_accuracy_fold{i}", value, cv.digest)
+        for i, value in enumerate(cv.fold_accuracies, 1)
+    ]
+    return records
 
 
 # ---------------------------------------------------------------- image classifier
@@ -190,33 +290,45 @@ def train_image_classifier(args: argparse.Namespace) -> int:
             id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
             architectures=["ViTForImageClassification"],
         )  # fmt: skip
-        torch.manual_seed(args.seed)
-        model = transformers.ViTForImageClassification(config)
-        train_idx, val_idx = torch.tensor(parts.train), torch.tensor(parts.val)
 
-        def batch(order: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-            rows = train_idx[order]
-            return {"pixel_values": pixels[rows]}, labels[rows]
+        def fit_on(train: list[int], val: list[int], label: str) -> tuple[Any, FitResult]:
+            torch.manual_seed(args.seed)
+            model = transformers.ViTForImageClassification(config)
+            train_idx, val_idx = torch.tensor(train), torch.tensor(val)
 
-        def validate() -> tuple[float, float]:
-            logits = model(pixel_values=pixels[val_idx]).logits
-            loss = torch.nn.functional.cross_entropy(logits, labels[val_idx])
-            return float((logits.argmax(-1) == labels[val_idx]).float().mean()), float(loss)
+            def batch(order: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                rows = train_idx[order]
+                return {"pixel_values": pixels[rows]}, labels[rows]
 
-        result = fit(
-            model, num_train=len(parts.train), batch=batch, validate=validate,
-            epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=args.batch_size,
-            seed=args.seed, label=f"training {args.name}",
-        )  # fmt: skip
+            def validate() -> tuple[float, float]:
+                logits = model(pixel_values=pixels[val_idx]).logits
+                loss = torch.nn.functional.cross_entropy(logits, labels[val_idx])
+                return float((logits.argmax(-1) == labels[val_idx]).float().mean()), float(loss)
+
+            result = fit(
+                model, num_train=len(train), batch=batch, validate=validate,
+                epochs=args.epochs, patience=args.patience, lr=args.lr,
+                batch_size=args.batch_size, seed=args.seed, label=label,
+            )  # fmt: skip
+            return model, result
+
+        def score(model: Any, rows: list[int]) -> float:
+            with torch.no_grad():
+                logits = model(pixel_values=pixels[torch.tensor(rows)]).logits
+            return float((logits.argmax(-1) == labels[torch.tensor(rows)]).float().mean())
+
+        pool = parts.train + parts.val
+        cv = cross_validate(args, pool, fit_on, score, datasets.images_digest(data, pool))
+        model, result = fit_on(parts.train, parts.val, f"training {args.name}")
         model.save_pretrained(str(out), safe_serialization=True)
         probe = VersionProbe(worker_spec(args.name, out, Task.IMAGE_CLASSIFICATION, _SAFE))
         test_probs = probe.probabilities(image_requests(data, parts.test))
         test_labels = [data.labels[i] for i in parts.test]
         digest = datasets.images_digest(data, parts.test)
-        parameters = _train_parameters(args, data.source, result, len(data.labels))
+        parameters = _train_parameters(args, data.source, result, len(data.labels), cv)
         return _finish(
             registry, out, args, Task.IMAGE_CLASSIFICATION, None, parameters,
-            accuracy(test_probs, test_labels), len(parts.test), result, digest,
+            accuracy(test_probs, test_labels), len(parts.test), result, digest, cv,
         )  # fmt: skip
 
 
@@ -224,10 +336,15 @@ _SAFE = ModelFormat.SAFETENSORS
 
 
 def _train_parameters(
-    args: argparse.Namespace, source: str, result: FitResult, count: int
+    args: argparse.Namespace,
+    source: str,
+    result: FitResult,
+    count: int,
+    cv: CrossValidation | None,
 ) -> dict[str, Any]:
     skip = {"home", "database_url", "command", "name", "data", "sklearn_digits", "base"}
     settings = {k: v for k, v in vars(args).items() if k not in skip}
+    folds = {"cv_fold_accuracies": [round(a, 6) for a in cv.fold_accuracies]} if cv else {}
     return {
         "data": source,
         "examples": count,
@@ -236,6 +353,7 @@ def _train_parameters(
         "best_val_accuracy": round(result.best_val_accuracy, 6),
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
+        **folds,
     }
 
 
@@ -250,10 +368,12 @@ def _finish(
     num_test: int,
     result: FitResult,
     digest: str,
+    cv: CrossValidation | None,
 ) -> int:
     metrics = [
         metric("accuracy", test_accuracy, digest),
         metric("test_examples", num_test, digest),
+        *cv_metrics(cv),
     ]
     manifest = register(
         registry, out, name=args.name, task=task,
@@ -288,15 +408,7 @@ def train_text_classifier(args: argparse.Namespace) -> int:
         base_dir = registry.model_dir(base)
         names = data.label_names
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
-        torch.manual_seed(args.seed)
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            str(base_dir), local_files_only=True, use_safetensors=True,
-            num_labels=len(names), id2label=dict(enumerate(names)),
-            label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True,
-            problem_type="single_label_classification",
-        )  # fmt: skip
         labels = torch.tensor(data.labels)
-        train_idx, val_idx = torch.tensor(parts.train), torch.tensor(parts.val)
 
         def encode(rows: torch.Tensor) -> dict[str, torch.Tensor]:
             texts = [data.texts[int(i)] for i in rows]
@@ -306,25 +418,45 @@ def train_text_classifier(args: argparse.Namespace) -> int:
             )  # fmt: skip
             return dict(enc)
 
-        def batch(order: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-            rows = train_idx[order]
-            return encode(rows), labels[rows]
-
-        def validate() -> tuple[float, float]:
+        def evaluate(model: Any, rows_idx: torch.Tensor) -> tuple[float, float]:
             correct, total_loss = 0, 0.0
-            for start in range(0, len(val_idx), 64):
-                rows = val_idx[start : start + 64]
+            for start in range(0, len(rows_idx), 64):
+                rows = rows_idx[start : start + 64]
                 logits = model(**encode(rows)).logits
                 correct += int((logits.argmax(-1) == labels[rows]).sum())
                 loss = torch.nn.functional.cross_entropy(logits, labels[rows], reduction="sum")
                 total_loss += float(loss)
-            return correct / len(val_idx), total_loss / len(val_idx)
+            return correct / len(rows_idx), total_loss / len(rows_idx)
 
-        result = fit(
-            model, num_train=len(parts.train), batch=batch, validate=validate,
-            epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=args.batch_size,
-            seed=args.seed, label=f"fine-tuning {base.ref} into {args.name}",
-        )  # fmt: skip
+        def fit_on(train: list[int], val: list[int], label: str) -> tuple[Any, FitResult]:
+            torch.manual_seed(args.seed)
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                str(base_dir), local_files_only=True, use_safetensors=True,
+                num_labels=len(names), id2label=dict(enumerate(names)),
+                label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True,
+                problem_type="single_label_classification",
+            )  # fmt: skip
+            train_idx, val_idx = torch.tensor(train), torch.tensor(val)
+
+            def batch(order: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                rows = train_idx[order]
+                return encode(rows), labels[rows]
+
+            result = fit(
+                model, num_train=len(train), batch=batch,
+                validate=lambda: evaluate(model, val_idx), epochs=args.epochs,
+                patience=args.patience, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                label=label,
+            )  # fmt: skip
+            return model, result
+
+        def score(model: Any, rows: list[int]) -> float:
+            with torch.no_grad():
+                return evaluate(model, torch.tensor(rows))[0]
+
+        pool = parts.train + parts.val
+        cv = cross_validate(args, pool, fit_on, score, datasets.texts_digest(data, pool))
+        model, result = fit_on(parts.train, parts.val, f"fine-tuning {base.ref} into {args.name}")
         out = Path(tmp) / args.name
         model.save_pretrained(str(out), safe_serialization=True)
         tokenizer.save_pretrained(str(out))
@@ -332,10 +464,10 @@ def train_text_classifier(args: argparse.Namespace) -> int:
         test = parts.test or parts.val
         test_probs = probe.probabilities(text_requests(data, test))
         digest = datasets.texts_digest(data, test)
-        parameters = _train_parameters(args, data.source, result, len(data.labels))
+        parameters = _train_parameters(args, data.source, result, len(data.labels), cv)
         return _finish(
             registry, out, args, Task.CLASSIFICATION, base.ref, parameters,
-            accuracy(test_probs, [data.labels[i] for i in test]), len(test), result, digest,
+            accuracy(test_probs, [data.labels[i] for i in test]), len(test), result, digest, cv,
         )  # fmt: skip
 
 
@@ -353,6 +485,7 @@ def _common(parser: argparse.ArgumentParser, *, epochs: int, lr: float, batch_si
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--k-fold", type=int, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -373,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--base", required=True)
     text.add_argument("--max-length", type=int, default=128)
     _common(text, epochs=5, lr=5e-5, batch_size=16)
+    from lmaas.lifecycle.jobs import lora  # imports this module: not at the top
+
+    lora.add_parser(commands, _common)
     return parser
 
 
@@ -387,6 +523,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.patch_size is None:
             args.patch_size = args.image_size
         return run_job(lambda: train_image_classifier(args))
+    if args.command == "chat-lora":
+        from lmaas.lifecycle.jobs import lora
+
+        return run_job(lambda: lora.train_chat_lora(args))
     return run_job(lambda: train_text_classifier(args))
 
 

@@ -87,17 +87,27 @@ class SequenceClassifier:
         dtype = resolve_dtype(self._spec.dtype, self._device, prefer_float32_on_cpu=True)
         configure_threads(num_threads_option(self._spec.options))
         model, tokenizer = load_hf_model(self._spec, "AutoModelForSequenceClassification", dtype)
-        self._model, self._tokenizer = model.to(self._device).eval(), tokenizer
-        self.config = model.config
+        self._model = model.to(self._device).eval()
         self.dtype = "int8" if int8 else dtype_name(dtype)
-        self._pad_id = int(tokenizer.pad_token_id or 0)
-        self._uses_token_types = (
-            "token_type_ids" in getattr(tokenizer, "model_input_names", ())
-            and int(getattr(model.config, "type_vocab_size", 0) or 0) > 1
-        )
-        self.max_length = _max_length(Path(self._spec.model_dir), tokenizer, model.config)
-        self.labels = _labels(model.config)
+        self._set_tokenizer(tokenizer, model.config, uses_token_types=None)
         _log.info("loaded %s on %s (%s)", self._spec.model_dir, self._device, dtype)
+
+    def _set_tokenizer(self, tokenizer: Any, config: Any, *, uses_token_types: bool | None) -> None:
+        """Remember the tokenizer and what the config says (labels, lengths, segment ids).
+
+        ``uses_token_types`` None: decided from the tokenizer and ``type_vocab_size`` (BERT
+        pairs); a graph states it by its inputs instead.
+        """
+        self._tokenizer, self.config = tokenizer, config
+        self._pad_id = int(tokenizer.pad_token_id or 0)
+        if uses_token_types is None:
+            uses_token_types = (
+                "token_type_ids" in getattr(tokenizer, "model_input_names", ())
+                and int(getattr(config, "type_vocab_size", 0) or 0) > 1
+            )
+        self._uses_token_types = uses_token_types
+        self.max_length = _max_length(Path(self._spec.model_dir), tokenizer, config)
+        self.labels = _labels(config)
 
     def encode_texts(self, texts: list[str]) -> list[EncodedRow]:
         """One row per text, truncated to :attr:`max_length`."""
@@ -130,6 +140,12 @@ class SequenceClassifier:
         """Float32 logits ``[num_labels]`` per row, on the CPU."""
         if self._model is None:
             raise InternalError("the model is not loaded")
+        inputs = {name: tensor.to(self._device) for name, tensor in self.padded(rows).items()}
+        logits = self._model(**inputs).logits.float().cpu()
+        return list(logits)
+
+    def padded(self, rows: list[EncodedRow]) -> dict[str, torch.Tensor]:
+        """The model's inputs for ``rows``: right-padded ids, mask (and segment ids), int64."""
         width = max(len(row.input_ids) for row in rows)
         input_ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -143,9 +159,7 @@ class SequenceClassifier:
         inputs = {"input_ids": input_ids, "attention_mask": mask}
         if self._uses_token_types:
             inputs["token_type_ids"] = types
-        inputs = {name: tensor.to(self._device) for name, tensor in inputs.items()}
-        logits = self._model(**inputs).logits.float().cpu()
-        return list(logits)
+        return inputs
 
 
 def check_texts(texts: list[str], param: str) -> None:

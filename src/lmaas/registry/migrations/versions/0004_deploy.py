@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004_deploy"
-down_revision: str | None = "0003_life1"
+down_revision: str | None = "0004_quotas"
 branch_labels: str | None = None
 depends_on: str | None = None
 
