@@ -1,7 +1,7 @@
 """Deployments: the current deployment of each served name, and the history of its changes.
 
 Revision ID: 0004_deploy
-Revises: 0003_life1
+Revises: 0004_quotas
 Create Date: 2026-11-27
 """
 
