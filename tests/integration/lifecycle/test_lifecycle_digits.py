@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from lmaas.lifecycle.jobs.common import VersionProbe, image_requests, png_bytes,
 from lmaas.registry.manifest import Manifest
 from lmaas.registry.service import RegistryService
 from lmaas.testing.tiny_text_heads import build_tiny_classifier
+from tests.integration.cli_jobs import interrupt_after_first_epoch
 from tests.integration.serverproc import ServerProcess, start_server
 
 SUITE_TRAINING = ["--epochs", "8", "--hidden-size", "64", "--layers", "1", "--lr", "2e-3"]
@@ -226,21 +226,7 @@ def test_ctrl_c_cancels_training_and_registers_nothing(tmp_path: Path) -> None:
         sys.executable, "-m", "lmaas.cli", "train", "image-classifier", "--sklearn-digits",
         "--name", "cancelled", "--epochs", "200", "--patience", "200", "--home", str(home),
     ]  # fmt: skip
-    # A terminal's Ctrl-C signals the whole foreground process group: the CLI and its job.
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, env={**os.environ, "LMAAS_OFFLINE": "1"},
-    )  # fmt: skip
-    assert proc.stderr is not None
-    seen = ""
-    for line in proc.stderr:
-        seen += line
-        if "epoch 1:" in line:
-            break
-    assert "epoch 1:" in seen, seen[-3000:]
-    os.killpg(proc.pid, signal.SIGINT)
-    _, rest = proc.communicate(timeout=60)
-    assert proc.returncode == 130, (seen + rest)[-3000:]
+    rest = interrupt_after_first_epoch(command)
     assert "no version was registered" in rest
     with _registry(home) as registry:
         assert registry.list_models() == []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from lmaas.registry.service import RegistryService
 from lmaas.runtimes.llm.hf_prompt import chat_template_of
 from lmaas.testing.tiny_models import build_tiny_causal_lm
 from lmaas.testing.tiny_text_heads import build_tiny_classifier
+from tests.integration.cli_jobs import interrupt_after_first_epoch
 from tests.integration.serverproc import ServerProcess, start_server
 
 
@@ -189,21 +189,7 @@ def test_ctrl_c_cancels_the_fine_tune_and_registers_nothing(tmp_path: Path) -> N
         str(_chats(tmp_path / "chats.jsonl")), "--base", "chat", "--name", "cancelled",
         "--epochs", "500", "--patience", "500", "--home", str(home),
     ]  # fmt: skip
-    # A terminal's Ctrl-C signals the whole foreground process group: the CLI and its job.
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, env={**os.environ, "LMAAS_OFFLINE": "1"},
-    )  # fmt: skip
-    assert proc.stderr is not None
-    seen = ""
-    for line in proc.stderr:
-        seen += line
-        if "epoch 1:" in line:
-            break
-    assert "epoch 1:" in seen, seen[-3000:]
-    os.killpg(proc.pid, signal.SIGINT)
-    _, rest = proc.communicate(timeout=60)
-    assert proc.returncode == 130, (seen + rest)[-3000:]
+    rest = interrupt_after_first_epoch(command)
     assert "no version was registered" in rest
     with _registry(home) as registry:
         assert [m.ref for m in registry.list_models()] == ["chat:1"]
