@@ -6,7 +6,8 @@ anywhere (CLI, admin API, another gateway), and the canary guard that rolls back
 * :func:`plan_serving` turns ``lmaas serve --model`` values into deployments: a stored
   deployment is followed; a pinned version (or a name without one) is recorded as one.
 * :class:`DeploymentController` polls the stored revisions every ``deploy.poll_interval_s`` (at
-  once when this gateway made the change) and has the engine apply what changed; every
+  once when this gateway made the change) and has the engine apply what changed (new names and
+  stopped ones too, unless the gateway was started for some names only); every
   ``deploy.check_interval_s`` it asks the engine for canaries the guard condemns and rolls them
   back (``auto-rollback`` in the history and the audit trail).
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
@@ -80,10 +81,14 @@ def plan_serving(
     A ref that pins a version (``name:3``, ``name@alias``, a path to import) deploys that
     version unless it already is the stored deployment's stable version; a plain ``name`` (or
     no ``--model``) follows the stored deployment, or records one on the chosen version.
+    Without ``refs`` (the whole store), names whose deployment was stopped stay stopped.
     """
     pinned = [_pins(ref) for ref in refs] if refs else [False] * len(manifests)
+    stopped = set() if refs else service.stopped()
     plan = ServingPlan()
     for manifest, pin in zip(manifests, pinned, strict=True):
+        if manifest.name in stopped:
+            continue
         view = service.ensure_serving(
             manifest.name, manifest.version if pin else None, actor=SERVE_ACTOR
         )
@@ -100,7 +105,12 @@ def _pins(ref: str) -> bool:
 
 
 class DeploymentController:
-    """Keeps the engine on the stored deployments of the names it serves, and guards canaries.
+    """Keeps the engine on the stored deployments, and guards canaries.
+
+    A gateway serving the whole store (``lmaas serve`` without ``--model``: ``names`` is None)
+    follows every stored deployment: a name deployed while it runs is loaded and served, a
+    stopped one drains and stops. A gateway started with ``--model`` (``names``) serves exactly
+    those names and ignores the deployments of others.
 
     Args:
         engine: The local engine.
@@ -108,6 +118,7 @@ class DeploymentController:
         version_deployment: Builds the worker spec of a version the engine does not run yet.
         settings: ``deploy`` settings (poll interval, guard).
         revisions: The revision of each served name the engine started with.
+        names: The names this gateway may serve; None for every stored deployment.
     """
 
     def __init__(
@@ -117,6 +128,7 @@ class DeploymentController:
         version_deployment: VersionDeployment,
         settings: Settings,
         revisions: dict[str, int],
+        names: Collection[str] | None = None,
     ) -> None:
         self._engine = engine
         self._service = service
@@ -130,11 +142,13 @@ class DeploymentController:
                 min_requests=settings.deploy.min_requests,
             )
         )
+        self._names = None if names is None else frozenset(names)
         self._requested = dict(revisions)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._applying: set[asyncio.Task[None]] = set()
+        self._pending: set[str] = set()
+        self._workers: dict[str, asyncio.Task[None]] = {}
         service.on_change = lambda _change: self.wake()
         service.live = self._live
 
@@ -145,9 +159,10 @@ class DeploymentController:
             self._tasks.append(asyncio.create_task(self._guard_loop(), name="canary-guard"))
 
     async def aclose(self) -> None:
-        for task in [*self._tasks, *self._applying]:
+        tasks = [*self._tasks, *self._workers.values()]
+        for task in tasks:
             task.cancel()
-        for task in [*self._tasks, *self._applying]:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
@@ -157,10 +172,17 @@ class DeploymentController:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._wake.set)
 
+    def follows(self, name: str) -> bool:
+        """Whether this gateway serves ``name`` when it is deployed."""
+        return self._names is None or name in self._names
+
     def _live(self, name: str) -> dict[str, object] | None:
-        if name not in self._engine.names():
+        if name in self._engine.names():
+            return self._engine.describe(name)
+        error = self._engine.failed_to_add(name)
+        if error is None:
             return None
-        return self._engine.describe(name)
+        return {"revision": 0, "versions": [], "draining_replicas": 0, "error": error}
 
     async def _watch(self) -> None:
         while True:
@@ -174,27 +196,39 @@ class DeploymentController:
 
     async def _poll_once(self) -> None:
         revisions = await asyncio.to_thread(self._service.registry.deployments.revisions)
-        for name in self._engine.names():
-            revision = revisions.get(name)
-            if revision is None or revision <= self._requested.get(name, 0):
-                continue
-            self._requested[name] = revision
-            task = asyncio.create_task(self._apply(name), name=f"deploy-{name}")
-            self._applying.add(task)
-            task.add_done_callback(self._applying.discard)
+        for name, revision in revisions.items():
+            if self.follows(name) and revision > self._requested.get(name, 0):
+                self._requested[name] = revision
+                self._converge(name)
+        # Served (or being added) here, no longer stored: stopped.
+        for name in {*self._engine.names(), *self._requested} - revisions.keys():
+            self._requested.pop(name, None)
+            self._converge(name)
 
-    async def _apply(self, name: str) -> None:
-        try:
-            view = await asyncio.to_thread(self._service.get, name)
-            if view.revision < self._requested.get(name, 0):
-                return  # a newer change is on its way
-            spec = view.spec
-            versions = {
-                v: await asyncio.to_thread(self._version_deployment, name, v) for v in spec.versions
-            }
-            await self._engine.apply(spec, versions, revision=view.revision)
-        except (LmaasError, OSError, KeyError):
-            _log.exception("applying the deployment of %s failed", name)
+    def _converge(self, name: str) -> None:
+        """Bring ``name`` to its stored deployment, one change of a name at a time (a change
+        that arrives while one is applied is read when that one is done)."""
+        self._pending.add(name)
+        worker = self._workers.get(name)
+        if worker is None or worker.done():
+            self._workers[name] = asyncio.create_task(self._follow(name), name=f"deploy-{name}")
+
+    async def _follow(self, name: str) -> None:
+        while name in self._pending:
+            self._pending.discard(name)
+            try:
+                stored = await asyncio.to_thread(self._service.registry.deployments.get, name)
+                if stored is None:
+                    await self._engine.remove(name)
+                    continue
+                spec = DeploymentSpec.from_dict(stored.spec)
+                versions = {
+                    v: await asyncio.to_thread(self._version_deployment, name, v)
+                    for v in spec.versions
+                }
+                await self._engine.apply(spec, versions, revision=stored.revision)
+            except (LmaasError, OSError, KeyError, ValueError):
+                _log.exception("applying the deployment of %s failed", name)
 
     async def _guard_loop(self) -> None:
         while True:

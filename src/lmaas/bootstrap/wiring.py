@@ -14,7 +14,7 @@ import logging
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from lmaas.bootstrap.deployments import (
 from lmaas.bootstrap.settings import Settings
 from lmaas.core.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
 from lmaas.core.types import ModelState
-from lmaas.engine.local import Deployment, LocalEngineClient
+from lmaas.engine.local import Deployment, LocalEngineClient, VersionStatus
 from lmaas.engine.refs import AliasLookup, ResolvingEngineClient
 from lmaas.engine.worker_handle import SupervisionPolicy
 from lmaas.gateway.limited import Limiter
@@ -169,6 +169,9 @@ class DeploymentWiring:
     service: DeploymentService
     plan: ServingPlan
     version_deployment: VersionDeployment
+    names: list[str] | None = None
+    """The names ``--model`` listed (the gateway serves only those); None: the whole store,
+    names deployed while it runs included."""
 
 
 def build_gateway(
@@ -191,11 +194,19 @@ def build_gateway(
     def on_state(model: str, state: ModelState) -> None:
         metrics.set_worker_state(model, state.value)
 
+    def on_versions(model: str, versions: Mapping[str, VersionStatus]) -> None:
+        if not versions:  # no longer served
+            metrics.forget_model(model)
+            return
+        replicas = {v: s.replicas for v, s in versions.items()}
+        metrics.set_versions(model, replicas, {v: s.stats for v, s in versions.items()})
+
     engine = LocalEngineClient(
         deployments,
         supervision_policy(settings),
         on_state=on_state,
         on_stats=metrics.set_engine_stats,
+        on_versions=on_versions,
         specs=deploy.plan.specs if deploy is not None else None,
         window_s=settings.deploy.window_s,
         drain_timeout_s=settings.deploy.drain_timeout_s,
@@ -204,7 +215,12 @@ def build_gateway(
         None
         if deploy is None
         else DeploymentController(
-            engine, deploy.service, deploy.version_deployment, settings, deploy.plan.revisions
+            engine,
+            deploy.service,
+            deploy.version_deployment,
+            settings,
+            deploy.plan.revisions,
+            names=deploy.names,
         )
     )
 

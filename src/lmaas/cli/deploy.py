@@ -105,6 +105,12 @@ def deploy_command(
         float | None,
         typer.Option("--max-drop", min=0.0, help="The gate's margin (default: the setting)."),
     ] = None,
+    stop: Annotated[
+        bool,
+        typer.Option(
+            "--stop", help="Stop serving NAME: servers drain and stop its replicas (history kept)."
+        ),
+    ] = False,
     history: Annotated[bool, typer.Option("--history", help="Show every change.")] = False,
     reason: Annotated[str, typer.Option("--reason", help="Recorded in the history.")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -124,19 +130,21 @@ def deploy_command(
       lmaas deploy NAME --rollback               all traffic back to the stable version
       lmaas deploy NAME --split 3=50,4=50
       lmaas deploy NAME --replicas 3             scale the stable version
+      lmaas deploy NAME --stop                   stop serving NAME (--version V serves it again)
       lmaas deploy history NAME   (or NAME --history)
       lmaas deploy list
 
     Running servers on the same DB apply a change within a second; leaving replicas drain.
+    A server started without --model also starts serving names deployed while it runs.
     """
     if name == "history" and extra is not None:
         name, history = extra, True
     elif extra is not None:
         raise typer.BadParameter(f"unexpected argument {extra!r}")
-    actions = [version is not None, canary is not None, promote, rollback, split is not None]
+    actions = [version is not None, canary is not None, promote, rollback, split is not None, stop]
     if sum(actions) > 1:
         raise typer.BadParameter(
-            "give one of --version, --canary, --promote, --rollback or --split"
+            "give one of --version, --canary, --promote, --rollback, --split or --stop"
         )
     with _service(home) as (service, settings):
         if name == "list" and not any(actions) and replicas is None:
@@ -147,6 +155,16 @@ def deploy_command(
             return
         gate: GateResult | None = None
         actor = cli_actor()
+        if stop:
+            change = service.stop(name, actor=actor, reason=reason)
+            if as_json:
+                typer.echo(json.dumps(change.to_dict(), indent=2))
+                return
+            Console().print(
+                f"[bold]{escape(name)}[/] stopped (revision {change.revision}); running servers "
+                f"drain and stop its replicas within {settings.deploy.poll_interval_s:g} s"
+            )
+            return
         if version is not None:
             service.set_version(name, version, replicas=replicas, actor=actor, reason=reason)
         elif canary is not None:

@@ -69,7 +69,9 @@ def serve(
             "-m",
             help="A registered NAME, NAME:VERSION or NAME@ALIAS, or a path to import; repeat "
             "for several. Clients may then call the model as NAME, NAME:VERSION or NAME@ALIAS. "
-            "Default: every registered model, or the demo models on an empty store.",
+            "The server then serves exactly these names (following their deployments). "
+            "Default: the whole store: every registered model (or the demo models on an empty "
+            "store), and every name deployed with `lmaas deploy` while it runs.",
         ),
     ] = None,
     drain_timeout: Annotated[
@@ -121,7 +123,8 @@ def serve(
             return deployment_for(registry, registry.get(name, version), settings)
 
         plan = plan_serving(service, manifests, model or [], version_deployment)
-        deploy = DeploymentWiring(service, plan, version_deployment)
+        names = [m.name for m in manifests] if model else None  # None: the whole store
+        deploy = DeploymentWiring(service, plan, version_deployment, names)
         sock = bind_socket(settings.server.host, settings.server.port)
     except (LmaasError, OSError) as exc:
         _fail(exc)

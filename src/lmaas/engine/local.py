@@ -5,8 +5,13 @@ versions with traffic weights and a number of replicas each, every replica its o
 worker. A request for ``name`` goes to a version by smooth weighted round robin (among the
 versions with a ready replica), then to that version's least-loaded ready replica; a request for
 ``name:version`` goes to that version when it is deployed. :meth:`LocalEngineClient.apply`
-changes a deployment live: new replicas start and load first, routing switches in one step,
-then the replicas that left drain (no new requests; in-flight ones finish) and stop.
+changes a deployment live (or adds a new name): new replicas start and load first, routing
+switches in one step, then the replicas that left drain (no new requests; in-flight ones
+finish) and stop. :meth:`LocalEngineClient.remove` stops serving a name the same way.
+
+Engine counters (``on_stats``) are the sum over the name's ready workers of their last
+heartbeats, draining ones included (they still run requests); ``on_versions`` gets the same per
+version with the replica count in each state.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +63,29 @@ from lmaas.engine.worker_handle import (
     WorkerHandle,
 )
 
-__all__ = ["Deployment", "LocalEngineClient"]
+__all__ = ["Deployment", "LocalEngineClient", "VersionStatus", "VersionsListener"]
 
 _log = logging.getLogger("lmaas.engine")
 
 DEFAULT_WINDOW_S = 60.0
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
+
+
+@dataclass(slots=True, frozen=True)
+class VersionStatus:
+    """One deployed version of a served name, for metrics.
+
+    Attributes:
+        replicas: How many of its workers are in each state (``draining`` for leaving ones).
+        stats: Engine counters summed over its ready workers (their last heartbeats).
+    """
+
+    replicas: Mapping[str, int] = field(default_factory=dict)
+    stats: Mapping[str, int] = field(default_factory=dict)
+
+
+VersionsListener = Callable[[str, Mapping[str, VersionStatus]], None]
+"""(name, status by version); an empty mapping when the name is no longer served."""
 
 
 class LocalEngineClient:
@@ -72,7 +96,10 @@ class LocalEngineClient:
             all its traffic on one replica (``lmaas serve --model``).
         policy: Worker start/restart policy and admission limit.
         on_state: Called on every worker state transition (metrics).
-        on_stats: Called with the engine counters of every worker heartbeat (metrics).
+        on_stats: Called with the name's engine counters (summed over its ready workers) on
+            every worker heartbeat (metrics).
+        on_versions: Called with the status of each deployed version of a name whenever a
+            heartbeat, a state or the deployment changes (metrics).
         specs: Deployment specs by name (weights, replicas); each version they name must be in
             ``deployments``.
         window_s: How far back the per-version outcome windows look (canary guard).
@@ -87,6 +114,7 @@ class LocalEngineClient:
         on_state: StateListener | None = None,
         on_stats: StatsListener | None = None,
         *,
+        on_versions: VersionsListener | None = None,
         specs: Mapping[str, DeploymentSpec] | None = None,
         window_s: float = DEFAULT_WINDOW_S,
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
@@ -96,11 +124,15 @@ class LocalEngineClient:
         self._policy = policy
         self._on_state = on_state
         self._on_stats = on_stats
+        self._on_versions = on_versions
         self._window_s = window_s
         self._drain_timeout_s = drain_timeout_s
         self._ids = itertools.count(1)
         self._served: dict[str, ServedName] = {}
         self._retiring: set[Replica] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._errors: dict[str, str] = {}
+        """Why a name that is not served could not be added (its last deployment failed)."""
         self._started = False
         self._draining = False
         by_name: dict[str, dict[str, Deployment]] = {}
@@ -160,6 +192,10 @@ class LocalEngineClient:
     def revision(self, name: str) -> int:
         return self._served_name(name).revision
 
+    def failed_to_add(self, name: str) -> str | None:
+        """Why the last deployment of a name this engine does not serve failed (else None)."""
+        return None if name in self._served else self._errors.get(name)
+
     def _handles(self) -> list[WorkerHandle]:
         return [
             replica.handle
@@ -183,19 +219,53 @@ class LocalEngineClient:
         spec = deployment.spec
         instance = f"{spec.model_name[:40]}-{next(self._ids)}"
         handle = WorkerHandle(
-            spec, self._run_dir, self._policy, self._replica_state, self._on_stats, instance
+            spec, self._run_dir, self._policy, self._replica_state, self._replica_stats, instance
         )
         return Replica(handle)
 
     def _replica_state(self, name: str, state: ModelState) -> None:
         """Report the state of the model, not of one replica: that of its stable version
         (READY while one of its replicas is), so replicas do not overwrite each other."""
-        if self._on_state is None:
-            return
         served = self._served.get(name)
-        if served is not None and served.spec.stable in served.pools:
-            state = served.stable.state()
-        self._on_state(name, state)
+        if served is None:
+            return  # still loading (reported when routed to) or removed (reported as stopped)
+        if self._on_state is not None:
+            if served.spec.stable in served.pools:
+                state = served.stable.state()
+            self._on_state(name, state)
+        self._publish(name)
+
+    def _replica_stats(self, name: str, _stats: dict[str, int]) -> None:
+        self._publish(name)
+
+    def _publish(self, name: str) -> None:
+        """Hand the name's counters (summed over replicas) and per-version status to the
+        listeners."""
+        served = self._served.get(name)
+        if served is None or (self._on_stats is None and self._on_versions is None):
+            return
+        leaving: dict[str, list[Replica]] = {}
+        for replica in self._retiring:
+            if replica.handle.name == name:
+                leaving.setdefault(replica.handle.spec.model_version, []).append(replica)
+        versions: dict[str, VersionStatus] = {}
+        for version in {*served.pools, *leaving}:
+            pool = served.pools.get(version)
+            replicas = [*(pool.replicas if pool is not None else []), *leaving.get(version, [])]
+            states = Counter("draining" if r.draining else r.handle.state.value for r in replicas)
+            versions[version] = VersionStatus(dict(states), _summed(replicas))
+        if self._on_stats is not None:
+            total = _summed(
+                [r for pool in served.pools.values() for r in pool.replicas]
+                + [r for group in leaving.values() for r in group]
+            )
+            self._on_stats(name, total)
+        if self._on_versions is not None:
+            self._on_versions(name, versions)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        """Serializes the changes of one name (a new name has no ServedName to lock yet)."""
+        return self._locks.setdefault(name, asyncio.Lock())
 
     # ------------------------------------------------------------------ deployments
 
@@ -218,19 +288,32 @@ class LocalEngineClient:
             revision: The stored revision this is (reported by :meth:`revision`).
             ready_timeout_s: How long new replicas may take to load (default: the policy's).
         """
-        served = self._served.get(spec.name)
-        if served is not None and 0 < revision < served.revision:
-            return  # an older change arriving late
-        if served is None:  # a new name: routed to once its replicas are up
-            fresh = ServedName(spec, {}, _router(spec))
-            async with fresh.lock:
+        async with self._lock(spec.name):
+            served = self._served.get(spec.name)
+            if served is not None and 0 < revision < served.revision:
+                return  # an older change arriving late
+            if served is None:  # a new name: routed to once its replicas are up
+                fresh = ServedName(spec, {}, _router(spec))
                 await self._apply_locked(fresh, spec, versions, revision, ready_timeout_s)
-            self._served[spec.name] = fresh
-            return
-        async with served.lock:
-            if 0 < revision < served.revision:
                 return
             await self._apply_locked(served, spec, versions, revision, ready_timeout_s)
+
+    async def remove(self, name: str) -> None:
+        """Stop serving ``name``: new requests get 404 at once, in-flight ones finish on its
+        replicas (up to the drain timeout), then their workers stop. Nothing when ``name`` is
+        not served."""
+        async with self._lock(name):
+            self._errors.pop(name, None)
+            served = self._served.pop(name, None)
+            if served is None:
+                return
+            leaving = [r for pool in served.pools.values() for r in pool.replicas]
+            _log.info("deployment %s stopped; %d replicas drain", name, len(leaving))
+            if self._on_state is not None:
+                self._on_state(name, ModelState.STOPPED)
+            if self._on_versions is not None:
+                self._on_versions(name, {})
+            await asyncio.gather(*(self._retire(r) for r in leaving))
 
     async def _apply_locked(
         self,
@@ -262,24 +345,38 @@ class LocalEngineClient:
                 await replica.handle.start()
             timeout = ready_timeout_s or self._policy.start_timeout_s
             await asyncio.gather(*(r.handle.wait_ready(timeout) for r in new))
-        if served.pools and not pools[spec.stable].has_ready():
-            # The new stable version did not come up: keep serving what runs now.
-            served.error = (
-                f"revision {revision}: version {spec.stable} did not become ready "
-                f"({pools[spec.stable].ready_handle().error or 'no ready replica'}); still "
-                f"serving revision {served.revision}"
+        fresh = not served.pools
+        if not pools[spec.stable].has_ready() and (self._started or not fresh):
+            # The new stable version did not come up: keep serving what runs now (a new name
+            # is not served at all, so that it cannot make the whole server unready).
+            why = pools[spec.stable].ready_handle().error or "no ready replica"
+            still = (
+                f"not serving {spec.name}" if fresh else f"still serving revision {served.revision}"
             )
-            _log.error("deployment %s: %s", spec.name, served.error)
+            error = (
+                f"revision {revision}: version {spec.stable} did not become ready ({why}); {still}"
+            )
+            if fresh:
+                self._errors[spec.name] = error
+            else:
+                served.error = error
+            _log.error("deployment %s: %s", spec.name, error)
             await asyncio.gather(*(r.handle.aclose() for r in new))
             return
+        self._errors.pop(spec.name, None)
         served.error = None
         if spec.canary is not None and spec.canary != served.spec.canary:
             pools[spec.canary].outcomes.clear()  # a new trial starts with a clean window
         served.pools, served.router, served.spec = pools, _router(spec), spec
         served.revision = revision
+        self._served[spec.name] = served  # a new name is routed to from here on
         _log.info("deployment %s now routes %s", spec.name, _describe_weights(spec))
         if self._on_state is not None:
             self._on_state(spec.name, served.stable.state())
+        for replica in leaving:
+            replica.draining = True
+            self._retiring.add(replica)
+        self._publish(spec.name)
         await asyncio.gather(*(self._retire(r) for r in leaving))
 
     async def _retire(self, replica: Replica) -> None:
@@ -292,6 +389,7 @@ class LocalEngineClient:
             await replica.handle.aclose()
         finally:
             self._retiring.discard(replica)
+            self._publish(replica.handle.name)
 
     def outcomes(self, name: str, version: str) -> WindowSummary | None:
         """The outcome window of one deployed version (None when it is not deployed)."""
@@ -444,6 +542,17 @@ class LocalEngineClient:
             info=handle.info,
             error=handle.error if state is ModelState.FAILED else None,
         )
+
+
+def _summed(replicas: Iterable[Replica]) -> dict[str, int]:
+    """The last heartbeat counters of the ready workers among ``replicas``, added up; every
+    counter any of them ever reported is present (0 when no ready worker has it)."""
+    total: dict[str, int] = {}
+    for replica in replicas:
+        ready = replica.handle.state is ModelState.READY
+        for stat, value in replica.handle.worker_stats.items():
+            total[stat] = total.get(stat, 0) + (value if ready else 0)
+    return total
 
 
 def _router(spec: DeploymentSpec) -> SmoothWeightedRoundRobin:

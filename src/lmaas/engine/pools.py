@@ -9,7 +9,6 @@ engine waits for their in-flight ones, then stops their worker.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -102,7 +101,6 @@ class ServedName:
     router: SmoothWeightedRoundRobin
     revision: int = 0
     """The revision of the stored deployment applied (0: the one the server started with)."""
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     error: str | None = None
     """Why the last change could not be applied (None once one is)."""
 

@@ -1,5 +1,5 @@
 """Deployment operations: set the stable version, canary, promote (through the gate), roll back,
-scale, split. The CLI (``lmaas deploy``), the admin API (``/admin/deployments``) and the
+scale, split, stop. The CLI (``lmaas deploy``), the admin API (``/admin/deployments``) and the
 gateway's canary guard all change deployments through :class:`DeploymentService`.
 
 Each operation is one transaction of the registry's
@@ -229,6 +229,28 @@ class DeploymentService:
 
         return self._change(name, "weights", compute, actor, reason)
 
+    def stop(self, name: str, *, actor: str, reason: str = "") -> DeploymentChange:
+        """Stop serving ``name``: the deployment is deleted (its history stays), gateways drain
+        and stop its replicas, and its versions may be removed. ``lmaas deploy NAME --version V``
+        serves it again.
+
+        Raises:
+            NotFoundError: ``name`` has no deployment.
+        """
+        change = self.registry.deployments.stop(
+            name, actor=actor, reason=reason, in_transaction=self._audit
+        )
+        if change is None:
+            self._require(name, None)  # raises the 404
+            raise AssertionError("unreachable")
+        if self.on_change is not None:
+            self.on_change(change)
+        return change
+
+    def stopped(self) -> set[str]:
+        """Names whose deployment was stopped (a server serving the whole store skips them)."""
+        return self.registry.deployments.stopped()
+
     def ensure_serving(self, name: str, version: str | None, *, actor: str) -> DeploymentView:
         """What a starting server serves for ``name``: the stored deployment when ``version`` is
         None or is its stable version; otherwise (or with none stored) ``version`` (default: the
@@ -286,8 +308,9 @@ class DeploymentService:
             return None
         current = history[-1].spec.get("stable")
         for change in reversed(history):
-            if change.spec.get("stable") != current:
-                return str(change.spec["stable"])
+            stable = change.spec.get("stable")  # a ``stop`` change has none
+            if stable is not None and stable != current:
+                return str(stable)
         return None
 
     @staticmethod

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Mapping
 from functools import partial
 
 from prometheus_client import (
@@ -59,10 +60,24 @@ class Metrics:
         self.in_flight = gauge("requests_in_flight", "Inference requests being served.", ["model"])
         self.engine_stat = gauge(
             "engine_stat",
-            "Engine counters from worker heartbeats: running, waiting, kv_free_blocks, "
-            "kv_total_blocks, preemptions, prefix_cache_hit_tokens...",
+            "Engine counters from worker heartbeats, summed over the model's ready workers: "
+            "running, waiting, kv_free_blocks, kv_total_blocks, preemptions, "
+            "prefix_cache_hit_tokens...",
             ["model", "stat"],
         )
+        self.version_engine_stat = gauge(
+            "version_engine_stat",
+            "lmaas_engine_stat per deployed version (summed over its ready workers).",
+            ["model", "version", "stat"],
+        )
+        self.replicas = gauge(
+            "replicas",
+            "Worker processes of each deployed version by state (draining: leaving the "
+            "deployment, finishing its requests).",
+            ["model", "version", "state"],
+        )
+        self._series: dict[str, set[tuple[Gauge, tuple[str, ...]]]] = {}
+        """Per model, the (gauge, labels) series the engine's reports set, to drop stale ones."""
 
     def observe_http(self, route: str, model: str, status: int, duration_s: float) -> None:
         """Count one finished HTTP request and record its latency."""
@@ -81,9 +96,49 @@ class Metrics:
             self.generation_tokens.labels(model).inc(generation_tokens)
 
     def set_engine_stats(self, model: str, stats: Mapping[str, int]) -> None:
-        """Publish the counters a worker reported in its last heartbeat."""
+        """Publish a model's engine counters (the engine sums its workers' heartbeats)."""
         for name, value in stats.items():
-            self.engine_stat.labels(model, name).set(value)
+            self._set(model, self.engine_stat, (model, name), value)
+
+    def set_versions(
+        self,
+        model: str,
+        replicas: Mapping[str, Mapping[str, int]],
+        stats: Mapping[str, Mapping[str, int]],
+    ) -> None:
+        """Publish, per deployed version, its worker count by state and its engine counters;
+        series of versions (or states) no longer reported are dropped."""
+        keep: set[tuple[Gauge, tuple[str, ...]]] = set()
+        for version, states in replicas.items():
+            for state, count in states.items():
+                keep.add(self._set(model, self.replicas, (model, version, state), count))
+        for version, counters in stats.items():
+            for stat, value in counters.items():
+                keep.add(self._set(model, self.version_engine_stat, (model, version, stat), value))
+        per_version = (self.replicas, self.version_engine_stat)
+        self._drop(model, lambda s: s[0] in per_version and s not in keep)
+
+    def forget_model(self, model: str) -> None:
+        """A model no longer served: drop its engine and version series (``worker_state``
+        stays, one-hot on ``stopped``)."""
+        self._drop(model, lambda _series: True)
+        self.set_worker_state(model, ModelState.STOPPED)
+
+    def _set(
+        self, model: str, gauge: Gauge, labels: tuple[str, ...], value: float
+    ) -> tuple[Gauge, tuple[str, ...]]:
+        gauge.labels(*labels).set(value)
+        series = (gauge, labels)
+        self._series.setdefault(model, set()).add(series)
+        return series
+
+    def _drop(self, model: str, which: Callable[[tuple[Gauge, tuple[str, ...]]], bool]) -> None:
+        known = self._series.get(model, set())
+        for series in [s for s in known if which(s)]:
+            gauge, labels = series
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+            known.discard(series)
 
     def set_worker_state(self, model: str, state: ModelState | str) -> None:
         """Mark ``state`` as the current state of ``model``'s worker (one-hot over states)."""

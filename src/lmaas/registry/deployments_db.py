@@ -4,8 +4,9 @@ The registry stores a deployment as JSON (``lmaas.engine.deploy.DeploymentSpec.t
 knows nothing of its meaning: :meth:`DeploymentStore.change` locks the row, hands the current
 JSON to a function that computes the next one (which may refuse, e.g. a promotion gate), then
 writes it with a bumped ``revision`` and a ``deployment_history`` row in one transaction, in
-which an optional hook appends the audit row too. Running gateways poll :meth:`revisions` and
-apply what changed.
+which an optional hook appends the audit row too. :meth:`DeploymentStore.stop` deletes the row
+(its history row keeps the revision, so a later deployment of the name continues the count).
+Running gateways poll :meth:`revisions` and apply what changed; a name that left it was stopped.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text, select, update
+from sqlalchemy import JSON, DateTime, Integer, String, Text, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
@@ -78,9 +79,9 @@ class DeploymentChange:
     Attributes:
         name: The served name.
         revision: The revision this change made.
-        action: ``create``, ``set``, ``canary``, ``promote``, ``rollback``, ``auto-rollback``,
-            ``scale``, ``weights``, ``serve``.
-        spec: The deployment after the change.
+        action: ``set``, ``canary``, ``promote``, ``rollback``, ``auto-rollback``,
+            ``scale``, ``weights``, ``serve``, ``stop``.
+        spec: The deployment after the change (``{}`` after ``stop``).
         previous: The deployment before it (None for the first).
         actor: Who (a key id, ``cli:<user>``, ``system:...``).
         reason: Free text: a gate's numbers, the canary guard's verdict, an operator's note.
@@ -135,6 +136,13 @@ class DeploymentStore:
         with self._sessions() as session:
             rows = session.execute(select(DeploymentRow.name, DeploymentRow.revision)).all()
         return {name: revision for name, revision in rows}
+
+    def stopped(self) -> set[str]:
+        """Names that had a deployment and were stopped (history rows, no deployment row)."""
+        live = select(DeploymentRow.name)
+        query = select(DeploymentHistoryRow.name).where(DeploymentHistoryRow.name.not_in(live))
+        with self._sessions() as session:
+            return set(session.scalars(query.distinct()).all())
 
     def history(self, name: str, limit: int = 1000) -> list[DeploymentChange]:
         """The changes of ``name``, oldest first (the last ``limit``)."""
@@ -201,7 +209,7 @@ class DeploymentStore:
             if spec is None:
                 return None
             reason = reason_of() if callable(reason_of) else reason_of
-            revision = 1 if row is None else row.revision + 1
+            revision = (_last_revision(session, name) if row is None else row.revision) + 1
             if row is None:
                 session.add(
                     DeploymentRow(
@@ -211,22 +219,63 @@ class DeploymentStore:
             else:
                 row.spec, row.revision, row.updated_at, row.updated_by = spec, revision, now, actor
             change = DeploymentChange(name, revision, action, spec, previous, actor, reason, now)
-            session.add(
-                DeploymentHistoryRow(
-                    name=name,
-                    revision=revision,
-                    action=action,
-                    spec=spec,
-                    previous=previous,
-                    actor=actor[:128],
-                    reason=reason,
-                    changed_at=now,
-                )
-            )
-            session.flush()
-            if in_transaction is not None:
-                in_transaction(session, change)
+            _record(session, change, in_transaction)
         return change
+
+    def stop(
+        self,
+        name: str,
+        *,
+        actor: str,
+        reason: str = "",
+        in_transaction: InTransaction | None = None,
+    ) -> DeploymentChange | None:
+        """Delete the deployment of ``name`` (gateways drain and stop its replicas) and record
+        a ``stop`` change; None when ``name`` has no deployment."""
+        now = datetime.now(UTC)
+        with self._sessions.begin() as session:
+            session.execute(  # the write lock first, as in change()
+                update(DeploymentRow)
+                .where(DeploymentRow.name == name)
+                .values(revision=DeploymentRow.revision)
+            )
+            row = session.scalars(
+                select(DeploymentRow).where(DeploymentRow.name == name).with_for_update()
+            ).first()
+            if row is None:
+                return None
+            previous, revision = dict(row.spec), row.revision + 1
+            session.execute(delete(DeploymentRow).where(DeploymentRow.name == name))
+            change = DeploymentChange(name, revision, "stop", {}, previous, actor, reason, now)
+            _record(session, change, in_transaction)
+        return change
+
+
+def _record(
+    session: Session, change: DeploymentChange, in_transaction: InTransaction | None
+) -> None:
+    session.add(
+        DeploymentHistoryRow(
+            name=change.name,
+            revision=change.revision,
+            action=change.action,
+            spec=change.spec,
+            previous=change.previous,
+            actor=change.actor[:128],
+            reason=change.reason,
+            changed_at=change.changed_at,
+        )
+    )
+    session.flush()
+    if in_transaction is not None:
+        in_transaction(session, change)
+
+
+def _last_revision(session: Session, name: str) -> int:
+    """The revision of the last change of ``name`` (0 for none): a deployment made after a
+    ``stop`` continues the count, so gateways never mistake it for an old one."""
+    query = select(func.max(DeploymentHistoryRow.revision)).where(DeploymentHistoryRow.name == name)
+    return int(session.scalar(query) or 0)
 
 
 def _stored(row: DeploymentRow) -> StoredDeployment:

@@ -8,6 +8,7 @@ import asyncio
 import os
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from lmaas.core.errors import ModelNotFoundError
 from lmaas.core.messages import GenerateRequest, SamplingParams, WorkerSpec
 from lmaas.core.types import ModelState, Task
 from lmaas.engine import deploy
-from lmaas.engine.local import Deployment, LocalEngineClient
+from lmaas.engine.local import Deployment, LocalEngineClient, VersionStatus
 from lmaas.engine.routing import CanaryGuard, GuardConfig, RoutedVersion, track_routed
 from lmaas.engine.worker_handle import SupervisionPolicy
 
@@ -24,9 +25,9 @@ ECHO = "lmaas.testing.fake_runners:echo_runner"
 POLICY = SupervisionPolicy(start_timeout_s=30, backoff_initial_s=0.1, backoff_max_s=0.5)
 
 
-def _version(model_dir: Path, version: str, **options: str) -> Deployment:
+def _version(model_dir: Path, version: str, name: str = "echo", **options: str) -> Deployment:
     spec = WorkerSpec(
-        model_name="echo",
+        model_name=name,
         model_version=version,
         task=Task.COMPLETION.value,
         format="safetensors",
@@ -163,3 +164,73 @@ def test_a_new_stable_version_that_cannot_load_changes_nothing(tmp_path: Path) -
             await engine.aclose()
 
     asyncio.run(main())
+
+
+def test_a_new_name_is_added_summed_over_replicas_and_removed_with_a_drain(
+    tmp_path: Path,
+) -> None:
+    v1, late = _version(tmp_path, "1"), _version(tmp_path, "1", "late", token_delay_s="0.05")
+
+    async def main() -> None:
+        totals: dict[str, dict[str, int]] = {}
+        versions: dict[str, Mapping[str, VersionStatus]] = {}
+        engine = LocalEngineClient(
+            [v1],
+            POLICY,
+            on_stats=lambda name, stats: totals.__setitem__(name, stats),
+            on_versions=lambda name, status: versions.__setitem__(name, status),
+        )
+        await engine.start()
+        try:
+            assert await engine.wait_ready(30)
+            await engine.apply(deploy.single("late", "1", 2), {"1": late}, revision=1)
+            assert engine.names() == ["echo", "late"] and engine.is_ready()
+            assert engine.get_model("late").state is ModelState.READY
+            # Four streams in flight, two per replica: the name's counters add both up.
+            streams = [asyncio.create_task(_stream(engine, "late", i)) for i in range(4)]
+            deadline = time.monotonic() + 10
+            while totals.get("late", {}).get("running") != 4:
+                assert time.monotonic() < deadline, totals
+                await asyncio.sleep(0.05)
+            assert versions["late"]["1"].replicas == {"ready": 2}
+            assert versions["late"]["1"].stats["running"] == 4
+            # Removed while they run: new requests 404 at once, the streams finish.
+            pids = {r["pid"] for v in engine.describe("late")["versions"] for r in v["replicas"]}
+            removal = asyncio.create_task(engine.remove("late"))
+            await asyncio.sleep(0.1)
+            assert engine.names() == ["echo"] and versions["late"] == {}
+            with pytest.raises(ModelNotFoundError):
+                await _generate(engine, 1, "late")
+            assert not removal.done() and engine.num_in_flight() == 4  # draining
+            await removal
+            assert all(t.done() for t in streams)
+            assert [len(t.result()) for t in streams] == [30] * 4
+            for pid in pids:
+                with pytest.raises(ProcessLookupError):
+                    os.kill(pid, 0)
+        finally:
+            await engine.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_new_name_that_cannot_load_is_not_served(tmp_path: Path) -> None:
+    v1, broken = _version(tmp_path, "1"), _version(tmp_path, "1", "late", fail_load="no weights")
+
+    async def main() -> None:
+        engine = LocalEngineClient([v1], POLICY)
+        await engine.start()
+        try:
+            assert await engine.wait_ready(30)
+            await engine.apply(deploy.single("late", "1"), {"1": broken}, revision=1)
+            assert engine.names() == ["echo"] and engine.is_ready()
+            assert "no weights" in (engine.failed_to_add("late") or "")
+        finally:
+            await engine.aclose()
+
+    asyncio.run(main())
+
+
+async def _stream(engine: LocalEngineClient, model: str, i: int) -> list[str]:
+    request = GenerateRequest(f"s{i}", SamplingParams(max_tokens=30), prompt="a b")
+    return [d.text async for d in engine.generate(model, request)]

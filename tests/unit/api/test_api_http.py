@@ -184,3 +184,30 @@ def test_metrics_worker_state_one_hot() -> None:
     text = metrics.render()[0].decode()
     assert 'lmaas_worker_state{model="m",state="ready"} 1.0' in text
     assert 'lmaas_worker_state{model="m",state="loading"} 0.0' in text
+
+
+def test_metrics_per_version_series_follow_the_deployment() -> None:
+    from lmaas.observability.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.set_engine_stats("m", {"running": 5})
+    metrics.set_versions(
+        "m",
+        {"1": {"ready": 2}, "2": {"loading": 1}},
+        {"1": {"running": 5}, "2": {"running": 0}},
+    )
+    text = metrics.render()[0].decode()
+    assert 'lmaas_engine_stat{model="m",stat="running"} 5.0' in text
+    assert 'lmaas_replicas{model="m",state="ready",version="1"} 2.0' in text
+    assert 'lmaas_version_engine_stat{model="m",stat="running",version="1"} 5.0' in text
+    # Version 1 left (its replicas drain), version 2 is ready: 1's series go.
+    metrics.set_versions("m", {"2": {"ready": 1}}, {"2": {"running": 1}})
+    text = metrics.render()[0].decode()
+    assert 'version="1"' not in text and 'lmaas_replicas{model="m",state="loading"' not in text
+    assert 'lmaas_replicas{model="m",state="ready",version="2"} 1.0' in text
+    metrics.set_engine_stats("other", {"running": 1})
+    metrics.forget_model("m")
+    text = metrics.render()[0].decode()
+    assert 'model="m",stat=' not in text and 'version="2"' not in text
+    assert 'lmaas_worker_state{model="m",state="stopped"} 1.0' in text
+    assert 'lmaas_engine_stat{model="other",stat="running"} 1.0' in text

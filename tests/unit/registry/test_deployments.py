@@ -218,3 +218,34 @@ def test_a_deployed_version_cannot_be_removed(
     with pytest.raises(ConflictError, match=r"routes to version\(s\) 1, 2"):
         registry.remove("m")
     assert [m.version for m in registry.remove("m", "3")] == ["3"]
+
+
+def test_stop_deletes_the_deployment_and_keeps_counting_revisions(
+    service: DeploymentService, registry: RegistryService, governance: GovernanceService
+) -> None:
+    seen: list[DeploymentChange] = []
+    service.on_change = seen.append
+    with pytest.raises(NotFoundError, match="no deployment"):
+        service.stop("m", actor="t")
+    service.set_version("m", "1", actor="t")
+    service.canary("m", "2", 10, actor="t")
+    stopped = service.stop("m", actor="cli:alice", reason="retired")
+    assert (stopped.action, stopped.revision, stopped.spec) == ("stop", 3, {})
+    assert stopped.previous is not None and stopped.previous["canary"] == "2"
+    assert seen[-1] == stopped
+    with pytest.raises(NotFoundError):
+        service.get("m")
+    assert service.list_all() == [] and "m" not in registry.deployments.revisions()
+    assert service.stopped() == {"m"}
+    audit = governance.list_audit(target="m")
+    assert audit[0].action == "deployment.stop" and audit[0].actor == "cli:alice"
+    assert governance.verify_audit().ok
+    # Its versions are free to remove; a new deployment continues the revisions.
+    assert [m.version for m in registry.remove("m", "3")] == ["3"]
+    again = service.set_version("m", "2", actor="t")
+    assert again.revision == 4 and again.previous is None
+    assert service.stopped() == set()
+    assert [c.revision for c in service.history("m")] == [1, 2, 3, 4]
+    # The rollback target skips the stop: the stable version before it.
+    assert service.rollback("m", actor="t") is not None
+    assert service.get("m").spec.stable == "1"

@@ -222,6 +222,14 @@ def rollback(name: str, request: Request, body: _Body | None = None) -> Deployme
     return _current(service, name)
 
 
+@router.delete("/{name}")
+def stop_deployment(name: str, request: Request, body: _Body | None = None) -> ChangeResponse:
+    """Stop serving ``name``: the deployment is deleted (its history stays), every gateway
+    drains and stops its replicas; ``PUT`` serves it again."""
+    change = _service(request).stop(name, actor=actor_of(request), reason=(body or _Body()).reason)
+    return ChangeResponse.of(change)
+
+
 @router.post("/{name}/scale")
 def scale(name: str, body: ScaleBody, request: Request) -> DeploymentResponse:
     """Run ``replicas`` worker processes for ``version`` (default: the stable one)."""
