@@ -207,3 +207,17 @@ def test_a_name_deployed_while_running_is_served_scoped_measured_and_stopped(
     assert _complete(whole, admin, "late").status_code == 200
     actions = [c["action"] for c in _deploy(home, "history", "late")]
     assert actions == ["set", "stop", "set"]
+    # Stopped through the admin API: applied by this server at once.
+    response = httpx.request(
+        "DELETE",
+        f"{whole.base_url}/admin/deployments/late",
+        json={"reason": "done"},
+        headers=admin,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["action"] == "stop" and response.json()["reason"] == "done"
+    _until(lambda: "late" not in _listed(whole, admin), "late is still listed", timeout_s=10)
+    gone = httpx.request("DELETE", f"{whole.base_url}/admin/deployments/late", headers=admin)
+    assert gone.status_code == 404
+    openapi = httpx.get(f"{whole.base_url}/openapi.json", headers=admin).json()
+    assert "delete" in openapi["paths"]["/admin/deployments/{name}"]

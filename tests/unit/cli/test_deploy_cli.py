@@ -94,3 +94,23 @@ def test_usage_errors(home: Path) -> None:
     assert code == 1 and "does not exist" in err
     code, _, err = _run(home, "m", "--promote")
     assert code == 1 and "no deployment" in err
+
+
+def test_stop_and_deploy_again(home: Path) -> None:
+    code, _, err = _run(home, "m", "--stop")
+    assert code == 1 and "no deployment" in err
+    _json(home, "m", "--version", "1")
+    code, out, err = _run(home, "m", "--stop", "--reason", "retired")
+    assert code == 0, err
+    assert "m stopped (revision 2)" in out and "drain" in out
+    code, _, err = _run(home, "m")
+    assert code == 1 and "has no deployment" in err
+    assert _json(home, "m", "--version", "2")["revision"] == 3
+    stopped = _json(home, "m", "--stop")
+    assert stopped["action"] == "stop" and stopped["revision"] == 4
+    code, _, err = _run(home, "m", "--stop", "--version", "1")
+    assert code != 0 and "give one of" in err
+    code, out, _ = _run(home, "history", "m", "--json")
+    changes = json.loads(out)
+    assert [c["action"] for c in changes] == ["set", "stop", "set", "stop"]
+    assert changes[1]["reason"] == "retired" and changes[1]["spec"] == {}

@@ -8,10 +8,11 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from lmaas.bootstrap.deployments import audit_deployment_change
+from lmaas.bootstrap.deployments import audit_deployment_change, plan_serving
 from lmaas.core.errors import (
     ConflictError,
     GateRefusedError,
@@ -249,3 +250,22 @@ def test_stop_deletes_the_deployment_and_keeps_counting_revisions(
     # The rollback target skips the stop: the stable version before it.
     assert service.rollback("m", actor="t") is not None
     assert service.get("m").spec.stable == "1"
+
+
+def test_a_server_of_the_whole_store_leaves_stopped_names_stopped(
+    service: DeploymentService, registry: RegistryService
+) -> None:
+    service.set_version("m", "2", actor="t")
+    service.stop("m", actor="t")
+    latest = [registry.get("m")]
+    built: list[tuple[str, str]] = []
+
+    def version_deployment(name: str, version: str) -> Any:
+        built.append((name, version))
+        return (name, version)
+
+    whole_store = plan_serving(service, latest, [], version_deployment)
+    assert whole_store.specs == {} and built == [] and service.stopped() == {"m"}
+    named = plan_serving(service, latest, ["m"], version_deployment)  # --model m: serve it
+    assert named.specs["m"].stable == "3" and built == [("m", "3")]
+    assert service.history("m")[-1].action == "serve"
