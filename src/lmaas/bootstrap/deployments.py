@@ -8,8 +8,9 @@ anywhere (CLI, admin API, another gateway), and the canary guard that rolls back
 * :class:`DeploymentController` polls the stored revisions every ``deploy.poll_interval_s`` (at
   once when this gateway made the change) and has the engine apply what changed (new names and
   stopped ones too, unless the gateway was started for some names only); every
-  ``deploy.check_interval_s`` it asks the engine for canaries the guard condemns and rolls them
-  back (``auto-rollback`` in the history and the audit trail).
+  ``deploy.check_interval_s`` it publishes the engine's canary windows to the DB, reads those of
+  every gateway, and rolls back the canaries the guard condemns on the pooled traffic
+  (``auto-rollback`` in the history and the audit trail).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -26,11 +30,11 @@ from lmaas.bootstrap.settings import Settings
 from lmaas.core.errors import LmaasError
 from lmaas.core.types import parse_model_ref
 from lmaas.engine.deploy import DeploymentSpec
-from lmaas.engine.local import Deployment, LocalEngineClient
-from lmaas.engine.routing import CanaryGuard, GuardConfig
+from lmaas.engine.local import CanaryTrial, Deployment, LocalEngineClient
+from lmaas.engine.routing import CanaryGuard, GuardConfig, WindowCounts
 from lmaas.gateway.audit import AuditEntry, append_audit
 from lmaas.lifecycle.deployments import DeploymentService
-from lmaas.registry.deployments_db import DeploymentChange
+from lmaas.registry.deployments_db import DeploymentChange, VersionWindow
 from lmaas.registry.manifest import Manifest
 from lmaas.registry.service import RegistryService
 
@@ -38,6 +42,9 @@ _log = logging.getLogger("lmaas.deploy")
 
 SERVE_ACTOR = "system:serve"
 AUTO_ROLLBACK_ACTOR = "system:canary-guard"
+
+_MIN_FRESH_S = 5.0
+"""A gateway's published window counts while younger than this (or 3 guard intervals)."""
 
 VersionDeployment = Callable[[str, str], Deployment]
 """(name, version) → the worker spec to serve it."""
@@ -149,6 +156,9 @@ class DeploymentController:
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: set[str] = set()
         self._workers: dict[str, asyncio.Task[None]] = {}
+        self._gateway = f"{socket.gethostname()[:80]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        """Names this gateway's rows of the shared canary windows."""
+        self._published = False
         service.on_change = lambda _change: self.wake()
         service.live = self._live
 
@@ -165,6 +175,7 @@ class DeploymentController:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._withdraw_windows()
 
     def wake(self) -> None:
         """Read the revisions now (callable from any thread: admin routes run in a pool)."""
@@ -233,7 +244,12 @@ class DeploymentController:
     async def _guard_loop(self) -> None:
         while True:
             await asyncio.sleep(self._config.check_interval_s)
-            for name, canary, reason in self._engine.canary_verdicts(self._guard):
+            try:
+                verdicts = await self._verdicts()
+            except Exception:  # the DB may be briefly unreachable: judge again next round
+                _log.exception("the canary guard could not read the windows")
+                continue
+            for name, canary, reason in verdicts:
                 _log.warning("rolling back canary %s:%s: %s", name, canary, reason)
                 try:
                     await asyncio.to_thread(
@@ -246,3 +262,51 @@ class DeploymentController:
                     )
                 except LmaasError:
                     _log.exception("the automatic rollback of %s failed", name)
+
+    async def _verdicts(self) -> list[tuple[str, str, str]]:
+        """(name, canary, reason) of each canary to roll back: judged on the windows of every
+        gateway (published through the DB), or on this gateway's alone."""
+        if not self._config.pool_windows:
+            return self._engine.canary_verdicts(self._guard)
+        trials = self._engine.canary_trials()
+        if not trials and not self._published:
+            return []
+        mine = [
+            VersionWindow(self._gateway, t.name, version, window.to_dict())
+            for t in trials
+            for version, window in ((t.stable, t.stable_window), (t.canary, t.canary_window))
+        ]
+        fresh_s = max(_MIN_FRESH_S, 3 * self._config.check_interval_s)
+        rows = await asyncio.to_thread(
+            self._service.registry.deployments.exchange_windows, self._gateway, mine, fresh_s
+        )
+        self._published = bool(mine)
+        return pooled_verdicts(self._guard, trials, rows)
+
+    async def _withdraw_windows(self) -> None:
+        if self._published:
+            with contextlib.suppress(Exception):  # stale rows expire on their own
+                store = self._service.registry.deployments
+                await asyncio.to_thread(store.exchange_windows, self._gateway, [], 0.0)
+
+
+def pooled_verdicts(
+    guard: CanaryGuard, trials: list[CanaryTrial], rows: list[VersionWindow]
+) -> list[tuple[str, str, str]]:
+    """The guard's verdict on each trial over the windows of every gateway in ``rows``."""
+    found = []
+    for trial in trials:
+        mine = [r for r in rows if r.name == trial.name]
+
+        def pooled(version: str, rows_of_name: list[VersionWindow] = mine) -> WindowCounts:
+            return WindowCounts.pooled(
+                WindowCounts.from_dict(r.counts) for r in rows_of_name if r.version == version
+            )
+
+        reason = guard.verdict(pooled(trial.stable).summary(), pooled(trial.canary).summary())
+        if reason is not None:
+            gateways = len({r.gateway for r in mine})
+            if gateways > 1:
+                reason += f" (pooled over {gateways} gateways)"
+            found.append((trial.name, trial.canary, reason))
+    return found

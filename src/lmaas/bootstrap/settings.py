@@ -117,6 +117,9 @@ class DeployConfig(BaseModel):
     """Roll back when the canary's p99 latency exceeds the stable's times this."""
     min_requests: int = Field(default=20, ge=1)
     """Requests each version needs in the window before the guard judges."""
+    pool_windows: bool = True
+    """Judge a canary on the traffic of every gateway on the metadata DB (each publishes its
+    windows there every ``check_interval_s``); false: each gateway on its own traffic."""
 
 
 class Settings(BaseSettings):

@@ -53,6 +53,7 @@ from lmaas.engine.routing import (
     CanaryGuard,
     OutcomeWindow,
     SmoothWeightedRoundRobin,
+    WindowCounts,
     WindowSummary,
     note_routed,
 )
@@ -63,7 +64,7 @@ from lmaas.engine.worker_handle import (
     WorkerHandle,
 )
 
-__all__ = ["Deployment", "LocalEngineClient", "VersionStatus", "VersionsListener"]
+__all__ = ["CanaryTrial", "Deployment", "LocalEngineClient", "VersionStatus", "VersionsListener"]
 
 _log = logging.getLogger("lmaas.engine")
 
@@ -86,6 +87,17 @@ class VersionStatus:
 
 VersionsListener = Callable[[str, Mapping[str, VersionStatus]], None]
 """(name, status by version); an empty mapping when the name is no longer served."""
+
+
+@dataclass(slots=True, frozen=True)
+class CanaryTrial:
+    """A served name with a canary, and this engine's windows of its two versions."""
+
+    name: str
+    stable: str
+    canary: str
+    stable_window: WindowCounts
+    canary_window: WindowCounts
 
 
 class LocalEngineClient:
@@ -410,6 +422,22 @@ class LocalEngineClient:
             if reason is not None:
                 found.append((name, canary, reason))
         return found
+
+    def canary_trials(self) -> list[CanaryTrial]:
+        """Each served name with a canary, with this engine's windows of stable and canary (a
+        guard pooling several gateways adds them up with theirs)."""
+        now = time.monotonic()
+        return [
+            CanaryTrial(
+                name,
+                served.spec.stable,
+                canary,
+                served.stable.outcomes.counts(now),
+                served.pools[canary].outcomes.counts(now),
+            )
+            for name, served in self._served.items()
+            if (canary := served.spec.canary) is not None and canary in served.pools
+        ]
 
     def describe(self, name: str) -> dict[str, Any]:
         """What a served name routes to now, replica by replica (for the admin API)."""

@@ -6,7 +6,9 @@ version to guard a canary. Plain Python: the local engine drives it, tests drive
   exactly 10, so a 10% canary gets 10 ± 0% of 2,000 requests, not 10 ± 1.3% as random would).
 * :class:`OutcomeWindow` keeps the outcome and latency of each request of one version over a
   sliding time window; :class:`CanaryGuard` compares the canary's error rate and p99 latency
-  with the stable version's and says when to roll back.
+  with the stable version's and says when to roll back. :class:`WindowCounts` is a window as
+  counts that add up across gateways (latencies in 5% log buckets), for a guard that judges the
+  traffic of every gateway together.
 * :func:`note_routed` / :func:`track_routed`: the API reads which version served a request
   (the ``x-lmaas-model-version`` header) through a context variable set around the request.
 """
@@ -15,9 +17,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 # ---------------------------------------------------------------------- weighted choice
 
@@ -100,12 +103,96 @@ class OutcomeWindow:
         self._samples.clear()
 
     def summary(self, now: float) -> WindowSummary:
-        cutoff = now - self.window_s
-        while self._samples and self._samples[0][0] < cutoff:
-            self._samples.popleft()
+        self._expire(now)
         errors = sum(1 for _, ok, _ in self._samples if not ok)
         latencies = sorted(lat for _, ok, lat in self._samples if ok)
         return WindowSummary(len(self._samples), errors, percentile(latencies, 0.99))
+
+    def counts(self, now: float) -> WindowCounts:
+        """The window as counts that add up with other gateways' (:class:`WindowCounts`)."""
+        self._expire(now)
+        errors = 0
+        buckets: dict[int, int] = {}
+        for _, ok, latency in self._samples:
+            if ok:
+                bucket = latency_bucket(latency)
+                buckets[bucket] = buckets.get(bucket, 0) + 1
+            else:
+                errors += 1
+        return WindowCounts(len(self._samples), errors, buckets)
+
+    def _expire(self, now: float) -> None:
+        cutoff = now - self.window_s
+        while self._samples and self._samples[0][0] < cutoff:
+            self._samples.popleft()
+
+
+LATENCY_BASE_S = 1e-4
+"""Upper bound of latency bucket 0; bucket i ends at ``LATENCY_BASE_S * LATENCY_GROWTH ** i``."""
+LATENCY_GROWTH = 1.05
+"""Ratio between consecutive bucket bounds: a pooled p99 is at most 5% above the exact one."""
+
+
+def latency_bucket(latency_s: float) -> int:
+    """The bucket of a latency: the smallest i with ``latency_s <= bucket_bound(i)``."""
+    if latency_s <= LATENCY_BASE_S:
+        return 0
+    i = math.ceil(math.log(latency_s / LATENCY_BASE_S) / math.log(LATENCY_GROWTH))
+    return i + 1 if latency_s > bucket_bound(i) else i  # floating point at the edges
+
+
+def bucket_bound(bucket: int) -> float:
+    return float(LATENCY_BASE_S * LATENCY_GROWTH**bucket)
+
+
+@dataclass(slots=True, frozen=True)
+class WindowCounts:
+    """One version's window as counts: several gateways' windows add up (``+``).
+
+    Attributes:
+        requests: Requests that counted (successes and the version's own errors).
+        errors: The version's own errors among them.
+        latencies: Successful requests per latency bucket (:func:`latency_bucket`).
+    """
+
+    requests: int = 0
+    errors: int = 0
+    latencies: Mapping[int, int] = field(default_factory=dict)
+
+    def __add__(self, other: WindowCounts) -> WindowCounts:
+        buckets = dict(self.latencies)
+        for bucket, count in other.latencies.items():
+            buckets[bucket] = buckets.get(bucket, 0) + count
+        return WindowCounts(self.requests + other.requests, self.errors + other.errors, buckets)
+
+    def summary(self) -> WindowSummary:
+        """Requests, errors and p99 (the upper bound of the bucket holding the nearest-rank
+        99th percentile: at most 5% above the exact value)."""
+        total = sum(self.latencies.values())
+        if total == 0:
+            return WindowSummary(self.requests, self.errors, None)
+        rank, seen = max(1, math.ceil(0.99 * total)), 0
+        for bucket in sorted(self.latencies):
+            seen += self.latencies[bucket]
+            if seen >= rank:
+                return WindowSummary(self.requests, self.errors, bucket_bound(bucket))
+        raise AssertionError("unreachable")
+
+    def to_dict(self) -> dict[str, Any]:
+        latencies = {str(b): n for b, n in sorted(self.latencies.items())}
+        return {"requests": self.requests, "errors": self.errors, "latencies": latencies}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WindowCounts:
+        latencies = {int(b): int(n) for b, n in dict(data.get("latencies") or {}).items()}
+        return cls(int(data["requests"]), int(data["errors"]), latencies)
+
+    @staticmethod
+    def pooled(windows: Iterable[WindowCounts]) -> WindowCounts:
+        total = WindowCounts()
+        for window in windows:
+            total = total + window
+        return total
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float | None:

@@ -7,13 +7,17 @@ writes it with a bumped ``revision`` and a ``deployment_history`` row in one tra
 which an optional hook appends the audit row too. :meth:`DeploymentStore.stop` deletes the row
 (its history row keeps the revision, so a later deployment of the name continues the count).
 Running gateways poll :meth:`revisions` and apply what changed; a name that left it was stopped.
+
+While a canary runs, each gateway also publishes its per-version outcome windows
+(:meth:`DeploymentStore.exchange_windows`, table ``deployment_windows``) and reads everyone's,
+so that the canary guard judges the traffic of all gateways together.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Integer, String, Text, delete, func, select, update
@@ -54,6 +58,33 @@ class DeploymentHistoryRow(Base):
     actor: Mapped[str] = mapped_column(String(128), default="")
     reason: Mapped[str] = mapped_column(Text, default="")
     changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DeploymentWindowRow(Base):
+    """One gateway's outcome window of one deployed version (while a canary runs)."""
+
+    __tablename__ = "deployment_windows"
+
+    gateway: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    counts: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """``WindowCounts.to_dict``: requests, errors, latency buckets."""
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+@dataclass(slots=True, frozen=True)
+class VersionWindow:
+    """A gateway's window of one version, as stored (``WindowCounts.to_dict`` JSON)."""
+
+    gateway: str
+    name: str
+    version: str
+    counts: dict[str, Any]
+
+
+WINDOW_ROWS_KEPT_S = 600.0
+"""Window rows older than this (of gateways that stopped publishing) are deleted."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -143,6 +174,38 @@ class DeploymentStore:
         query = select(DeploymentHistoryRow.name).where(DeploymentHistoryRow.name.not_in(live))
         with self._sessions() as session:
             return set(session.scalars(query.distinct()).all())
+
+    def exchange_windows(
+        self, gateway: str, windows: list[VersionWindow], fresh_s: float
+    ) -> list[VersionWindow]:
+        """Replace ``gateway``'s published windows with ``windows`` and return every gateway's
+        windows of the same names updated in the last ``fresh_s`` seconds (``gateway``'s own
+        included), in one transaction. With no ``windows`` it only withdraws the gateway's."""
+        now = datetime.now(UTC)
+        names = {w.name for w in windows}
+        with self._sessions.begin() as session:
+            session.execute(
+                delete(DeploymentWindowRow).where(
+                    (DeploymentWindowRow.gateway == gateway)
+                    | (DeploymentWindowRow.updated_at < now - timedelta(seconds=WINDOW_ROWS_KEPT_S))
+                )
+            )
+            session.add_all(
+                DeploymentWindowRow(
+                    gateway=gateway, name=w.name, version=w.version, counts=w.counts, updated_at=now
+                )
+                for w in windows
+            )
+            if not names:
+                return []
+            session.flush()
+            rows = session.scalars(
+                select(DeploymentWindowRow).where(
+                    DeploymentWindowRow.name.in_(names),
+                    DeploymentWindowRow.updated_at >= now - timedelta(seconds=fresh_s),
+                )
+            ).all()
+            return [VersionWindow(r.gateway, r.name, r.version, dict(r.counts)) for r in rows]
 
     def history(self, name: str, limit: int = 1000) -> list[DeploymentChange]:
         """The changes of ``name``, oldest first (the last ``limit``)."""

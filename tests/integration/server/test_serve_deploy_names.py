@@ -221,3 +221,42 @@ def test_a_name_deployed_while_running_is_served_scoped_measured_and_stopped(
     assert gone.status_code == 404
     openapi = httpx.get(f"{whole.base_url}/openapi.json", headers=admin).json()
     assert "delete" in openapi["paths"]["/admin/deployments/{name}"]
+
+
+def test_the_canary_guard_judges_the_traffic_of_both_gateways(
+    servers: tuple[ServerProcess, ServerProcess], home: Path, tiny_dirs: dict[str, Path]
+) -> None:
+    whole, only_echo = servers
+    headers = {whole.base_url: _admin(whole), only_echo.base_url: {}}
+    _import(home, tiny_dirs["chat"], "echo", fail_requests="1")  # echo:2 fails every request
+    started = _deploy(home, "echo", "--canary", "2", "--percent", "10")
+
+    def routes_canary(server: ServerProcess) -> bool:
+        url = f"{server.base_url}/admin/deployments/echo"
+        live = httpx.get(url, headers=headers[server.base_url]).json()["live"]
+        return live["revision"] == started["revision"] and all(
+            v["state"] == "ready" for v in live["versions"]
+        )
+
+    for server in servers:
+        _until(lambda server=server: routes_canary(server), "the canary is not applied")
+
+    def fail_on(server: ServerProcess, count: int) -> None:
+        for _ in range(count):
+            response = _complete(server, headers[server.base_url], "echo:2")
+            assert response.status_code == 500, response.text
+
+    # 12 failures on one gateway: below the guard's 20 requests, nothing happens...
+    fail_on(whole, 12)
+    time.sleep(3)  # three guard rounds
+    assert _deploy(home, "history", "echo")[-1]["action"] == "canary"
+    # ...12 more on the other: 24 pooled, the canary goes.
+    fail_on(only_echo, 12)
+    _until(
+        lambda: _deploy(home, "history", "echo")[-1]["action"] == "auto-rollback",
+        "no automatic rollback on the pooled window",
+        timeout_s=30,
+    )
+    last = _deploy(home, "history", "echo")[-1]
+    assert last["actor"] == "system:canary-guard"
+    assert "(24/24)" in last["reason"] and "pooled over 2 gateways" in last["reason"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from lmaas.bootstrap.deployments import audit_deployment_change, plan_serving
+from lmaas.bootstrap.deployments import audit_deployment_change, plan_serving, pooled_verdicts
 from lmaas.core.errors import (
     ConflictError,
     GateRefusedError,
@@ -20,9 +21,11 @@ from lmaas.core.errors import (
     ModelNotFoundError,
     NotFoundError,
 )
+from lmaas.engine.local import CanaryTrial
+from lmaas.engine.routing import CanaryGuard, GuardConfig, WindowCounts
 from lmaas.gateway.service import GovernanceService
 from lmaas.lifecycle.deployments import DeploymentService
-from lmaas.registry.deployments_db import DeploymentChange
+from lmaas.registry.deployments_db import DeploymentChange, VersionWindow
 from lmaas.registry.lifecycle_db import StoredMetric
 from lmaas.registry.service import RegistryService
 
@@ -269,3 +272,37 @@ def test_a_server_of_the_whole_store_leaves_stopped_names_stopped(
     named = plan_serving(service, latest, ["m"], version_deployment)  # --model m: serve it
     assert named.specs["m"].stable == "3" and built == [("m", "3")]
     assert service.history("m")[-1].action == "serve"
+
+
+def test_gateways_exchange_canary_windows_and_the_guard_pools_them(
+    service: DeploymentService,
+) -> None:
+    store = service.registry.deployments
+    guard = CanaryGuard(GuardConfig(min_requests=20))
+
+    def window(requests: int, errors: int) -> dict[str, Any]:
+        return WindowCounts(requests, errors, {100: requests - errors}).to_dict()
+
+    def trial() -> CanaryTrial:  # this gateway's own windows travel in the rows
+        return CanaryTrial("m", "1", "2", WindowCounts(), WindowCounts())
+
+    # Each gateway saw 12 canary requests, all failing: too few alone, 24 together.
+    a = [VersionWindow("a", "m", "1", window(30, 0)), VersionWindow("a", "m", "2", window(12, 12))]
+    only_a = store.exchange_windows("a", a, fresh_s=5)
+    assert sorted((r.gateway, r.version) for r in only_a) == [("a", "1"), ("a", "2")]
+    assert pooled_verdicts(guard, [trial()], only_a) == []
+    b = [VersionWindow("b", "m", "1", window(30, 0)), VersionWindow("b", "m", "2", window(12, 12))]
+    both = store.exchange_windows("b", b, fresh_s=5)
+    ((name, canary, reason),) = pooled_verdicts(guard, [trial()], both)
+    assert (name, canary) == ("m", "2")
+    assert "error rate 100.0% (24/24)" in reason and "pooled over 2 gateways" in reason
+    # A gateway's new windows replace its old ones; withdrawing leaves the others'.
+    again = store.exchange_windows("a", a[:1], fresh_s=5)
+    assert sorted((r.gateway, r.version) for r in again) == [("a", "1"), ("b", "1"), ("b", "2")]
+    assert store.exchange_windows("b", [], fresh_s=5) == []
+    assert [(r.gateway, r.version) for r in store.exchange_windows("a", a[:1], 5)] == [("a", "1")]
+    # Rows older than fresh_s do not count.
+    store.exchange_windows("c", [VersionWindow("c", "x", "1", window(1, 0))], 5)
+    time.sleep(0.05)
+    fresh = store.exchange_windows("d", [VersionWindow("d", "x", "1", window(1, 0))], 0.02)
+    assert [r.gateway for r in fresh] == ["d"]

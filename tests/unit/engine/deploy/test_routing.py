@@ -15,7 +15,10 @@ from lmaas.engine.routing import (
     GuardConfig,
     OutcomeWindow,
     SmoothWeightedRoundRobin,
+    WindowCounts,
     WindowSummary,
+    bucket_bound,
+    latency_bucket,
     note_routed,
     percentile,
     track_routed,
@@ -125,3 +128,28 @@ def test_the_routed_version_is_seen_by_the_request_that_tracks_it() -> None:
         return list(await asyncio.gather(request("1"), request("2")))
 
     assert contextvars.copy_context().run(asyncio.run, main()) == ["1", "2"]
+
+
+def test_window_counts_add_up_and_their_p99_is_within_five_percent() -> None:
+    rng = random.Random(0)
+    latencies = [rng.lognormvariate(-3, 1) for _ in range(3000)]
+    windows = []
+    for part in range(3):  # three gateways, a third of the traffic each
+        window = OutcomeWindow(60)
+        for latency in latencies[part::3]:
+            window.record(0.0, True, latency)
+        window.record(0.0, False, 9.0)  # an error: counted, not in the latencies
+        windows.append(window.counts(0.0))
+    pooled = WindowCounts.pooled(windows)
+    exact = percentile(sorted(latencies), 0.99)
+    summary = pooled.summary()
+    assert (summary.requests, summary.errors) == (3003, 3)
+    assert exact is not None and summary.p99_s is not None
+    assert exact <= summary.p99_s <= exact * 1.05
+    assert WindowCounts.from_dict(pooled.to_dict()) == pooled
+    assert WindowCounts().summary() == WindowSummary(0, 0, None)
+    for latency in (0.0, 1e-4, 0.0123, 1.0, 59.9):
+        bucket = latency_bucket(latency)
+        assert latency <= bucket_bound(bucket) and (
+            bucket == 0 or latency > bucket_bound(bucket - 1)
+        )
