@@ -53,13 +53,14 @@ def open_registry(
     settings: Settings, governance: GovernanceService | None = None
 ) -> RegistryService:
     """The registry of ``settings``; with ``governance``, every alias move made through it
-    lands in the audit trail (:meth:`GovernanceService.record_alias_move`)."""
+    lands in the audit trail, in the move's own transaction
+    (:meth:`GovernanceService.audit_alias_move`)."""
     settings.home.mkdir(parents=True, exist_ok=True)
     return RegistryService(
         settings.home,
         settings.resolved_database_url(),
         offline=settings.offline,
-        on_alias_moved=None if governance is None else governance.record_alias_move,
+        alias_audit=None if governance is None else governance.audit_alias_move,
     )
 
 

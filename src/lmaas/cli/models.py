@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -23,12 +23,13 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from sqlalchemy.orm import Session
 
-from lmaas.bootstrap.governance import open_governance
 from lmaas.bootstrap.settings import Settings
 from lmaas.cli.governance import cli_actor
 from lmaas.core.errors import LmaasError
 from lmaas.core.types import Task
+from lmaas.gateway.audit import alias_move_entry, append_audit
 from lmaas.registry.lifecycle_db import AliasMove
 from lmaas.registry.manifest import Lineage, Manifest
 from lmaas.registry.service import RegistryService
@@ -74,19 +75,10 @@ class RichImportProgress:
         self._progress.stop()
 
 
-def _audited(settings: Settings) -> Callable[[AliasMove], None]:
-    """The registry's alias-move hook for the CLI: each move lands in the audit trail (the
-    governance tables are opened only when an alias moves)."""
-
-    def record(move: AliasMove) -> None:
-        governance = open_governance(settings)
-        try:
-            governance.actor = cli_actor()
-            governance.record_alias_move(move)
-        finally:
-            governance.close()
-
-    return record
+def _audited(session: Session, move: AliasMove) -> None:
+    """The registry's alias-move hook for the CLI: each move's audit row is appended in the
+    move's own transaction (actor ``cli:<os user>`` when the move names none)."""
+    append_audit(session, alias_move_entry(move, cli_actor()))
 
 
 @contextmanager
@@ -99,7 +91,7 @@ def _registry(home: Path | None) -> Iterator[RegistryService]:
             settings.home,
             settings.resolved_database_url(),
             offline=settings.offline,
-            on_alias_moved=_audited(settings),
+            alias_audit=_audited,
         )
     except (LmaasError, ValidationError) as exc:
         _fail(stderr, str(exc))

@@ -28,6 +28,8 @@ from typing import Any
 from sqlalchemy import BigInteger, Integer, String, Text, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from lmaas.registry.lifecycle_db import AliasMove
+
 GENESIS_HASH = "0" * 64
 
 
@@ -71,6 +73,25 @@ class AuditEntry:
     target: str
     before: dict[str, Any] | None = None
     after: dict[str, Any] | None = None
+
+
+def alias_move_entry(move: AliasMove, default_actor: str) -> AuditEntry:
+    """The audit entry of a registry alias move: actor ``move.actor`` (``default_actor`` when
+    empty), action ``alias.move`` or ``alias.remove``, target ``name@alias``, before/after
+    ``{"model", "alias", "version"}`` (null: the alias did not exist / was removed)."""
+
+    def view(version: str | None) -> dict[str, Any] | None:
+        if version is None:
+            return None
+        return {"model": move.name, "alias": move.alias, "version": version}
+
+    return AuditEntry(
+        move.actor or default_actor,
+        "alias.remove" if move.version is None else "alias.move",
+        f"{move.name}@{move.alias}",
+        view(move.previous_version),
+        view(move.version),
+    )
 
 
 @dataclass(slots=True, frozen=True)

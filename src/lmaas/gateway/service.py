@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio.to_thread
+from sqlalchemy.orm import Session
 
 from lmaas.core.errors import (
     AuthenticationError,
@@ -25,7 +26,13 @@ from lmaas.core.errors import (
     NotFoundError,
 )
 from lmaas.core.types import is_valid_name
-from lmaas.gateway.audit import AuditEntry, AuditRecord, ChainReport
+from lmaas.gateway.audit import (
+    AuditEntry,
+    AuditRecord,
+    ChainReport,
+    alias_move_entry,
+    append_audit,
+)
 from lmaas.gateway.keys import (
     Principal,
     Scope,
@@ -178,29 +185,11 @@ class GovernanceService:
         """Walk the hash chain; the report names the first row edited, deleted or forged."""
         return self._store.verify_audit()
 
-    def record_alias_move(self, move: AliasMove) -> None:
-        """Append a registry alias move to the audit trail: the registry's ``on_alias_moved``
-        hook, called once the move is committed (with its alias history row).
-
-        The row: actor ``move.actor`` (who the registry was told moved it; this service's
-        actor when empty), action ``alias.move`` or ``alias.remove``, target ``name@alias``,
-        before/after ``{"model", "alias", "version"}`` (null: the alias did not exist / was
-        removed)."""
-
-        def view(version: str | None) -> dict[str, Any] | None:
-            if version is None:
-                return None
-            return {"model": move.name, "alias": move.alias, "version": version}
-
-        action = "alias.remove" if move.version is None else "alias.move"
-        entry = AuditEntry(
-            move.actor or self.actor,
-            action,
-            f"{move.name}@{move.alias}",
-            view(move.previous_version),
-            view(move.version),
-        )
-        self._store.append_audit(entry)
+    def audit_alias_move(self, session: Session, move: AliasMove) -> None:
+        """Append a registry alias move to the audit trail inside the move's own transaction
+        (the registry's ``alias_audit`` hook), so the move and its row commit together; the
+        actor is this service's when the move names none (:func:`alias_move_entry`)."""
+        append_audit(session, alias_move_entry(move, self.actor))
 
     # ---------------------------------------------------------------- tenants
 

@@ -1,12 +1,14 @@
 """Aliases, alias history, tags and evaluation metrics of versions, in the metadata DB.
 
 The manifest on disk is immutable, so everything that changes after import lives here: which
-version an alias names (moved in one transaction together with its history row), free-form
-tags, and evaluation results keyed by version, metric, dataset digest and split.
+version an alias names (moved in one transaction together with its history row and, through
+an optional hook, its audit row), free-form tags, and evaluation results keyed by version,
+metric, dataset digest and split.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -113,6 +115,11 @@ class AliasMove:
     actor: str = ""
 
 
+AliasInTransaction = Callable[[Session, AliasMove], None]
+"""Called inside an alias move's transaction, after its history row: the audit trail appends
+its row there, so that the move and its audit row commit together or not at all."""
+
+
 @dataclass(slots=True, frozen=True)
 class StoredMetric:
     """One evaluation result as ``lmaas models show`` and ``compare`` print it."""
@@ -138,22 +145,38 @@ class LifecycleStore:
 
     # ------------------------------------------------------------------ aliases
 
-    def move_alias(self, name: str, alias: str, version: str | None, actor: str) -> AliasMove:
-        """Point ``name@alias`` at ``version`` (None removes it) and record the move, atomically.
+    def move_alias(
+        self,
+        name: str,
+        alias: str,
+        version: str | None,
+        actor: str,
+        in_transaction: AliasInTransaction | None = None,
+    ) -> AliasMove:
+        """Point ``name@alias`` at ``version`` (None removes it) and record the move, atomically
+        (with whatever ``in_transaction`` writes in the same transaction).
 
         Raises:
             ModelNotFoundError: The version does not exist, or (removal) the alias does not.
+            Whatever ``in_transaction`` raises (nothing is written).
         """
         for attempt in range(_MAX_MOVE_ATTEMPTS):
             try:
-                return self._move_once(name, alias, version, actor)
+                return self._move_once(name, alias, version, actor, in_transaction)
             except IntegrityError:
                 # Another gateway created the same alias between our read and our insert.
                 if attempt == _MAX_MOVE_ATTEMPTS - 1:
                     raise ConflictError(f"alias {name}@{alias} is being moved; retry") from None
         raise AssertionError("unreachable")
 
-    def _move_once(self, name: str, alias: str, version: str | None, actor: str) -> AliasMove:
+    def _move_once(
+        self,
+        name: str,
+        alias: str,
+        version: str | None,
+        actor: str,
+        in_transaction: AliasInTransaction | None,
+    ) -> AliasMove:
         now = datetime.now(UTC)
         with self._sessions.begin() as session:
             # Write first: it takes SQLite's write lock (PostgreSQL: the row lock) before the
@@ -195,6 +218,11 @@ class LifecycleStore:
                     actor=actor,
                 )
             )
+            session.flush()
+            if in_transaction is not None:
+                # After the alias row's lock: every mover takes the audit head's lock last, as
+                # the other admin changes do, so the locks are always taken in the same order.
+                in_transaction(session, move)
         return move
 
     def alias_target(self, name: str, alias: str) -> str | None:

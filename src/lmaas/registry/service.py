@@ -7,7 +7,6 @@ and a failed import removes whatever it had published, so the DB never names a m
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -23,7 +22,7 @@ from lmaas.core.errors import (
 from lmaas.core.hashing import verify_file
 from lmaas.core.types import LATEST_ALIAS, Task, is_valid_name, parse_model_ref
 from lmaas.registry.deployments_db import DeploymentStore
-from lmaas.registry.lifecycle_db import AliasMove, LifecycleStore, StoredMetric
+from lmaas.registry.lifecycle_db import AliasInTransaction, AliasMove, LifecycleStore, StoredMetric
 from lmaas.registry.manifest import (
     FileEntry,
     Lineage,
@@ -87,8 +86,9 @@ class RegistryService:
         database_url: SQLAlchemy URL of the metadata DB (migrated on open).
         offline: Never try to reach a model hub.
         hub_endpoint: Base URL of the Hugging Face hub (a mirror); the library default when None.
-        on_alias_moved: Called after every alias move is committed (with its history row): the
-            audit trail's hook. The history table records every move whether or not it is set.
+        alias_audit: Called inside every alias move's transaction, after its history row: the
+            audit trail's hook, so a move and its audit row commit together (a hook that raises
+            undoes the move). The history table records every move whether or not it is set.
     """
 
     def __init__(
@@ -98,14 +98,14 @@ class RegistryService:
         *,
         offline: bool = False,
         hub_endpoint: str | None = None,
-        on_alias_moved: Callable[[AliasMove], None] | None = None,
+        alias_audit: AliasInTransaction | None = None,
     ) -> None:
         self._store = ModelStore(home / "models")
         self._db = MetadataStore(database_url)
         self._lifecycle = LifecycleStore(self._db.sessions)
         self.deployments = DeploymentStore(self._db.sessions)
         """What each served name routes to, and the history of its changes."""
-        self._on_alias_moved = on_alias_moved
+        self._alias_audit = alias_audit
         self._offline = offline
         self._hub_endpoint = hub_endpoint
         self._store.sweep_staging()
@@ -388,7 +388,7 @@ class RegistryService:
     # ------------------------------------------------------------------ aliases, tags, metrics
 
     def set_alias(self, name: str, alias: str, version: str, *, actor: str = "") -> AliasMove:
-        """Point ``name@alias`` at ``version`` in one transaction with its history row.
+        """Point ``name@alias`` at ``version`` in one transaction with its history (and audit) row.
 
         Raises:
             InvalidRequestError: The alias is not a valid name, or is the built-in ``latest``.
@@ -396,7 +396,7 @@ class RegistryService:
         """
         _check_alias(alias)
         self.get(name, version)
-        return self._moved(self._lifecycle.move_alias(name, alias, version, actor))
+        return self._lifecycle.move_alias(name, alias, version, actor, self._alias_audit)
 
     def remove_alias(self, name: str, alias: str, *, actor: str = "") -> AliasMove:
         """Remove ``name@alias`` (recorded in the history as a move to no version).
@@ -405,12 +405,7 @@ class RegistryService:
             ModelNotFoundError: No such alias.
         """
         _check_alias(alias)
-        return self._moved(self._lifecycle.move_alias(name, alias, None, actor))
-
-    def _moved(self, move: AliasMove) -> AliasMove:
-        if self._on_alias_moved is not None:
-            self._on_alias_moved(move)  # audit hook: the move is committed and in the history
-        return move
+        return self._lifecycle.move_alias(name, alias, None, actor, self._alias_audit)
 
     def aliases(self, name: str) -> dict[str, str]:
         """Every alias of ``name`` → version."""

@@ -212,17 +212,22 @@ async def test_the_meter_writes_in_batches_and_everything_on_close(gov_database_
         store.close()
 
 
+def _tiny_model_dir(tmp_path: Path) -> Path:
+    src = tmp_path / "m"
+    src.mkdir()
+    config = {"architectures": ["BertModel"], "model_type": "bert", "max_position_embeddings": 64}
+    (src / "config.json").write_text(json.dumps(config))
+    save_file({"w": np.zeros((4, 4), dtype=np.float32)}, str(src / "model.safetensors"))
+    return src
+
+
 def test_alias_moves_of_the_servers_registry_land_in_the_audit_trail(
     gov_database_url: str, tmp_path: Path
 ) -> None:
     from lmaas.bootstrap.settings import Settings
     from lmaas.bootstrap.wiring import open_registry
 
-    src = tmp_path / "m"
-    src.mkdir()
-    config = {"architectures": ["BertModel"], "model_type": "bert", "max_position_embeddings": 64}
-    (src / "config.json").write_text(json.dumps(config))
-    save_file({"w": np.zeros((4, 4), dtype=np.float32)}, str(src / "model.safetensors"))
+    src = _tiny_model_dir(tmp_path)
     settings = Settings(home=tmp_path / "home", database_url=gov_database_url, offline=True)
     governance = GovernanceService.open(gov_database_url, key_cache_ttl_s=0)
     registry = open_registry(settings, governance)  # as `lmaas serve` opens it
@@ -242,6 +247,53 @@ def test_alias_moves_of_the_servers_registry_land_in_the_audit_trail(
             ("lmaas-0123456789ab", "alias.remove", "m@production", at[1], None),
         ]
         assert governance.verify_audit().ok
+    finally:
+        registry.close()
+        governance.close()
+
+
+def test_concurrent_audited_moves_keep_one_chain_in_history_order(
+    gov_database_url: str, tmp_path: Path
+) -> None:
+    """Each move writes its audit row in its own transaction, after taking the alias row's
+    lock: concurrent moves leave an unforked chain whose rows follow the history's order."""
+    from lmaas.bootstrap.settings import Settings
+    from lmaas.bootstrap.wiring import open_registry
+
+    settings = Settings(home=tmp_path / "home", database_url=gov_database_url, offline=True)
+    governance = GovernanceService.open(gov_database_url, key_cache_ttl_s=0)
+    registry = open_registry(settings, governance)
+    errors: list[BaseException] = []
+
+    def mover(version: str) -> None:
+        try:
+            for _ in range(5):
+                registry.set_alias("m", "production", version, actor=f"mover-{version}")
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    try:
+        src = _tiny_model_dir(tmp_path)
+        for _ in range(3):
+            registry.import_model(str(src), name="m")
+        threads = [threading.Thread(target=mover, args=(v,)) for v in ("1", "2", "3")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        history = registry.history("m")
+        rows = governance.list_audit(after_seq=0, action="alias.move")
+        assert len(rows) == len(history) == 15
+        assert governance.verify_audit().ok
+        assert [(r.actor, (r.before or {}).get("version"), r.after) for r in rows] == [
+            (
+                h.actor,
+                h.previous_version,
+                {"model": "m", "alias": "production", "version": h.version},
+            )
+            for h in history
+        ]
     finally:
         registry.close()
         governance.close()

@@ -9,10 +9,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from lmaas.core.errors import ConflictError, InvalidRequestError, ModelNotFoundError
 from lmaas.core.types import ModelRef, parse_model_ref
-from lmaas.registry.lifecycle_db import AliasMove, StoredMetric
+from lmaas.registry.lifecycle_db import AliasHistoryRow, AliasMove, StoredMetric
 from lmaas.registry.service import RegistryService
 
 MakeModelDir = Callable[..., Path]  # the make_model_dir fixture of conftest.py
@@ -111,15 +113,30 @@ def test_aliased_version_cannot_be_removed(
     assert [h.version for h in registry.history("m")] == ["2", None]
 
 
-def test_audit_hook_sees_every_committed_move(
+def test_audit_hook_runs_inside_each_moves_transaction(
     home: Path, database_url: str, make_model_dir: MakeModelDir
 ) -> None:
     seen: list[AliasMove] = []
-    with RegistryService(home, database_url, offline=True, on_alias_moved=seen.append) as reg:
+
+    def hook(session: Session, move: AliasMove) -> None:
+        # The move's history row is already written in the same (uncommitted) transaction.
+        (row,) = session.scalars(
+            select(AliasHistoryRow).order_by(AliasHistoryRow.id.desc()).limit(1)
+        )
+        assert (row.alias, row.version) == (move.alias, move.version)
+        if move.alias == "refused":
+            raise RuntimeError("the audit trail is unreachable")
+        seen.append(move)
+
+    with RegistryService(home, database_url, offline=True, alias_audit=hook) as reg:
         _three_versions(reg, make_model_dir)
         reg.set_alias("m", "production", "1", actor="k1")
         with pytest.raises(ModelNotFoundError):
             reg.set_alias("m", "production", "7")
+        # A hook that fails undoes the move: no alias, no history row.
+        with pytest.raises(RuntimeError, match="unreachable"):
+            reg.set_alias("m", "refused", "2")
+        assert reg.alias_target("m", "refused") is None
         reg.remove_alias("m", "production")
         assert [(m.alias, m.version, m.actor) for m in seen] == [
             ("production", "1", "k1"),
