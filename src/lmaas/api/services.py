@@ -24,6 +24,7 @@ from lmaas.gateway.visibility import ScopedEngineClient
 from lmaas.lifecycle.deployments import DeploymentService
 from lmaas.lifecycle.eval_jobs import EvaluationJobs
 from lmaas.observability.metrics import Metrics
+from lmaas.registry.service import RegistryService
 
 _SCOPED_SERVICES_KEY = "lmaas.scoped_services"
 USAGE_KEY = "lmaas.usage"
@@ -97,6 +98,8 @@ class ApiServices:
             None: no metering.
         evaluations: Evaluation jobs, for ``/admin/evaluations`` (501 without it).
         deployments: Deployment changes, for ``/admin/deployments`` (501 without it).
+        registry: The model registry, for ``/admin/models`` (alias moves, history; 501
+            without it). Open it with the audit hook (``bootstrap.wiring.open_registry``).
     """
 
     engine: EngineClient
@@ -112,6 +115,7 @@ class ApiServices:
     meter: UsageMeter | None = None
     evaluations: EvaluationJobs | None = None
     deployments: DeploymentService | None = None
+    registry: RegistryService | None = None
 
 
 def services_of(request: Request) -> ApiServices:

@@ -184,12 +184,14 @@ def build_gateway(
     aliases: AliasLookup | None = None,
     meter: UsageMeter | None = None,
     deploy: DeploymentWiring | None = None,
+    registry: RegistryService | None = None,
 ) -> Gateway:
     """Wire the engine, the API, and tenants and keys: the app checks keys on every route but
     the probes unless ``settings.auth.enabled`` is off (the caller checked the bind address).
 
     ``aliases`` (the registry's ``alias_target``) lets clients call ``name@alias``; every route
-    also accepts ``name:version`` (:class:`~lmaas.engine.refs.ResolvingEngineClient`)."""
+    also accepts ``name:version`` (:class:`~lmaas.engine.refs.ResolvingEngineClient`);
+    ``registry`` (opened with the audit hook) serves ``/admin/models``."""
     metrics = Metrics()
 
     def on_state(model: str, state: ModelState) -> None:
@@ -268,6 +270,7 @@ def build_gateway(
         meter=meter,
         limiter=limiter,
         deployments=deploy.service if deploy is not None else None,
+        registry=registry,
     )
     return Gateway(app=create_app(services), engine=engine, metrics=metrics)
 

@@ -142,6 +142,7 @@ def serve(
         aliases=registry.alias_target,
         meter=meter,
         deploy=deploy,
+        registry=registry,
     )
     run_gateway(gateway, settings, sock)
 

@@ -288,9 +288,10 @@ class RegistryService:
 
     # ------------------------------------------------------------------ queries
 
-    def list_models(self) -> list[Manifest]:
-        """Return every version of every model, sorted by name then numeric version."""
-        return self._db.list_versions()
+    def list_models(self, name: str | None = None) -> list[Manifest]:
+        """Return every version of every model (of ``name`` only when given), sorted by name
+        then numeric version."""
+        return self._db.list_versions(name)
 
     def get(self, name: str, version: str | None = None) -> Manifest:
         """Return ``name:version``, or the latest version of ``name`` when ``version`` is None.

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from lmaas.gateway.service import GovernanceService
 from lmaas.registry.service import RegistryService
 from lmaas.testing.tiny_text_heads import build_tiny_classifier
 from tests.integration.serverproc import ServerProcess, start_server
@@ -108,3 +109,40 @@ def test_moving_the_alias_is_seen_by_the_running_server(
         finally:
             registry.set_alias("tiny-cls", "production", "1")
         assert [h.version for h in registry.history("tiny-cls")] == ["1", "2", "1"]
+
+
+def test_admin_routes_move_the_alias_of_the_running_server(
+    lifecycle_server: ServerProcess,
+) -> None:
+    base = lifecycle_server.base_url
+    url = f"{base}/admin/models/tiny-cls/aliases/production"
+    before = httpx.get(url).json()["version"]
+    moved = httpx.put(url, json={"version": "2"})
+    assert moved.status_code == 200, moved.text
+    assert (moved.json()["previous_version"], moved.json()["actor"]) == (before, "local:no-auth")
+    try:
+        time.sleep(1.2)  # the gateway caches an alias lookup for 1 s
+        response = _classify(lifecycle_server, "tiny-cls@production")
+        assert response.status_code == 404  # this server serves version 1 only
+        assert "(tiny-cls@production is version 2)" in response.json()["error"]["message"]
+        assert httpx.put(url, json={"version": "9"}).status_code == 404
+    finally:
+        back = httpx.put(url, json={"version": before})
+    assert back.status_code == 200
+    time.sleep(1.2)
+    assert _classify(lifecycle_server, "tiny-cls@production").status_code == 200
+    history = httpx.get(f"{base}/admin/models/tiny-cls/history").json()
+    assert [h["version"] for h in history["aliases"]][-2:] == ["2", before]
+    assert [v["version"] for v in history["versions"]] == ["1", "2"]
+    # Each move is in the audit trail, written with the move.
+    home = lifecycle_server.log_path.parent
+    governance = GovernanceService.open(f"sqlite:///{home / 'lmaas.db'}")
+    try:
+        rows = governance.list_audit(limit=2, target="tiny-cls@production")
+        assert [(r.actor, (r.after or {}).get("version")) for r in rows] == [
+            ("local:no-auth", before),
+            ("local:no-auth", "2"),
+        ]
+        assert governance.verify_audit().ok
+    finally:
+        governance.close()
