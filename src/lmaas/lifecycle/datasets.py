@@ -8,6 +8,10 @@ Fields by task (extra fields are ignored; ``split`` selects rows with ``--split`
 * classification: ``text``, ``label`` (a label name of the model, or its index);
 * image-classification: ``image`` (a path, relative to the data file), ``label``;
 * embedding: ``query``, ``positive``; optional ``negatives`` (a list) join the corpus;
+* rerank: ``query``, ``documents`` (texts, or ``{"id", "text"}`` objects) and ``labels`` (a
+  graded relevance per document) or ``relevant`` (the relevant documents' ids or indices);
+* speech-to-text: ``audio`` (a path, relative to the data file), ``reference``; optional
+  ``language``;
 * chat: ``messages`` (OpenAI-style) or ``prompt``, and ``reference``;
 * completion, seq2seq: ``prompt`` (or ``input``), and ``reference``;
 * chat/completion perplexity: ``text`` (or a ``.txt`` file).

@@ -2,13 +2,12 @@
 
 Batch tasks go through :func:`lmaas.runtimes.batching.run_batch` (preprocess → forward in
 batches → postprocess, the worker's path without its threads); generative tasks through the
-runner's step loop, greedy. So the predictions are those the server would return.
+runner's step loop, greedy. So the predictions are those the server would return. Rerank and
+speech-to-text live in :mod:`~lmaas.lifecycle.eval_rerank` and :mod:`~lmaas.lifecycle.eval_speech`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,61 +21,18 @@ from lmaas.core.messages import (
     EmbedResult,
     GenerateRequest,
     InferRequest,
-    InferResult,
     ModelInfo,
-    RequestError,
     SamplingParams,
 )
 from lmaas.core.types import Task
 from lmaas.lifecycle import metrics as m
 from lmaas.lifecycle.datasets import EvalData, field_of
+from lmaas.lifecycle.eval_common import EvalOptions, Progress, TaskScores, infer_all
+from lmaas.lifecycle.eval_rerank import evaluate_rerank
+from lmaas.lifecycle.eval_speech import evaluate_speech
 from lmaas.runtimes.base import BatchRunner, GenerationRunner, Runner
-from lmaas.runtimes.batching import run_batch
 
-Progress = Callable[[int], None]
-"""Called with the number of examples just finished."""
-
-
-@dataclass(slots=True, frozen=True)
-class EvalOptions:
-    """How to evaluate (the data set is loaded already).
-
-    Attributes:
-        batch_size: Examples per ``run_batch`` call / sequences in flight.
-        max_new_tokens: Generation cap for reference-based metrics.
-        ks: Cut-offs of recall@k (embedding).
-    """
-
-    batch_size: int = 32
-    max_new_tokens: int = 64
-    ks: tuple[int, ...] = (1, 5, 10)
-
-
-@dataclass(slots=True)
-class TaskScores:
-    """What one task evaluation found: scalar metrics plus details (per-class report...)."""
-
-    metrics: dict[str, float]
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-def _infer_all(
-    runner: BatchRunner,
-    requests: list[InferRequest],
-    data: EvalData,
-    options: EvalOptions,
-    progress: Progress,
-) -> list[InferResult]:
-    results: list[InferResult] = []
-    for start in range(0, len(requests), options.batch_size):
-        chunk = requests[start : start + options.batch_size]
-        for offset, result in enumerate(run_batch(runner, chunk, options.batch_size)):
-            if isinstance(result, RequestError):
-                where = data.where(start + offset) if start + offset < len(data.rows) else "input"
-                raise InvalidRequestError(f"{where}: the model refused it: {result.message}")
-            results.append(result)
-        progress(len(chunk))
-    return results
+__all__ = ["EvalOptions", "Progress", "TaskScores", "check_examples", "evaluate_with_runner"]
 
 
 def evaluate_classification(
@@ -104,7 +60,7 @@ def evaluate_classification(
         else:
             requests.append(ClassifyRequest(f"eval-{i}", texts=[field_of(data, i, "text")]))
     predictions = []
-    for result in _infer_all(runner, requests, data, options, progress):
+    for result in infer_all(runner, requests, data, options, progress):
         assert isinstance(result, ClassifyResult)
         probs = np.frombuffer(result.probs, dtype="<f4").reshape(result.num_inputs, -1)
         predictions.append(int(probs[0].argmax()))
@@ -173,7 +129,7 @@ def _embed(
         for i in range(0, len(texts), options.batch_size)
     ]
     vectors = []
-    for result in _infer_all(runner, requests, data, EvalOptions(batch_size=1), lambda _: None):
+    for result in infer_all(runner, requests, data, EvalOptions(batch_size=1), lambda _: None):
         assert isinstance(result, EmbedResult)
         vectors.append(np.frombuffer(result.data, dtype="<f4").reshape(result.num_inputs, -1))
         progress(result.num_inputs)
@@ -255,6 +211,8 @@ _REQUIRED_FIELDS: dict[Task, tuple[tuple[str, ...], ...]] = {
     Task.CLASSIFICATION: (("text",), ("label",)),
     Task.IMAGE_CLASSIFICATION: (("image",), ("label",)),
     Task.EMBEDDING: (("query",), ("positive",)),
+    Task.RERANK: (("query",), ("documents",), ("labels", "relevant")),
+    Task.SPEECH_TO_TEXT: (("audio",), ("reference", "text")),
     Task.CHAT: (("messages", "prompt", "input"), ("reference", "target")),
     Task.COMPLETION: (("prompt", "input"), ("reference", "target")),
     Task.SEQ2SEQ: (("prompt", "input"), ("reference", "target")),
@@ -299,9 +257,13 @@ def evaluate_with_runner(
         return evaluate_classification(runner, info, data, options, progress, images=images)
     if task is Task.EMBEDDING and isinstance(runner, BatchRunner):
         return evaluate_embedding(runner, data, options, progress)
+    if task is Task.RERANK and isinstance(runner, BatchRunner):
+        return evaluate_rerank(runner, data, options, progress)
+    if task is Task.SPEECH_TO_TEXT and isinstance(runner, BatchRunner):
+        return evaluate_speech(runner, data, options, progress)
     if task in {Task.CHAT, Task.COMPLETION, Task.SEQ2SEQ} and isinstance(runner, GenerationRunner):
         return evaluate_generation(runner, task, data, options, progress)
     raise NotSupportedError(
-        f"no evaluation for {task.value} models yet; supported: classification, "
-        "image-classification, embedding, chat, completion, seq2seq"
+        f"no evaluation for {task.value} models yet; supported: "
+        + ", ".join(t.value for t in _REQUIRED_FIELDS)
     )

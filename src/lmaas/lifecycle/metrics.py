@@ -1,4 +1,5 @@
-"""Evaluation metrics in plain numpy: classification, text overlap, retrieval, perplexity.
+"""Evaluation metrics in plain numpy: classification, text overlap, retrieval, ranking,
+transcription error rates, perplexity.
 
 No scikit-learn, NLTK or sacrebleu at run time (and no data downloads); the unit tests check
 these functions against hand-computed values and against scikit-learn where it is installed.
@@ -217,6 +218,99 @@ def retrieval_metrics(
     out = {f"recall@{k}": float((ranks <= k).mean()) for k in ks}
     out["mrr"] = float((1.0 / ranks).mean())
     return out
+
+
+def ranking_metrics(
+    scores: Sequence[Sequence[float]],
+    relevance: Sequence[Sequence[float]],
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """MRR, nDCG@k and recall@k of scored document lists (a reranker's output), averaged over
+    the queries.
+
+    Args:
+        scores: For each query, one score per document (higher ranks first).
+        relevance: For each query, the graded relevance of each document (0: not relevant);
+            every query needs at least one relevant document.
+        ks: Cut-offs of nDCG@k and recall@k.
+
+    Returns:
+        ``mrr`` (1 / rank of the first relevant document), ``ndcg@k`` (linear gains
+        ``rel / log2(rank + 1)`` over the ideal order's, as scikit-learn's ``ndcg_score`` and
+        trec_eval), ``recall@k`` (share of the relevant documents in the top k). Ties rank the
+        more relevant documents after their equals.
+    """
+    if len(scores) != len(relevance) or not scores:
+        raise ValueError("one relevance list per score list, and at least one query")
+    sums = dict.fromkeys(["mrr", *(f"ndcg@{k}" for k in ks), *(f"recall@{k}" for k in ks)], 0.0)
+    for query_scores, query_rels in zip(scores, relevance, strict=True):
+        if len(query_scores) != len(query_rels) or not any(r > 0 for r in query_rels):
+            raise ValueError("one relevance per document, and a relevant document per query")
+        order = sorted(range(len(query_scores)), key=lambda i: (-query_scores[i], query_rels[i]))
+        ranked = [float(query_rels[i]) for i in order]
+        ideal = sorted(ranked, reverse=True)
+        sums["mrr"] += 1.0 / (next(n for n, r in enumerate(ranked) if r > 0) + 1)
+        num_relevant = sum(r > 0 for r in ranked)
+        for k in ks:
+            sums[f"ndcg@{k}"] += _dcg(ranked[:k]) / _dcg(ideal[:k])
+            sums[f"recall@{k}"] += sum(r > 0 for r in ranked[:k]) / num_relevant
+    return {name: total / len(scores) for name, total in sums.items()}
+
+
+def _dcg(gains: Sequence[float]) -> float:
+    return sum(g / math.log2(rank + 2) for rank, g in enumerate(gains))
+
+
+_WORD_RE = re.compile(r"[\w']+")
+
+
+def transcript_words(text: str) -> list[str]:
+    """Lower-cased words without punctuation (``"Dog, please."`` → ``["dog", "please"]``):
+    what WER and CER compare, so casing and punctuation are not counted as errors."""
+    return _WORD_RE.findall(text.lower())
+
+
+def edit_distance(a: Sequence[object], b: Sequence[object]) -> int:
+    """Levenshtein distance: the fewest substitutions, deletions and insertions from a to b.
+
+    One numpy pass per item of ``a``: a row's insertions are a running minimum
+    (``row[j] = j + min over l <= j of (partial[l] - l)``), so long transcripts stay fast.
+    """
+    if not a or not b:
+        return max(len(a), len(b))
+    vocabulary: dict[object, int] = {}
+    a_ids = [vocabulary.setdefault(item, len(vocabulary)) for item in a]
+    b_ids = np.array([vocabulary.setdefault(item, len(vocabulary)) for item in b])
+    columns = np.arange(len(b) + 1)
+    previous = columns.copy()
+    for i, item in enumerate(a_ids, start=1):
+        partial = np.empty_like(previous)
+        partial[0] = i
+        # Deletion (from above) or substitution/match (from the diagonal); insertions next.
+        partial[1:] = np.minimum(previous[1:] + 1, previous[:-1] + (b_ids != item))
+        previous = np.minimum.accumulate(partial - columns) + columns
+    return int(previous[-1])
+
+
+def error_rates(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Corpus word and character error rates of transcriptions against references.
+
+    ``wer`` = word edits / reference words, ``cer`` = character edits / reference characters,
+    each summed over the corpus (as jiwer does), after :func:`transcript_words` (characters: the
+    words joined by single spaces). Both can exceed 1 when a prediction inserts a lot.
+    """
+    _check_pairs(predictions, references)
+    word_edits = word_total = char_edits = char_total = 0
+    for prediction, reference in zip(predictions, references, strict=True):
+        hyp, ref = transcript_words(prediction), transcript_words(reference)
+        word_edits += edit_distance(hyp, ref)
+        word_total += len(ref)
+        hyp_chars, ref_chars = " ".join(hyp), " ".join(ref)
+        char_edits += edit_distance(hyp_chars, ref_chars)
+        char_total += len(ref_chars)
+    if word_total == 0:
+        raise ValueError("the references hold no words")
+    return {"wer": word_edits / word_total, "cer": char_edits / char_total}
 
 
 def perplexity(total_nll: float, num_tokens: int) -> float:

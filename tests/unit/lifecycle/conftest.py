@@ -10,13 +10,15 @@ import pytest
 from lmaas.registry.service import RegistryService
 from lmaas.testing.tiny_models import build_tiny_causal_lm, build_tiny_embedder
 from lmaas.testing.tiny_seq2seq import build_tiny_seq2seq
-from lmaas.testing.tiny_text_heads import build_tiny_classifier
+from lmaas.testing.tiny_speech import build_tiny_whisper
+from lmaas.testing.tiny_text_heads import build_tiny_classifier, build_tiny_cross_encoder
 from lmaas.testing.tiny_vision import build_tiny_image_classifier
 
 
 @pytest.fixture(scope="session")
 def eval_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An lmaas home with tiny-cls, tiny-img, tiny-embed, tiny-t5 and tiny-chat imported."""
+    """An lmaas home with tiny-cls, tiny-img, tiny-embed, tiny-t5, tiny-chat, tiny-rerank and
+    tiny-whisper (6 new tokens a window at most) imported."""
     root = tmp_path_factory.mktemp("eval-models")
     home = root / "home"
     home.mkdir()
@@ -26,10 +28,13 @@ def eval_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "tiny-embed": lambda d: build_tiny_embedder(d, seed=0),
         "tiny-t5": lambda d: build_tiny_seq2seq(d, "t5", seed=0),
         "tiny-chat": lambda d: build_tiny_causal_lm(d, "llama", seed=0),
+        "tiny-rerank": lambda d: build_tiny_cross_encoder(d, seed=5),
+        "tiny-whisper": lambda d: build_tiny_whisper(d, seed=1, num_layers=1),
     }
+    serving = {"tiny-whisper": {"options": {"max_new_tokens": "6"}}}
     with RegistryService(home, database_url(home), offline=True) as registry:
         for name, build in builders.items():
-            registry.import_model(str(build(root / name)), name=name)
+            registry.import_model(str(build(root / name)), name=name, serving=serving.get(name))
     return home
 
 

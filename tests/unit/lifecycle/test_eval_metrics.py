@@ -10,8 +10,11 @@ import pytest
 from lmaas.lifecycle.metrics import (
     classification_report,
     corpus_bleu,
+    edit_distance,
+    error_rates,
     exact_match,
     perplexity,
+    ranking_metrics,
     retrieval_metrics,
     rouge_l,
 )
@@ -133,3 +136,52 @@ def test_perplexity() -> None:
     assert perplexity(10 * math.log(4), 10) == pytest.approx(4.0)
     with pytest.raises(ValueError):
         perplexity(1.0, 0)
+
+
+def test_ranking_by_hand() -> None:
+    # Query 1: the relevant document (index 2) ranks 2nd. Query 2: graded, perfect order.
+    got = ranking_metrics(
+        [[0.1, 0.9, 0.5], [3.0, 2.0, 1.0]],
+        [[0, 0, 1], [2, 1, 0]],
+        ks=(1, 2),
+    )
+    assert got["mrr"] == pytest.approx((1 / 2 + 1) / 2)
+    assert got["recall@1"] == pytest.approx((0 + 1 / 2) / 2)
+    assert got["recall@2"] == pytest.approx((1 + 1) / 2)
+    ndcg_q1_at2 = (1 / math.log2(3)) / 1.0
+    assert got["ndcg@1"] == pytest.approx((0 + 1) / 2)
+    assert got["ndcg@2"] == pytest.approx((ndcg_q1_at2 + 1) / 2)
+    # Ties rank the relevant document after its equals (a constant model earns nothing).
+    tied = ranking_metrics([[1.0, 1.0, 1.0]], [[1, 0, 0]], ks=(1,))
+    assert tied["mrr"] == pytest.approx(1 / 3) and tied["recall@1"] == 0.0
+    with pytest.raises(ValueError, match="relevant document"):
+        ranking_metrics([[1.0, 2.0]], [[0, 0]])
+    with pytest.raises(ValueError, match="one relevance"):
+        ranking_metrics([[1.0, 2.0]], [[1]])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ndcg_matches_scikit_learn(seed: int) -> None:
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(seed)
+    scores = rng.random((20, 8))  # continuous: no ties
+    relevance = rng.integers(0, 4, size=(20, 8))
+    relevance[:, 0] = np.maximum(relevance[:, 0], 1)  # a relevant document per query
+    got = ranking_metrics(scores.tolist(), relevance.tolist(), ks=(3, 8))
+    for k in (3, 8):
+        assert got[f"ndcg@{k}"] == pytest.approx(sk.ndcg_score(relevance, scores, k=k))
+
+
+def test_edit_distance_and_error_rates_by_hand() -> None:
+    assert edit_distance("kitten", "sitting") == 3
+    assert edit_distance([], ["a", "b"]) == 2
+    assert edit_distance(["a", "b", "c"], ["a", "c"]) == 1
+    # "the cat sat" vs "the cat sat down": one insertion in 3 words; "Dog, please." vs
+    # "dog please": casing and punctuation do not count.
+    rates = error_rates(["the cat sat down", "Dog, please."], ["The cat sat", "dog please"])
+    assert rates["wer"] == pytest.approx(1 / 5)
+    assert rates["cer"] == pytest.approx(len(" down") / (len("the cat sat") + len("dog please")))
+    assert error_rates(["über café"], ["Über café"]) == {"wer": 0.0, "cer": 0.0}
+    assert error_rates([""], ["two words"])["wer"] == 1.0
+    with pytest.raises(ValueError, match="no words"):
+        error_rates(["a"], ["..."])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import wave
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,20 @@ import pytest
 from PIL import Image
 
 from lmaas.core.errors import InvalidRequestError, NotSupportedError
-from lmaas.core.messages import ClassifyRequest, ClassifyResult, ModelInfo
+from lmaas.core.messages import (
+    ClassifyRequest,
+    ClassifyResult,
+    ModelInfo,
+    RerankRequest,
+    ScoreResult,
+    TranscribeRequest,
+    TranscriptionResult,
+)
 from lmaas.core.types import Task
 from lmaas.lifecycle.datasets import load_eval_data
 from lmaas.lifecycle.eval_tasks import EvalOptions, evaluate_with_runner
 from lmaas.lifecycle.evaluate import EvaluationResult, evaluate, store
+from lmaas.lifecycle.metrics import error_rates, transcript_words
 from lmaas.registry.service import RegistryService
 from lmaas.registry.serving import worker_spec_for
 from lmaas.runtimes.base import BatchRunner
@@ -194,6 +204,98 @@ def test_perplexity_on_a_text_file(eval_registry: RegistryService, tmp_path: Pat
     assert jsonl.num_examples == 2 and jsonl.metrics["perplexity"] > 1.0
 
 
+def _batch_runner(registry: RegistryService, ref: str) -> BatchRunner:
+    manifest = registry.resolve(ref)
+    spec = worker_spec_for(
+        manifest, registry.model_dir(manifest), dtype="auto", device="cpu", cache_dir=Path("/tmp")
+    )
+    runner = create_runner(spec)
+    runner.load()
+    assert isinstance(runner, BatchRunner)
+    return runner
+
+
+def test_rerank(eval_registry: RegistryService, tmp_path: Path) -> None:
+    queries = TEXTS[:4]
+    documents = [TEXTS[4:], TEXTS[3:7], TEXTS[1:5], TEXTS[:4]]
+    runner = _batch_runner(eval_registry, "tiny-rerank")
+    served = []
+    for i, (query, docs) in enumerate(zip(queries, documents, strict=True)):
+        (result,) = run_batch(runner, [RerankRequest(f"r{i}", query, docs)])
+        assert isinstance(result, ScoreResult)
+        served.append(result.scores)
+    best = [int(np.argmax(s)) for s in served]
+    worst = [int(np.argmin(s)) for s in served]
+
+    def rows(pick: list[int]) -> list[dict[str, Any]]:
+        """The same choice in each accepted shape: indices, ids, graded labels."""
+        out: list[dict[str, Any]] = []
+        for i, (query, docs) in enumerate(zip(queries, documents, strict=True)):
+            if i == 1:
+                objects = [{"id": f"d{n}", "text": d} for n, d in enumerate(docs)]
+                out.append({"query": query, "documents": objects, "relevant": [f"d{pick[i]}"]})
+            elif i == 2:
+                labels = [2 if n == pick[i] else 0 for n in range(len(docs))]
+                out.append({"query": query, "documents": docs, "labels": labels})
+            else:
+                out.append({"query": query, "documents": docs, "relevant": [pick[i]]})
+        return out
+
+    perfect = _run(eval_registry, "tiny-rerank", _write_jsonl(tmp_path / "r.jsonl", rows(best)))
+    assert perfect.task == "rerank"
+    for name in ("mrr", "ndcg@1", "ndcg@5", "recall@1", "recall@5"):
+        assert perfect.metrics[name] == pytest.approx(1.0), name
+    assert perfect.details["num_documents"] == 16
+    manifest = eval_registry.resolve("tiny-rerank")
+    store(eval_registry, manifest, perfect)
+    assert {m.metric for m in eval_registry.metrics(manifest)} >= {"mrr", "ndcg@5", "recall@1"}
+    # The least relevant by the model's own scores: rank 4 of 4 everywhere.
+    last = _run(eval_registry, "tiny-rerank", _write_jsonl(tmp_path / "w.jsonl", rows(worst)))
+    assert last.metrics["mrr"] == pytest.approx(1 / 4)
+    assert last.metrics["recall@1"] == 0.0 and last.metrics["recall@5"] == 1.0
+    assert last.metrics["ndcg@5"] == pytest.approx(1 / math.log2(5))
+
+
+def _chirp_wav(path: Path, seconds: float, low_hz: float) -> Path:
+    t = np.arange(int(seconds * 16000)) / 16000
+    samples = 0.4 * np.sin(2 * np.pi * (low_hz + 300 * t) * t)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes((samples * 32767).astype("<i2").tobytes())
+    return path
+
+
+def test_speech_to_text(eval_registry: RegistryService, tmp_path: Path) -> None:
+    audio = [_chirp_wav(tmp_path / f"a{i}.wav", 1.0 + i / 2, 200 + 100 * i) for i in range(3)]
+    runner = _batch_runner(eval_registry, "tiny-whisper")
+    served = []
+    for i, path in enumerate(audio):
+        request = TranscribeRequest(f"s{i}", path.read_bytes(), language="en", timestamps=False)
+        (result,) = run_batch(runner, [request])
+        assert isinstance(result, TranscriptionResult)
+        served.append(result.text)
+    # Random weights: the "transcripts" are arbitrary (often empty), so the check is that the
+    # evaluation scores exactly what the runner serves, against the references given.
+    references = [t if transcript_words(t) else "filler words" for t in served]
+    rows = [
+        {"audio": p.name, "reference": r, "language": "en"}
+        for p, r in zip(audio, references, strict=True)
+    ]
+    own = _run(
+        eval_registry, "tiny-whisper", _write_jsonl(tmp_path / "s.jsonl", rows), batch_size=2
+    )
+    assert own.task == "speech-to-text"
+    assert own.metrics == pytest.approx(error_rates(served, references))
+    assert own.details["audio_seconds"] == pytest.approx(1.0 + 1.5 + 2.0)
+    assert [s["prediction"] for s in own.details["samples"]] == served
+
+    other = [{"audio": p.name, "text": "alpha beta gamma", "language": "en"} for p in audio]
+    scored = _run(eval_registry, "tiny-whisper", _write_jsonl(tmp_path / "o.jsonl", other))
+    assert scored.metrics == pytest.approx(error_rates(served, ["alpha beta gamma"] * 3))
+
+
 def test_results_are_stored_on_the_version(eval_registry: RegistryService, tmp_path: Path) -> None:
     rows = [{"query": t, "positive": t} for t in TEXTS[:3]]
     result = _run(eval_registry, "tiny-embed", _write_jsonl(tmp_path / "e.jsonl", rows))
@@ -214,6 +316,12 @@ def test_results_are_stored_on_the_version(eval_registry: RegistryService, tmp_p
         ("tiny-img", [{"image": "missing.png", "label": 0}], "image 'missing.png' not found"),
         ("tiny-embed", [{"query": "q"}], "missing field 'positive'"),
         ("tiny-t5", [{"input": "q"}], "missing field 'reference' or 'target'"),
+        ("tiny-rerank", [{"query": "q", "documents": ["a"]}], "'labels' or 'relevant'"),
+        ("tiny-rerank", [{"query": "q", "documents": ["a"], "relevant": [3]}], "names \\[3\\]"),
+        ("tiny-rerank", [{"query": "q", "documents": ["a", "b"], "labels": [0, 0]}], "no relevant"),
+        ("tiny-rerank", [{"query": "q", "documents": ["a"], "labels": [1, 0]}], "one relevance"),
+        ("tiny-whisper", [{"audio": "missing.wav", "reference": "x"}], "'missing.wav' not found"),
+        ("tiny-whisper", [{"audio": "a.wav"}], "missing field 'reference' or 'text'"),
     ],
 )
 def test_bad_examples_name_their_line(
@@ -253,5 +361,5 @@ def test_unsupported_task(eval_registry: RegistryService, tmp_path: Path) -> Non
             cache_dir=tmp_path,
         )
     )
-    with pytest.raises(NotSupportedError, match="no evaluation for rerank"):
-        evaluate_with_runner(runner, info, Task.RERANK, data, EvalOptions(), lambda _: None)
+    with pytest.raises(NotSupportedError, match="no evaluation for tensor"):
+        evaluate_with_runner(runner, info, Task.TENSOR, data, EvalOptions(), lambda _: None)
