@@ -196,6 +196,7 @@ def _counts(output: str) -> dict[str, int]:
     return {version: int(count) for count, version in found}
 
 
+@pytest.mark.timeout(600)  # 16 CLI calls, 5 jobs, 3 worker starts: 130-190 s on 2 busy cores
 def test_the_walkthrough_runs_as_documented(walk: tuple[Shell, Path]) -> None:
     shell, home = walk
     _, blocks = doc_blocks()
