@@ -22,7 +22,6 @@ from rich.table import Table
 
 from lmaas.bootstrap.deployments import open_deployments
 from lmaas.bootstrap.settings import Settings
-from lmaas.bootstrap.wiring import open_registry
 from lmaas.cli.governance import cli_actor
 from lmaas.core.errors import LmaasError
 from lmaas.engine.deploy import GateResult
@@ -37,6 +36,10 @@ def _fail(message: str) -> NoReturn:
 
 @contextmanager
 def _service(home: Path | None) -> Iterator[tuple[DeploymentService, Settings]]:
+    # Imported here: the wiring pulls in the HTTP app (FastAPI), which every other CLI command
+    # would otherwise pay for at start-up.
+    from lmaas.bootstrap.wiring import open_registry
+
     try:
         settings = Settings(home=home) if home is not None else Settings()
         registry = open_registry(settings)

@@ -391,10 +391,13 @@ def copy_side_files(source: Path, dest: Path, keep: Callable[[Path], bool]) -> N
 
 
 def summary(manifest: Manifest, parent: Measured, child: Measured, ratio: float) -> str:
-    """The one line a job prints when it registered a version."""
+    """The one line a job prints when it registered a version (``ratio``: parent bytes over
+    child bytes)."""
+    # An ONNX export can be a little larger than its parent: "0.97x smaller" reads as a riddle.
+    size = f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
     return (
         f"registered {manifest.ref} from {manifest.lineage.parent if manifest.lineage else '?'}: "
         f"accuracy {child.accuracy:.4f} (parent {parent.accuracy:.4f}, delta "
-        f"{child.accuracy - parent.accuracy:+.4f}), {ratio:.2f}x smaller on disk, latency "
+        f"{child.accuracy - parent.accuracy:+.4f}), {size} on disk, latency "
         f"{child.latency_ms:.2f} ms (parent {parent.latency_ms:.2f} ms) per single-input request"
     )

@@ -17,11 +17,8 @@ registers nothing.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +73,8 @@ def export_image_classifier(model: Any, shape: tuple[int, int, int], dest: Path)
         InvalidRequestError: the exporter cannot trace the model.
     """
     example = (torch.zeros((2, *shape), dtype=torch.float32),)
-    chatter = io.StringIO()
     try:
-        with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with onnx_export.quiet_exporter():
             torch.onnx.export(
                 _Logits(model), example, str(dest), input_names=["pixel_values"],
                 output_names=["logits"], dynamo=True,

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import random
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,22 @@ from lmaas.runtimes.onnx_session import open_session
 PARITY_MAX_TOKENS = 128
 """Sample rows are truncated to this many tokens (parity needs variety, not length)."""
 _CHUNK = 32
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Keep the exporter's chatter off the job's terminal: its progress lines (stdout), its
+    warnings about internals, and its log lines (``torch.onnx`` warns that torchvision is not
+    installed, which no lmaas export needs)."""
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        exporter_log.setLevel(level)
 
 
 class _Logits(torch.nn.Module):
@@ -80,10 +98,8 @@ def export_sequence_classifier(model: Any, segments: bool, dest: Path) -> None:
     if segments:
         example = (*example, torch.zeros((2, 8), dtype=torch.long))
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    chatter = io.StringIO()
     try:
-        with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_exporter():
             torch.onnx.export(
                 wrapper, example, str(dest), input_names=names, output_names=["logits"],
                 dynamo=True, dynamic_shapes={n: {0: batch, 1: seq} for n in names},
