@@ -10,7 +10,9 @@ anywhere (CLI, admin API, another gateway), and the canary guard that rolls back
   stopped ones too, unless the gateway was started for some names only); every
   ``deploy.check_interval_s`` it publishes the engine's canary windows to the DB, reads those of
   every gateway, and rolls back the canaries the guard condemns on the pooled traffic
-  (``auto-rollback`` in the history and the audit trail).
+  (``auto-rollback`` in the history and the audit trail). Each poll round it publishes what
+  it has applied to the fleet table when that changed (else every ``deploy.fleet_heartbeat_s``):
+  ``lmaas deploy --wait`` reads it.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -33,8 +37,8 @@ from lmaas.engine.deploy import DeploymentSpec
 from lmaas.engine.local import CanaryTrial, Deployment, LocalEngineClient
 from lmaas.engine.routing import CanaryGuard, GuardConfig, WindowCounts
 from lmaas.gateway.audit import AuditEntry, append_audit
-from lmaas.lifecycle.deployments import DeploymentService
-from lmaas.registry.deployments_db import DeploymentChange, VersionWindow
+from lmaas.lifecycle.deployments import FLEET_FRESH_FACTOR, DeploymentService
+from lmaas.registry.deployments_db import FLEET_GATEWAY_ROW, DeploymentChange, VersionWindow
 from lmaas.registry.manifest import Manifest
 from lmaas.registry.service import RegistryService
 
@@ -64,7 +68,10 @@ def audit_deployment_change(session: Session, change: DeploymentChange) -> None:
 def open_deployments(settings: Settings, registry: RegistryService) -> DeploymentService:
     """The deployment service over ``registry``, each change audited."""
     return DeploymentService(
-        registry, max_metric_drop=settings.deploy.max_metric_drop, audit=audit_deployment_change
+        registry,
+        max_metric_drop=settings.deploy.max_metric_drop,
+        audit=audit_deployment_change,
+        fleet_fresh_s=FLEET_FRESH_FACTOR * settings.deploy.fleet_heartbeat_s,
     )
 
 
@@ -159,6 +166,10 @@ class DeploymentController:
         self._gateway = f"{socket.gethostname()[:80]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         """Names this gateway's rows of the shared canary windows."""
         self._published = False
+        self._failed: dict[str, tuple[int, str]] = {}
+        """Name → (revision, error) of its last change that this gateway could not apply."""
+        self._fleet_sent: dict[str, dict[str, Any]] | None = None
+        self._fleet_sent_at = 0.0
         service.on_change = lambda _change: self.wake()
         service.live = self._live
 
@@ -176,6 +187,10 @@ class DeploymentController:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._withdraw_windows()
+        if self._fleet_sent is not None:
+            with contextlib.suppress(Exception):  # stale rows stop counting on their own
+                store = self._service.registry.deployments
+                await asyncio.to_thread(store.publish_fleet, self._gateway, {})
 
     def wake(self) -> None:
         """Read the revisions now (callable from any thread: admin routes run in a pool)."""
@@ -197,6 +212,10 @@ class DeploymentController:
 
     async def _watch(self) -> None:
         while True:
+            try:
+                await self._publish_fleet()
+            except Exception:  # the DB may be briefly unreachable: try again next round
+                _log.exception("publishing what this gateway applied failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._config.poll_interval_s)
             self._wake.clear()
@@ -204,6 +223,44 @@ class DeploymentController:
                 await self._poll_once()
             except Exception:  # the DB may be briefly unreachable: try again next round
                 _log.exception("reading the deployments failed")
+
+    def fleet_reports(self) -> dict[str, dict[str, Any]]:
+        """What this gateway publishes: per name it serves or is applying, the revision it
+        routes (0: none yet), ready and wanted replicas per version, and its last failure; and
+        the heartbeat row (the names it follows; None for every deployed name)."""
+        reports: dict[str, dict[str, Any]] = {
+            FLEET_GATEWAY_ROW: {"follows": None if self._names is None else sorted(self._names)}
+        }
+        for name in {*self._engine.names(), *self._requested, *self._failed}:
+            report: dict[str, Any] = {"revision": 0, "versions": {}, "draining": 0}
+            if name in self._engine.names():
+                live = self._engine.describe(name)
+                report["revision"] = live["revision"]
+                report["draining"] = live["draining_replicas"]
+                report["versions"] = {
+                    v["version"]: {
+                        "ready": sum(1 for r in v["replicas"] if r["state"] == "ready"),
+                        "replicas": len(v["replicas"]),
+                    }
+                    for v in live["versions"]
+                }
+            report["requested"] = self._requested.get(name, 0)
+            failed = self._failed.get(name)
+            report["failed_revision"], report["error"] = failed if failed else (None, None)
+            reports[name] = report
+        return reports
+
+    async def _publish_fleet(self) -> None:
+        reports = self.fleet_reports()
+        now = time.monotonic()
+        if (
+            reports == self._fleet_sent
+            and now - self._fleet_sent_at < self._config.fleet_heartbeat_s
+        ):
+            return
+        store = self._service.registry.deployments
+        await asyncio.to_thread(store.publish_fleet, self._gateway, reports)
+        self._fleet_sent, self._fleet_sent_at = reports, now
 
     async def _poll_once(self) -> None:
         revisions = await asyncio.to_thread(self._service.registry.deployments.revisions)
@@ -227,9 +284,11 @@ class DeploymentController:
     async def _follow(self, name: str) -> None:
         while name in self._pending:
             self._pending.discard(name)
+            stored = None
             try:
                 stored = await asyncio.to_thread(self._service.registry.deployments.get, name)
                 if stored is None:
+                    self._failed.pop(name, None)
                     await self._engine.remove(name)
                     continue
                 spec = DeploymentSpec.from_dict(stored.spec)
@@ -238,8 +297,26 @@ class DeploymentController:
                     for v in spec.versions
                 }
                 await self._engine.apply(spec, versions, revision=stored.revision)
-            except (LmaasError, OSError, KeyError, ValueError):
+                self._note_outcome(name, stored.revision)
+            except (LmaasError, OSError, KeyError, ValueError) as exc:
                 _log.exception("applying the deployment of %s failed", name)
+                if stored is not None:
+                    self._failed[name] = (stored.revision, str(exc))
+            finally:
+                self.wake()  # publish what was applied without waiting for the next round
+
+    def _note_outcome(self, name: str, revision: int) -> None:
+        """Record whether the engine now routes ``revision`` of ``name`` (or why not)."""
+        if name in self._engine.names() and self._engine.revision(name) >= revision:
+            self._failed.pop(name, None)
+            return
+        error = (
+            self._engine.describe(name)["error"]
+            if name in self._engine.names()
+            else self._engine.failed_to_add(name)
+        )
+        if error is not None:
+            self._failed[name] = (revision, str(error))
 
     async def _guard_loop(self) -> None:
         while True:

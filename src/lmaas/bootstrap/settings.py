@@ -117,6 +117,10 @@ class DeployConfig(BaseModel):
     """Roll back when the canary's p99 latency exceeds the stable's times this."""
     min_requests: int = Field(default=20, ge=1)
     """Requests each version needs in the window before the guard judges."""
+    fleet_heartbeat_s: float = Field(default=5.0, gt=0, le=3600)
+    """How often a gateway re-publishes what it has applied (table ``deployment_fleet``) when
+    nothing changed; it publishes within ``poll_interval_s`` of a change. A gateway silent for
+    3 times this is no longer counted by ``lmaas deploy --wait``."""
     pool_windows: bool = True
     """Judge a canary on the traffic of every gateway on the metadata DB (each publishes its
     windows there every ``check_interval_s``); false: each gateway on its own traffic."""

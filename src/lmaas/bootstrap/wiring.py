@@ -25,6 +25,7 @@ from lmaas.bootstrap.deployments import (
     DeploymentController,
     ServingPlan,
     VersionDeployment,
+    audit_deployment_change,
 )
 from lmaas.bootstrap.settings import Settings
 from lmaas.core.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
@@ -36,7 +37,7 @@ from lmaas.gateway.limited import Limiter
 from lmaas.gateway.limits import InProcessLimiter
 from lmaas.gateway.service import GovernanceService
 from lmaas.gateway.usage import UsageMeter
-from lmaas.lifecycle.deployments import DeploymentService
+from lmaas.lifecycle.deployments import DeploymentService, alias_follower, chain_alias_hooks
 from lmaas.lifecycle.eval_jobs import EvaluationJobs
 from lmaas.observability.metrics import Metrics
 from lmaas.registry.manifest import Manifest
@@ -54,13 +55,17 @@ def open_registry(
 ) -> RegistryService:
     """The registry of ``settings``; with ``governance``, every alias move made through it
     lands in the audit trail, in the move's own transaction
-    (:meth:`GovernanceService.audit_alias_move`)."""
+    (:meth:`GovernanceService.audit_alias_move`). A deployment following the alias moves with
+    it in that transaction (:func:`~lmaas.lifecycle.deployments.alias_follower`)."""
     settings.home.mkdir(parents=True, exist_ok=True)
     return RegistryService(
         settings.home,
         settings.resolved_database_url(),
         offline=settings.offline,
-        alias_audit=None if governance is None else governance.audit_alias_move,
+        alias_audit=chain_alias_hooks(
+            alias_follower(audit_deployment_change),
+            None if governance is None else governance.audit_alias_move,
+        ),
     )
 
 

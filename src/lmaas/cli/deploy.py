@@ -9,6 +9,7 @@ rows in one transaction, and each running gateway on that DB applies it within
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,13 +26,18 @@ from lmaas.bootstrap.settings import Settings
 from lmaas.cli.governance import cli_actor
 from lmaas.core.errors import LmaasError
 from lmaas.engine.deploy import GateResult
-from lmaas.lifecycle.deployments import DeploymentService, DeploymentView
+from lmaas.lifecycle.deployments import (
+    FLEET_FRESH_FACTOR,
+    DeploymentService,
+    DeploymentView,
+    FleetStatus,
+)
 from lmaas.registry.deployments_db import DeploymentChange
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, code: int = 1) -> NoReturn:
     Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code=1)
+    raise typer.Exit(code=code)
 
 
 @contextmanager
@@ -67,15 +73,26 @@ def deploy_command(
     name: Annotated[
         str,
         typer.Argument(
-            metavar="NAME", help="The served model name (or 'list', or 'history NAME')."
+            metavar="NAME",
+            help="The served model name (or 'list', 'history NAME', 'status NAME').",
         ),
     ],
     extra: Annotated[
-        str | None, typer.Argument(metavar="[NAME]", help="The name after 'history'.")
+        str | None,
+        typer.Argument(metavar="[NAME]", help="The name after 'history' or 'status'."),
     ] = None,
     version: Annotated[
         str | None,
-        typer.Option("--version", "-v", help="Deploy this version (or alias) alone."),
+        typer.Option(
+            "--version", "-v", help="Deploy this version (an alias is resolved once) alone."
+        ),
+    ] = None,
+    follow_alias: Annotated[
+        str | None,
+        typer.Option(
+            "--follow-alias",
+            help="Deploy the version this alias names, and again each time it is moved.",
+        ),
     ] = None,
     canary: Annotated[
         str | None, typer.Option("--canary", help="Start a canary of this version (or alias).")
@@ -114,6 +131,17 @@ def deploy_command(
             "--stop", help="Stop serving NAME: servers drain and stop its replicas (history kept)."
         ),
     ] = False,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="Wait until every running server serving NAME has applied the change "
+            "(replicas ready); exit 1 on a load failure, 2 on timeout.",
+        ),
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.0, help="Seconds --wait waits at most.")
+    ] = 300.0,
     history: Annotated[bool, typer.Option("--history", help="Show every change.")] = False,
     reason: Annotated[str, typer.Option("--reason", help="Recorded in the history.")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -126,7 +154,8 @@ def deploy_command(
 
     \b
       lmaas deploy NAME                          show the deployment
-      lmaas deploy NAME --version 3 [--replicas 2]
+      lmaas deploy NAME --version 3 [--replicas 2] [--wait]
+      lmaas deploy NAME --follow-alias production   follow the alias's moves
       lmaas deploy NAME --canary 4 --percent 10  4 gets 10% beside the stable version
       lmaas deploy NAME --promote                4 becomes stable (refused by the gate when
                                                  its stored evaluation is worse)
@@ -135,21 +164,44 @@ def deploy_command(
       lmaas deploy NAME --replicas 3             scale the stable version
       lmaas deploy NAME --stop                   stop serving NAME (--version V serves it again)
       lmaas deploy history NAME   (or NAME --history)
+      lmaas deploy status NAME    what each running server has applied ([--wait])
       lmaas deploy list
 
     Running servers on the same DB apply a change within a second; leaving replicas drain.
+    --wait returns once they all route the new revision with its replicas ready.
     A server started without --model also starts serving names deployed while it runs.
     """
+    status = False
     if name == "history" and extra is not None:
         name, history = extra, True
+    elif name == "status" and extra is not None:
+        name, status = extra, True
     elif extra is not None:
         raise typer.BadParameter(f"unexpected argument {extra!r}")
-    actions = [version is not None, canary is not None, promote, rollback, split is not None, stop]
+    actions = [
+        version is not None,
+        follow_alias is not None,
+        canary is not None,
+        promote,
+        rollback,
+        split is not None,
+        stop,
+    ]
     if sum(actions) > 1:
         raise typer.BadParameter(
-            "give one of --version, --canary, --promote, --rollback, --split or --stop"
+            "give one of --version, --follow-alias, --canary, --promote, --rollback, --split "
+            "or --stop"
         )
     with _service(home) as (service, settings):
+        if status:
+            fleet = (
+                _wait(service, settings, name, timeout) if wait else _fleet(service, settings, name)
+            )
+            if as_json:
+                typer.echo(json.dumps(fleet.to_dict(), indent=2))
+            else:
+                _print_fleet(fleet)
+            return
         if name == "list" and not any(actions) and replicas is None:
             _print_list(service.list_all(), as_json)
             return
@@ -162,14 +214,19 @@ def deploy_command(
             change = service.stop(name, actor=actor, reason=reason)
             if as_json:
                 typer.echo(json.dumps(change.to_dict(), indent=2))
-                return
-            Console().print(
-                f"[bold]{escape(name)}[/] stopped (revision {change.revision}); running servers "
-                f"drain and stop its replicas within {settings.deploy.poll_interval_s:g} s"
-            )
+            else:
+                Console().print(
+                    f"[bold]{escape(name)}[/] stopped (revision {change.revision}); running "
+                    f"servers drain and stop its replicas within "
+                    f"{settings.deploy.poll_interval_s:g} s"
+                )
+            if wait:
+                _wait(service, settings, name, timeout)
             return
         if version is not None:
             service.set_version(name, version, replicas=replicas, actor=actor, reason=reason)
+        elif follow_alias is not None:
+            service.follow_alias(name, follow_alias, replicas=replicas, actor=actor, reason=reason)
         elif canary is not None:
             service.canary(name, canary, percent, replicas=replicas, actor=actor, reason=reason)
         elif promote:
@@ -189,13 +246,77 @@ def deploy_command(
             if gate is not None:
                 body["gate"] = gate.to_dict()
             typer.echo(json.dumps(body, indent=2))
-            return
-        _print_view(view, gate)
-        if changed:
-            Console().print(
-                f"[dim]running servers apply revision {view.revision} within "
-                f"{settings.deploy.poll_interval_s:g} s[/]"
+        else:
+            _print_view(view, gate)
+            if changed and not wait:
+                Console().print(
+                    f"[dim]running servers apply revision {view.revision} within "
+                    f"{settings.deploy.poll_interval_s:g} s (--wait waits for them)[/]"
+                )
+        if wait:
+            _wait(service, settings, name, timeout)
+
+
+def _fleet(service: DeploymentService, settings: Settings, name: str) -> FleetStatus:
+    return service.fleet(name)
+
+
+def _wait(
+    service: DeploymentService, settings: Settings, name: str, timeout_s: float
+) -> FleetStatus:
+    """Wait until every live server serving ``name`` has applied its current revision (or its
+    stop), printing each server's progress as it changes (on stderr: --json keeps stdout).
+
+    Exits 1 when a server could not apply it (its load error), 2 on timeout."""
+    console = Console(stderr=True, highlight=False)
+    started = time.monotonic()
+    shown: dict[str, str] = {}
+    while True:
+        fleet = _fleet(service, settings, name)
+        goal = "stop serving" if fleet.stopped else f"apply revision {fleet.revision} of"
+        for gateway in fleet.gateways:
+            line = gateway.describe()
+            if shown.get(gateway.gateway) != line:
+                shown[gateway.gateway] = line
+                console.print(f"  {escape(line)}", soft_wrap=True)
+        if fleet.errors:
+            _fail(f"servers could not {goal} {name}: " + "; ".join(fleet.errors))
+        elapsed = time.monotonic() - started
+        if not fleet.gateways:
+            console.print(
+                f"no running server serves {escape(name)} (none reported in the last "
+                f"{FLEET_FRESH_FACTOR * settings.deploy.fleet_heartbeat_s:g} s): "
+                "nothing to wait for"
             )
+            return fleet
+        if fleet.done:
+            console.print(
+                f"[green]{len(fleet.gateways)} server(s)[/] did {goal} {escape(name)} "
+                f"in {elapsed:.1f} s"
+            )
+            return fleet
+        if elapsed >= timeout_s:
+            pending = [g.describe() for g in fleet.gateways if not g.done]
+            _fail(
+                f"timed out after {timeout_s:g} s waiting for the servers to {goal} {name}; "
+                "still: " + "; ".join(pending),
+                code=2,
+            )
+        time.sleep(min(0.5, settings.deploy.poll_interval_s))
+
+
+def _print_fleet(fleet: FleetStatus) -> None:
+    goal = "stopped" if fleet.stopped else f"revision {fleet.revision}"
+    table = Table(
+        "SERVER", "REVISION", "VERSIONS (ready/wanted)", "STATE", title=f"{fleet.name}: {goal}"
+    )
+    for g in fleet.gateways:
+        versions = ", ".join(f"{v} {r}/{w}" for v, (r, w) in g.versions.items())
+        state = "failed: " + g.error if g.error else "done" if g.done else "applying"
+        table.add_row(escape(g.gateway), str(g.revision), versions or "-", escape(state))
+    Console().print(table)
+    if not fleet.gateways:
+        Console().print("no running server serves it")
 
 
 def _print_view(view: DeploymentView, gate: GateResult | None) -> None:
@@ -205,6 +326,8 @@ def _print_view(view: DeploymentView, gate: GateResult | None) -> None:
         f"[bold]{spec.name}[/] revision {view.revision} (by {escape(view.updated_by)}, "
         f"{view.updated_at:%Y-%m-%d %H:%M:%S})"
     )
+    if spec.follow is not None:
+        console.print(f"follows {escape(spec.name)}@{escape(spec.follow)}")
     table = Table("VERSION", "ROLE", "WEIGHT", "REPLICAS")
     for t in spec.targets:
         role = (

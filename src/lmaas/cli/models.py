@@ -25,11 +25,13 @@ from rich.progress import (
 from rich.table import Table
 from sqlalchemy.orm import Session
 
+from lmaas.bootstrap.deployments import audit_deployment_change
 from lmaas.bootstrap.settings import Settings
 from lmaas.cli.governance import cli_actor
 from lmaas.core.errors import LmaasError
 from lmaas.core.types import Task
 from lmaas.gateway.audit import alias_move_entry, append_audit
+from lmaas.lifecycle.deployments import alias_follower, chain_alias_hooks
 from lmaas.registry.lifecycle_db import AliasMove
 from lmaas.registry.manifest import Lineage, Manifest
 from lmaas.registry.service import RegistryService
@@ -91,7 +93,9 @@ def _registry(home: Path | None) -> Iterator[RegistryService]:
             settings.home,
             settings.resolved_database_url(),
             offline=settings.offline,
-            alias_audit=_audited,
+            alias_audit=chain_alias_hooks(
+                alias_follower(audit_deployment_change, cli_actor()), _audited
+            ),
         )
     except (LmaasError, ValidationError) as exc:
         _fail(stderr, str(exc))

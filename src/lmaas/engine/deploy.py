@@ -47,12 +47,15 @@ class DeploymentSpec:
         targets: The versions with their weights and replicas (weights add up to 100).
         stable: The version rollbacks return to and gates compare against.
         canary: The version on trial, when there is one (it is also in ``targets``).
+        follow: An alias of ``name`` whose moves redeploy the stable version (``lmaas deploy
+            NAME --follow-alias production``); None for a pinned deployment.
     """
 
     name: str
     targets: tuple[VersionTarget, ...]
     stable: str
     canary: str | None = None
+    follow: str | None = None
 
     def __post_init__(self) -> None:
         check_spec(self)
@@ -69,7 +72,7 @@ class DeploymentSpec:
         return 0 if found is None else found.weight
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "name": self.name,
             "stable": self.stable,
             "canary": self.canary,
@@ -78,6 +81,9 @@ class DeploymentSpec:
                 for t in self.targets
             ],
         }
+        if self.follow is not None:  # absent for a pinned deployment (older rows read alike)
+            data["follow"] = self.follow
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DeploymentSpec:
@@ -85,8 +91,14 @@ class DeploymentSpec:
             VersionTarget(str(t["version"]), int(t["weight"]), int(t.get("replicas", 1)))
             for t in data["targets"]
         )
-        canary = data.get("canary")
-        return cls(str(data["name"]), targets, str(data["stable"]), canary and str(canary))
+        canary, follow = data.get("canary"), data.get("follow")
+        return cls(
+            str(data["name"]),
+            targets,
+            str(data["stable"]),
+            canary and str(canary),
+            follow and str(follow),
+        )
 
 
 def check_spec(spec: DeploymentSpec) -> None:
@@ -115,6 +127,8 @@ def check_spec(spec: DeploymentSpec) -> None:
         )
     if spec.stable not in versions:
         raise InvalidRequestError(f"stable version {spec.stable} is not deployed", param="stable")
+    if spec.follow is not None and (not is_valid_name(spec.follow) or spec.follow.isdigit()):
+        raise InvalidRequestError(f"invalid alias to follow {spec.follow!r}", param="follow")
     if spec.canary is not None and (spec.canary not in versions or spec.canary == spec.stable):
         raise InvalidRequestError(
             f"canary {spec.canary} must be deployed beside stable {spec.stable}", param="canary"
@@ -130,14 +144,44 @@ def single(name: str, version: str, replicas: int = 1) -> DeploymentSpec:
 
 
 def set_stable(
-    current: DeploymentSpec | None, name: str, version: str, replicas: int | None
+    current: DeploymentSpec | None,
+    name: str,
+    version: str,
+    replicas: int | None,
+    follow: str | None = None,
 ) -> DeploymentSpec:
-    """Deploy ``version`` alone (any canary is dropped); replicas default to the current ones."""
+    """Deploy ``version`` alone (any canary is dropped); replicas default to the current ones.
+    ``follow``: the alias the deployment follows from now on (None: pinned to ``version``)."""
     keep = replicas
     if keep is None and current is not None:
         found = current.target(version) or current.target(current.stable)
         keep = found.replicas if found is not None else 1
-    return single(name, version, keep or 1)
+    return replace(single(name, version, keep or 1), follow=follow)
+
+
+def followed(current: DeploymentSpec, alias: str, version: str | None) -> DeploymentSpec | None:
+    """The deployment after its followed ``alias`` moved to ``version`` (None: removed): the
+    new version alone with the stable's replicas (like ``set_stable``), or, on removal, the same
+    versions no longer following. None when nothing changes (another alias, or the version
+    already is the stable one alone).
+
+    Raises:
+        ConflictError: A canary runs: the alias move is refused (promote or roll back first),
+            since changing the stable version under a trial would void its comparison.
+    """
+    if current.follow != alias:
+        return None
+    if version is None:
+        return replace(current, follow=None)
+    if current.canary is not None:
+        raise ConflictError(
+            f"deployment {current.name} follows {current.name}@{alias} and has canary "
+            f"{current.canary} on trial: promote or roll back the canary first (or pin the "
+            f"deployment with `lmaas deploy {current.name} --version V`)"
+        )
+    if current.stable == version and len(current.targets) == 1:
+        return None
+    return set_stable(current, current.name, version, None, follow=alias)
 
 
 def with_canary(
@@ -162,7 +206,7 @@ def with_canary(
         VersionTarget(current.stable, 100 - percent, stable.replicas),
         VersionTarget(version, percent, count),
     )
-    return DeploymentSpec(current.name, targets, current.stable, version)
+    return DeploymentSpec(current.name, targets, current.stable, version, current.follow)
 
 
 def promoted(current: DeploymentSpec) -> DeploymentSpec:
@@ -188,8 +232,8 @@ def rolled_back(current: DeploymentSpec, previous_stable: str | None) -> Deploym
     """
     stable = current.target(current.stable)
     assert stable is not None
-    if current.canary is not None:
-        return single(current.name, current.stable, stable.replicas)
+    if current.canary is not None:  # the stable version stays: a followed alias still is
+        return replace(single(current.name, current.stable, stable.replicas), follow=current.follow)
     if previous_stable is None or previous_stable == current.stable:
         raise ConflictError(
             f"deployment {current.name} has no canary and no earlier stable version to roll back to"
@@ -227,7 +271,8 @@ def with_weights(current: DeploymentSpec, weights: Mapping[str, int]) -> Deploym
     else:
         stable = max(weights.items(), key=lambda item: item[1])[0]
     canary = current.canary if current.canary in weights and current.canary != stable else None
-    return DeploymentSpec(current.name, targets, stable, canary)
+    follow = current.follow if stable == current.stable else None
+    return DeploymentSpec(current.name, targets, stable, canary, follow)
 
 
 # ---------------------------------------------------------------------- gates

@@ -17,11 +17,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from lmaas.core.errors import GateRefusedError, InvalidRequestError, NotFoundError
 from lmaas.core.types import is_valid_name
 from lmaas.engine import deploy
 from lmaas.engine.deploy import DeploymentSpec, GateResult
-from lmaas.registry.deployments_db import DeploymentChange, InTransaction, SpecJson
+from lmaas.registry.deployments_db import (
+    FLEET_GATEWAY_ROW,
+    DeploymentChange,
+    DeploymentStore,
+    FleetRow,
+    InTransaction,
+    SpecJson,
+)
+from lmaas.registry.lifecycle_db import AliasInTransaction, AliasMove
 from lmaas.registry.service import RegistryService
 
 DEFAULT_MAX_METRIC_DROP = 0.01
@@ -46,6 +56,111 @@ class DeploymentView:
         }
 
 
+FLEET_FRESH_FACTOR = 3.0
+"""A gateway counts as live while its last fleet report is younger than this many heartbeats."""
+
+
+@dataclass(slots=True, frozen=True)
+class GatewayProgress:
+    """One live gateway that serves a name: what it has applied of it.
+
+    Attributes:
+        gateway: ``host:pid:id`` of the gateway.
+        revision: The revision it routes now (0: none, e.g. still loading a new name).
+        versions: Version → (ready replicas, wanted replicas) of what it routes.
+        error: Why it could not apply the target revision (or a later one); None when it did
+            or is still trying.
+        done: It routes the target revision (or a later one) with every replica ready; for a
+            stopped name: it no longer serves it.
+    """
+
+    gateway: str
+    revision: int
+    versions: dict[str, tuple[int, int]]
+    error: str | None
+    done: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gateway": self.gateway,
+            "revision": self.revision,
+            "versions": {v: {"ready": r, "replicas": w} for v, (r, w) in self.versions.items()},
+            "error": self.error,
+            "done": self.done,
+        }
+
+    def describe(self) -> str:
+        if self.error is not None:
+            return f"{self.gateway}: failed: {self.error}"
+        parts = ", ".join(f"{v} {r}/{w} ready" for v, (r, w) in self.versions.items())
+        state = "done" if self.done else "applying"
+        return f"{self.gateway}: revision {self.revision} ({parts or 'nothing routed'}), {state}"
+
+
+@dataclass(slots=True, frozen=True)
+class FleetStatus:
+    """Whether the live gateways serving a name have applied its revision ``revision``."""
+
+    name: str
+    revision: int
+    stopped: bool
+    gateways: tuple[GatewayProgress, ...]
+
+    @property
+    def done(self) -> bool:
+        """Every live gateway serving the name has applied it (True with no such gateway)."""
+        return all(g.done for g in self.gateways)
+
+    @property
+    def errors(self) -> list[str]:
+        return [f"{g.gateway}: {g.error}" for g in self.gateways if g.error is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "revision": self.revision,
+            "stopped": self.stopped,
+            "done": self.done,
+            "gateways": [g.to_dict() for g in self.gateways],
+        }
+
+
+def fleet_status(name: str, revision: int, stopped: bool, rows: list[FleetRow]) -> FleetStatus:
+    """The progress of each live gateway (one with a fresh heartbeat row in ``rows``) that
+    serves ``name`` towards its revision ``revision`` (or, ``stopped``, towards not serving
+    it)."""
+    reports = {(r.gateway, r.name): r.report for r in rows}
+    found: list[GatewayProgress] = []
+    for row in rows:
+        if row.name != FLEET_GATEWAY_ROW:
+            continue
+        follows = row.report.get("follows")
+        report = reports.get((row.gateway, name))
+        if follows is not None and name not in follows and report is None:
+            continue  # a gateway started for other names
+        report = report or {}
+        applied = int(report.get("revision") or 0)
+        versions = {
+            str(v): (int(c.get("ready", 0)), int(c.get("replicas", 0)))
+            for v, c in dict(report.get("versions") or {}).items()
+        }
+        failed = report.get("failed_revision")
+        error = (
+            str(report.get("error"))
+            if failed is not None and int(failed) >= revision and not stopped
+            else None
+        )
+        if stopped:
+            done = applied == 0 and not versions
+        else:
+            done = (
+                applied >= revision
+                and bool(versions)
+                and all(ready >= wanted for ready, wanted in versions.values())
+            )
+        found.append(GatewayProgress(row.gateway, applied, versions, error, done))
+    return FleetStatus(name, revision, stopped, tuple(found))
+
+
 class DeploymentService:
     """Deployment changes over the registry, with the promotion gate.
 
@@ -55,6 +170,8 @@ class DeploymentService:
         audit: Called inside each change's transaction (the audit trail appends its row there,
             so the change and its audit row commit together).
         on_change: Called after each committed change.
+        fleet_fresh_s: A gateway whose last fleet report is older than this is not counted
+            (:meth:`fleet`).
     """
 
     def __init__(
@@ -64,8 +181,10 @@ class DeploymentService:
         max_metric_drop: float = DEFAULT_MAX_METRIC_DROP,
         audit: InTransaction | None = None,
         on_change: Callable[[DeploymentChange], None] | None = None,
+        fleet_fresh_s: float = 15.0,
     ) -> None:
         self.registry = registry
+        self.fleet_fresh_s = fleet_fresh_s
         self.max_metric_drop = max_metric_drop
         self._audit = audit
         self.on_change = on_change
@@ -99,6 +218,25 @@ class DeploymentService:
     def history(self, name: str, limit: int = 1000) -> list[DeploymentChange]:
         return self.registry.deployments.history(name, limit)
 
+    def fleet(self, name: str, fresh_s: float | None = None) -> FleetStatus:
+        """How far the live gateways (fleet reports younger than ``fresh_s``, default
+        ``fleet_fresh_s``) are with the
+        current revision of ``name`` (or with stopping it, after a ``stop``).
+
+        Raises:
+            NotFoundError: ``name`` was never deployed.
+        """
+        stored = self.registry.deployments.get(name)
+        if stored is not None:
+            revision, stopped = stored.revision, False
+        else:
+            last = self.history(name, limit=1)
+            if not last:
+                self._require(name, None)
+            revision, stopped = last[-1].revision, True
+        rows = self.registry.deployments.fleet(self.fleet_fresh_s if fresh_s is None else fresh_s)
+        return fleet_status(name, revision, stopped, rows)
+
     # ------------------------------------------------------------------ changes
 
     def set_version(
@@ -111,7 +249,8 @@ class DeploymentService:
         reason: str = "",
         action: str = "set",
     ) -> DeploymentChange:
-        """All traffic to ``version`` (a version or an alias of ``name``); drops any canary."""
+        """All traffic to ``version`` (a version or an alias of ``name``, resolved once: the
+        deployment is pinned to it); drops any canary and stops following an alias."""
         resolved = self.resolve_version(name, version)
 
         def compute(current: SpecJson | None) -> SpecJson:
@@ -119,6 +258,37 @@ class DeploymentService:
             return deploy.set_stable(spec, name, resolved, replicas).to_dict()
 
         return self._change(name, action, compute, actor, reason)
+
+    def follow_alias(
+        self,
+        name: str,
+        alias: str,
+        *,
+        replicas: int | None = None,
+        actor: str,
+        reason: str = "",
+    ) -> DeploymentChange:
+        """All traffic to the version ``name@alias`` names now, and from now on to the version
+        it is moved to (each move is a ``follow`` change in the same transaction as the move,
+        :func:`alias_follower`); drops any canary.
+
+        Raises:
+            ModelNotFoundError: No such alias. InvalidRequestError: ``latest`` (built in, it
+            never moves through an alias move).
+        """
+        alias = alias.removeprefix(f"{name}@").removeprefix("@")
+        if alias == "latest" or not is_valid_name(alias) or alias.isdigit():
+            raise InvalidRequestError(
+                f"cannot follow {name}@{alias}: give an alias set with `lmaas models alias`",
+                param="follow",
+            )
+        resolved = self.registry.resolve(f"{name}@{alias}").version
+
+        def compute(current: SpecJson | None) -> SpecJson:
+            spec = None if current is None else DeploymentSpec.from_dict(current)
+            return deploy.set_stable(spec, name, resolved, replicas, follow=alias).to_dict()
+
+        return self._change(name, "set", compute, actor, reason or f"follows {name}@{alias}")
 
     def canary(
         self,
@@ -357,6 +527,54 @@ class DeploymentService:
         if change is not None and self.on_change is not None:
             self.on_change(change)
         return change
+
+
+def alias_follower(
+    audit: InTransaction | None, actor: str = "system:alias-follow"
+) -> AliasInTransaction:
+    """The registry's alias-move hook that moves the deployment following the alias (its
+    ``follow`` spec field) in the move's own transaction: a ``follow`` change (``unfollow``
+    when the alias is removed) with its history row and, through ``audit``, its audit row. A
+    move refused by :func:`lmaas.engine.deploy.followed` (a canary on trial) raises, which
+    undoes the alias move too. The change's actor is the move's (``actor`` when it names
+    none)."""
+
+    def hook(session: Session, move: AliasMove) -> None:
+        def compute(current: SpecJson | None) -> SpecJson | None:
+            if current is None or current.get("follow") != move.alias:
+                return None
+            after = deploy.followed(DeploymentSpec.from_dict(current), move.alias, move.version)
+            return None if after is None else after.to_dict()
+
+        action = "follow" if move.version is not None else "unfollow"
+        was = move.previous_version or "none"
+        reason = (
+            f"{move.name}@{move.alias} moved {was} -> {move.version}"
+            if move.version is not None
+            else f"{move.name}@{move.alias} removed (was {was}); the deployment stays pinned"
+        )
+        DeploymentStore.change_in(
+            session,
+            move.name,
+            action,
+            compute,
+            actor=move.actor or actor,
+            reason=reason,
+            in_transaction=audit,
+        )
+
+    return hook
+
+
+def chain_alias_hooks(*hooks: AliasInTransaction | None) -> AliasInTransaction:
+    """One alias-move hook that calls ``hooks`` in order (None ones skipped)."""
+    present = [h for h in hooks if h is not None]
+
+    def hook(session: Session, move: AliasMove) -> None:
+        for each in present:
+            each(session, move)
+
+    return hook
 
 
 def _gate_note(gate: GateResult, force: bool, reason: str) -> str:

@@ -11,6 +11,11 @@ Running gateways poll :meth:`revisions` and apply what changed; a name that left
 While a canary runs, each gateway also publishes its per-version outcome windows
 (:meth:`DeploymentStore.exchange_windows`, table ``deployment_windows``) and reads everyone's,
 so that the canary guard judges the traffic of all gateways together.
+
+Each gateway also publishes what it has applied (:meth:`DeploymentStore.publish_fleet`, table
+``deployment_fleet``): one row per served name (the revision it routes, ready replicas per
+version, a load failure) and one heartbeat row (name ``*``: which names it follows), so that
+``lmaas deploy --wait`` can tell when a change has reached every live gateway.
 """
 
 from __future__ import annotations
@@ -73,6 +78,31 @@ class DeploymentWindowRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
+class DeploymentFleetRow(Base):
+    """What one gateway has applied of one deployment (or, name ``*``, its heartbeat)."""
+
+    __tablename__ = "deployment_fleet"
+
+    gateway: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+FLEET_GATEWAY_ROW = "*"
+"""The name of a gateway's heartbeat row (not a valid model name)."""
+
+
+@dataclass(slots=True, frozen=True)
+class FleetRow:
+    """One gateway's published report of one served name (or its heartbeat row)."""
+
+    gateway: str
+    name: str
+    report: dict[str, Any]
+    updated_at: datetime
+
+
 @dataclass(slots=True, frozen=True)
 class VersionWindow:
     """A gateway's window of one version, as stored (``WindowCounts.to_dict`` JSON)."""
@@ -111,7 +141,8 @@ class DeploymentChange:
         name: The served name.
         revision: The revision this change made.
         action: ``set``, ``canary``, ``promote``, ``rollback``, ``auto-rollback``,
-            ``scale``, ``weights``, ``serve``, ``stop``.
+            ``scale``, ``weights``, ``serve``, ``stop``, ``follow`` (an alias the deployment
+            follows moved), ``unfollow`` (that alias was removed).
         spec: The deployment after the change (``{}`` after ``stop``).
         previous: The deployment before it (None for the first).
         actor: Who (a key id, ``cli:<user>``, ``system:...``).
@@ -207,6 +238,31 @@ class DeploymentStore:
             ).all()
             return [VersionWindow(r.gateway, r.name, r.version, dict(r.counts)) for r in rows]
 
+    def publish_fleet(self, gateway: str, reports: dict[str, dict[str, Any]]) -> None:
+        """Replace ``gateway``'s fleet rows with ``reports`` (name → report; the heartbeat row
+        is named :data:`FLEET_GATEWAY_ROW`), in one transaction; ``{}`` withdraws them. Rows
+        of gateways that stopped publishing long ago are deleted on the way."""
+        now = datetime.now(UTC)
+        with self._sessions.begin() as session:
+            session.execute(
+                delete(DeploymentFleetRow).where(
+                    (DeploymentFleetRow.gateway == gateway)
+                    | (DeploymentFleetRow.updated_at < now - timedelta(seconds=WINDOW_ROWS_KEPT_S))
+                )
+            )
+            session.add_all(
+                DeploymentFleetRow(gateway=gateway, name=name, report=report, updated_at=now)
+                for name, report in reports.items()
+            )
+
+    def fleet(self, fresh_s: float) -> list[FleetRow]:
+        """Every fleet row published in the last ``fresh_s`` seconds (live gateways')."""
+        since = datetime.now(UTC) - timedelta(seconds=fresh_s)
+        query = select(DeploymentFleetRow).where(DeploymentFleetRow.updated_at >= since)
+        with self._sessions() as session:
+            rows = session.scalars(query.order_by(DeploymentFleetRow.gateway)).all()
+            return [FleetRow(r.gateway, r.name, dict(r.report), _utc(r.updated_at)) for r in rows]
+
     def history(self, name: str, limit: int = 1000) -> list[DeploymentChange]:
         """The changes of ``name``, oldest first (the last ``limit``)."""
         query = (
@@ -255,34 +311,52 @@ class DeploymentStore:
         reason_of: str | Callable[[], str],
         in_transaction: InTransaction | None,
     ) -> DeploymentChange | None:
-        now = datetime.now(UTC)
         with self._sessions.begin() as session:
-            # Write first: it takes SQLite's write lock (PostgreSQL: the row lock) before the
-            # read, so concurrent changes serialize and each sees the one before it.
-            session.execute(
-                update(DeploymentRow)
-                .where(DeploymentRow.name == name)
-                .values(revision=DeploymentRow.revision)
-            )
-            row = session.scalars(
-                select(DeploymentRow).where(DeploymentRow.name == name).with_for_update()
-            ).first()
-            previous = None if row is None else dict(row.spec)
-            spec = compute(previous)
-            if spec is None:
-                return None
-            reason = reason_of() if callable(reason_of) else reason_of
-            revision = (_last_revision(session, name) if row is None else row.revision) + 1
-            if row is None:
-                session.add(
-                    DeploymentRow(
-                        name=name, spec=spec, revision=revision, updated_at=now, updated_by=actor
-                    )
+            return self.change_in(
+                session, name, action, compute, actor=actor, reason=reason_of,
+                in_transaction=in_transaction,
+            )  # fmt: skip
+
+    @staticmethod
+    def change_in(
+        session: Session,
+        name: str,
+        action: str,
+        compute: Compute,
+        *,
+        actor: str,
+        reason: str | Callable[[], str] = "",
+        in_transaction: InTransaction | None = None,
+    ) -> DeploymentChange | None:
+        """:meth:`change` inside a transaction the caller holds (an alias move's, so that a
+        deployment following the alias moves with it and both commit or neither)."""
+        now = datetime.now(UTC)
+        # Write first: it takes SQLite's write lock (PostgreSQL: the row lock) before the
+        # read, so concurrent changes serialize and each sees the one before it.
+        session.execute(
+            update(DeploymentRow)
+            .where(DeploymentRow.name == name)
+            .values(revision=DeploymentRow.revision)
+        )
+        row = session.scalars(
+            select(DeploymentRow).where(DeploymentRow.name == name).with_for_update()
+        ).first()
+        previous = None if row is None else dict(row.spec)
+        spec = compute(previous)
+        if spec is None:
+            return None
+        text = reason() if callable(reason) else reason
+        revision = (_last_revision(session, name) if row is None else row.revision) + 1
+        if row is None:
+            session.add(
+                DeploymentRow(
+                    name=name, spec=spec, revision=revision, updated_at=now, updated_by=actor
                 )
-            else:
-                row.spec, row.revision, row.updated_at, row.updated_by = spec, revision, now, actor
-            change = DeploymentChange(name, revision, action, spec, previous, actor, reason, now)
-            _record(session, change, in_transaction)
+            )
+        else:
+            row.spec, row.revision, row.updated_at, row.updated_by = spec, revision, now, actor
+        change = DeploymentChange(name, revision, action, spec, previous, actor, text, now)
+        _record(session, change, in_transaction)
         return change
 
     def stop(

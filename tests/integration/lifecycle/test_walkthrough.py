@@ -225,7 +225,7 @@ def test_the_walkthrough_runs_as_documented(walk: tuple[Shell, Path]) -> None:
     assert "registered sentiment:3 from sentiment:1" in converted
     classified = output_of("lmaas serve")
     assert '"model":"sentiment"' in classified and '"label":' in classified, classified
-    assert _counts(output_of("serving() {")) == {"1": 5}
+    assert _counts(output_of("served() {")) == {"1": 5}
     canary = _counts(output_of("--canary 3"))
     assert sum(canary.values()) == 20 and 1 <= canary.get("3", 0) <= 4, canary
     promoted = output_of("--promote")

@@ -114,3 +114,71 @@ def test_stop_and_deploy_again(home: Path) -> None:
     changes = json.loads(out)
     assert [c["action"] for c in changes] == ["set", "stop", "set", "stop"]
     assert changes[1]["reason"] == "retired" and changes[1]["spec"] == {}
+
+
+def test_follow_alias_and_the_alias_moves(home: Path) -> None:
+    from lmaas.cli.versions import models_app
+
+    def alias(*args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(models_app, ["alias", *args, "--home", str(home)])
+        return result.exit_code, result.stdout + result.stderr
+
+    code, _, err = _run(home, "m", "--follow-alias", "production")
+    assert code == 1 and "no alias 'production'" in err, err
+    code, _, err = _run(home, "m", "--follow-alias", "latest")
+    assert code == 1 and "cannot follow m@latest" in err
+    assert alias("m", "production", "1")[0] == 0
+    code, out, err = _run(home, "m", "--follow-alias", "production", "--replicas", "2")
+    assert code == 0 and "follows m@production" in out, err
+    assert alias("m", "production", "3")[0] == 0
+    moved = _json(home, "m")
+    assert (moved["stable"], moved["follow"], moved["targets"]) == (
+        "3", "production", [{"version": "3", "weight": 100, "replicas": 2}],
+    )  # fmt: skip
+    _json(home, "m", "--canary", "2", "--percent", "10")
+    code, out = alias("m", "production", "1")
+    assert code == 1 and "has canary 2 on trial" in out, out
+    _json(home, "m", "--rollback")
+    with RegistryService(home, f"sqlite:///{home / 'lmaas.db'}", offline=True) as registry:
+        assert registry.alias_target("m", "production") == "3"  # the refused move undone
+    changes = json.loads(_run(home, "history", "m", "--json")[1])
+    assert [c["action"] for c in changes] == ["set", "follow", "canary", "rollback"]
+    assert changes[1]["reason"] == "m@production moved 1 -> 3"
+    assert changes[1]["actor"].startswith("cli:")
+
+
+def test_wait_without_servers_and_status(home: Path) -> None:
+    _json(home, "m", "--version", "1")
+    code, _, err = _run(home, "m", "--replicas", "2", "--wait", "--timeout", "1")
+    assert code == 0 and "no running server serves m" in err, err
+    code, out, err = _run(home, "status", "m")
+    assert code == 0 and "revision 2" in out and "no running server" in out, err
+    code, _, err = _run(home, "status", "nothing")
+    assert code == 1 and "has no deployment" in err
+
+
+def test_wait_on_published_fleet_rows(home: Path) -> None:
+    _json(home, "m", "--version", "1")
+    with RegistryService(home, f"sqlite:///{home / 'lmaas.db'}", offline=True) as registry:
+        store = registry.deployments
+        store.publish_fleet(
+            "gw-a",
+            {
+                "*": {"follows": None},
+                "m": {"revision": 1, "versions": {"1": {"ready": 0, "replicas": 1}}},
+            },
+        )
+        code, _, err = _run(home, "m", "--wait", "--timeout", "0.6")
+        assert code == 2 and "timed out after 0.6 s" in err and "gw-a: revision 1" in err, err
+        failed = {"revision": 0, "versions": {}, "failed_revision": 1, "error": "no weights"}
+        store.publish_fleet("gw-a", {"*": {"follows": None}, "m": failed})
+        code, _, err = _run(home, "m", "--wait")
+        assert code == 1 and "could not apply revision 1 of m: gw-a: no weights" in err, err
+        ready = {"revision": 1, "versions": {"1": {"ready": 1, "replicas": 1}}}
+        store.publish_fleet("gw-a", {"*": {"follows": None}, "m": ready})
+        store.publish_fleet("gw-b", {"*": {"follows": ["other"]}})  # does not serve m
+        code, out, err = _run(home, "status", "m", "--wait")
+        assert code == 0 and "1 server(s) did apply revision 1 of m" in err, err
+        assert "gw-a" in out and "gw-b" not in out and "done" in out
+        store.publish_fleet("gw-a", {})
+        assert [r.gateway for r in store.fleet(60)] == ["gw-b"]

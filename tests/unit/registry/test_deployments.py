@@ -24,7 +24,7 @@ from lmaas.core.errors import (
 from lmaas.engine.local import CanaryTrial
 from lmaas.engine.routing import CanaryGuard, GuardConfig, WindowCounts
 from lmaas.gateway.service import GovernanceService
-from lmaas.lifecycle.deployments import DeploymentService
+from lmaas.lifecycle.deployments import DeploymentService, alias_follower, chain_alias_hooks
 from lmaas.registry.deployments_db import DeploymentChange, VersionWindow
 from lmaas.registry.lifecycle_db import StoredMetric
 from lmaas.registry.service import RegistryService
@@ -306,3 +306,58 @@ def test_gateways_exchange_canary_windows_and_the_guard_pools_them(
     time.sleep(0.05)
     fresh = store.exchange_windows("d", [VersionWindow("d", "x", "1", window(1, 0))], 0.02)
     assert [r.gateway for r in fresh] == ["d"]
+
+
+def test_a_followed_alias_moves_the_deployment_in_its_transaction(
+    registry: RegistryService,
+    make_model_dir: MakeModelDir,
+    governance: GovernanceService,
+    home: Path,
+    database_url: str,
+) -> None:
+    src = make_model_dir()
+    for _ in range(3):
+        registry.import_model(str(src), name="m")
+    hooks = chain_alias_hooks(alias_follower(audit_deployment_change), governance.audit_alias_move)
+    with RegistryService(home, database_url, offline=True, alias_audit=hooks) as hooked:
+        service = DeploymentService(hooked, audit=audit_deployment_change)
+        hooked.set_alias("m", "production", "1", actor="cli:alice")
+        service.follow_alias("m", "production", replicas=2, actor="cli:alice")
+        hooked.set_alias("m", "production", "3", actor="lmaas-k1")
+        view = service.get("m")
+        assert (view.spec.stable, view.spec.follow, view.revision) == ("3", "production", 2)
+        assert view.spec.target("3") is not None and view.spec.target("3").replicas == 2  # type: ignore[union-attr]
+        last = service.history("m")[-1]
+        assert (last.action, last.actor, last.reason) == (
+            "follow", "lmaas-k1", "m@production moved 1 -> 3",
+        )  # fmt: skip
+        service.canary("m", "2", 10, actor="cli:alice")
+        with pytest.raises(ConflictError, match="has canary 2 on trial"):
+            hooked.set_alias("m", "production", "1", actor="lmaas-k1")
+        assert hooked.alias_target("m", "production") == "3"  # the move was undone with it
+        hooked.set_alias("m", "staging", "1")  # another alias: the deployment does not move
+        service.rollback("m", actor="cli:alice")
+        hooked.remove_alias("m", "production", actor="lmaas-k1")
+        view = service.get("m")
+        assert (view.spec.stable, view.spec.follow) == ("3", None)
+        actions = [c.action for c in service.history("m")]
+        assert actions == ["set", "follow", "canary", "rollback", "unfollow"]
+    audit = [r.action for r in reversed(governance.list_audit(target="m"))]
+    assert audit.count("deployment.follow") == 1 and audit.count("deployment.unfollow") == 1
+    assert audit.index("deployment.follow") < audit.index("deployment.canary")
+    assert governance.verify_audit().ok
+
+
+def test_gateways_publish_what_they_applied(service: DeploymentService) -> None:
+    store = service.registry.deployments
+    store.publish_fleet("a", {"*": {"follows": None}, "m": {"revision": 1}})
+    store.publish_fleet("b", {"*": {"follows": ["m"]}})
+    assert {(r.gateway, r.name) for r in store.fleet(60)} == {("a", "*"), ("a", "m"), ("b", "*")}
+    store.publish_fleet("a", {"*": {"follows": None}})  # replaces a's rows
+    assert {(r.gateway, r.name) for r in store.fleet(60)} == {("a", "*"), ("b", "*")}
+    store.publish_fleet("b", {})
+    assert [r.gateway for r in store.fleet(60)] == ["a"] and store.fleet(0) == []
+    service.set_version("m", "1", actor="cli:alice")
+    status = service.fleet("m", 60)
+    assert (status.revision, status.stopped, len(status.gateways)) == (1, False, 1)
+    assert not status.done  # a has not reported m yet

@@ -34,7 +34,14 @@ class SetBody(_Body):
     """All traffic to one version, or an explicit split."""
 
     version: str | None = Field(
-        default=None, max_length=130, description="A version or alias; drops any canary."
+        default=None,
+        max_length=130,
+        description="A version or alias (resolved once: pinned); drops any canary.",
+    )
+    follow: str | None = Field(
+        default=None,
+        max_length=64,
+        description="An alias: deploy the version it names, and again each time it moves.",
     )
     replicas: int | None = Field(default=None, ge=1, le=MAX_REPLICAS)
     weights: dict[str, int] | None = Field(
@@ -74,6 +81,7 @@ class DeploymentResponse(BaseModel):
     revision: int
     stable: str
     canary: str | None
+    follow: str | None = Field(default=None, description="The alias the deployment follows.")
     targets: list[TargetResponse]
     updated_at: datetime
     updated_by: str
@@ -81,6 +89,11 @@ class DeploymentResponse(BaseModel):
         default=None, description="Replicas, their states and the canary window, when served here."
     )
     gate: dict[str, Any] | None = Field(default=None, description="The promotion gate's verdict.")
+    fleet: dict[str, Any] | None = Field(
+        default=None,
+        description="What every live gateway on the DB has applied of the current revision "
+        "(revision, done, per gateway: revision, ready/wanted replicas per version, error).",
+    )
 
     @classmethod
     def of(cls, view: DeploymentView, service: DeploymentService) -> DeploymentResponse:
@@ -90,6 +103,7 @@ class DeploymentResponse(BaseModel):
             revision=view.revision,
             stable=spec.stable,
             canary=spec.canary,
+            follow=spec.follow,
             targets=[
                 TargetResponse(version=t.version, weight=t.weight, replicas=t.replicas)
                 for t in spec.targets
@@ -144,6 +158,12 @@ def _current(service: DeploymentService, name: str) -> DeploymentResponse:
     return DeploymentResponse.of(service.get(name), service)
 
 
+@router.get("/{name}/fleet")
+def deployment_fleet(name: str, request: Request) -> dict[str, Any]:
+    """What every live gateway has applied of the name's current revision (or of its stop)."""
+    return _service(request).fleet(name).to_dict()
+
+
 @router.get("")
 def list_deployments(request: Request) -> DeploymentListResponse:
     """Every stored deployment."""
@@ -155,8 +175,12 @@ def list_deployments(request: Request) -> DeploymentListResponse:
 
 @router.get("/{name}")
 def get_deployment(name: str, request: Request) -> DeploymentResponse:
-    """One deployment (404 when the name has none)."""
-    return _current(_service(request), name)
+    """One deployment (404 when the name has none), with ``fleet``: how far every live
+    gateway is with its current revision."""
+    service = _service(request)
+    response = _current(service, name)
+    response.fleet = service.fleet(name).to_dict()
+    return response
 
 
 @router.get("/{name}/history")
@@ -171,8 +195,14 @@ def set_deployment(name: str, body: SetBody, request: Request) -> DeploymentResp
     """Deploy one version with all the traffic (``version``), or an explicit split
     (``weights``); the replicas that leave drain before they stop."""
     service, actor = _service(request), actor_of(request)
+    if sum(x is not None for x in (body.weights, body.version, body.follow)) > 1:
+        raise InvalidRequestError("give one of version, follow or weights", param="version")
     if body.weights is not None:
         service.set_weights(name, body.weights, actor=actor, reason=body.reason)
+    elif body.follow is not None:
+        service.follow_alias(
+            name, body.follow, replicas=body.replicas, actor=actor, reason=body.reason
+        )
     elif body.version is not None:
         service.set_version(
             name, body.version, replicas=body.replicas, actor=actor, reason=body.reason
@@ -180,7 +210,7 @@ def set_deployment(name: str, body: SetBody, request: Request) -> DeploymentResp
     elif body.replicas is not None:
         service.scale(name, body.replicas, actor=actor, reason=body.reason)
     else:
-        raise InvalidRequestError("give version, weights or replicas", param="version")
+        raise InvalidRequestError("give version, follow, weights or replicas", param="version")
     return _current(service, name)
 
 

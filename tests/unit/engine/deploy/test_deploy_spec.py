@@ -115,3 +115,28 @@ def test_gate_needs_shared_evaluations_when_the_stable_has_some() -> None:
 def test_latest_metrics_keeps_the_last_value() -> None:
     rows = [("accuracy", "d", "", 0.5), ("accuracy", "d", "", 0.7), ("accuracy", "e", "", 0.1)]
     assert deploy.latest_metrics(rows) == {("accuracy", "d", ""): 0.7, ("accuracy", "e", ""): 0.1}
+
+
+def test_a_followed_alias_moves_the_stable_version_and_a_canary_holds_it() -> None:
+    pinned = deploy.single("m", "1", replicas=2)
+    assert "follow" not in pinned.to_dict()  # stored rows of pinned deployments stay as they were
+    spec = deploy.set_stable(pinned, "m", "1", None, follow="production")
+    assert spec.follow == "production" and DeploymentSpec.from_dict(spec.to_dict()) == spec
+    assert deploy.followed(spec, "staging", "2") is None  # another alias
+    assert deploy.followed(spec, "production", "1") is None  # already there
+    moved = deploy.followed(spec, "production", "2")
+    assert moved == DeploymentSpec("m", (VersionTarget("2", 100, 2),), "2", None, "production")
+    unfollowed = deploy.followed(spec, "production", None)
+    assert unfollowed is not None and unfollowed.follow is None and unfollowed.stable == "1"
+    trial = deploy.with_canary(spec, "3", 10)
+    assert trial.follow == "production"
+    with pytest.raises(ConflictError, match="promote or roll back the canary first"):
+        deploy.followed(trial, "production", "2")
+    assert deploy.rolled_back(trial, None).follow == "production"  # the canary dropped
+    assert deploy.scaled(spec, None, 3).follow == "production"
+    assert deploy.promoted(trial).follow is None  # a promotion pins the deployment
+    assert deploy.set_stable(spec, "m", "2", None).follow is None
+    assert deploy.with_weights(spec, {"1": 80, "2": 20}).follow == "production"
+    assert deploy.with_weights(spec, {"2": 100}).follow is None  # the stable changed
+    with pytest.raises(InvalidRequestError, match="alias to follow"):
+        DeploymentSpec("m", (VersionTarget("1", 100),), "1", None, "12")
