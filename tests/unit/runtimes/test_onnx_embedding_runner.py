@@ -113,6 +113,22 @@ def test_int8_is_close_to_fp32(
     assert _cosines(_embed(int8), _embed(runner)).min() >= 0.99
 
 
+def test_int8_on_an_empty_cache_exports_the_float_weights(
+    exported: tuple[Path, OnnxEmbeddingRunner], tmp_path: Path
+) -> None:
+    """The export must not read ``quantize`` (it once loaded torch-int8 weights and failed)."""
+    root, runner = exported
+    spec = make_spec(
+        root / "model",
+        task="embedding",
+        options={"backend": "onnxruntime", "quantize": "int8"},
+        cache_dir=str(tmp_path / "empty-cache"),
+    )
+    int8 = OnnxEmbeddingRunner(spec)
+    assert int8.load().dtype == "int8"
+    assert _cosines(_embed(int8), _embed(runner)).min() >= 0.99
+
+
 @pytest.mark.parametrize(("pooling", "normalize"), [("cls", False), ("max", False)])
 def test_imported_model_onnx_with_other_poolings(
     exported: tuple[Path, OnnxEmbeddingRunner], tmp_path: Path, pooling: str, normalize: bool
