@@ -238,7 +238,7 @@ def print_report(results: dict[str, Any]) -> None:
         note = ""
         if "cosine_to_onnx_fp32" in r:
             c = r["cosine_to_onnx_fp32"]
-            note = f"cos→onnx fp32 {c['min']:.4f}/{c['mean']:.4f}"
+            note = f"cos→onnx fp32 worst {c['min']:.4f} mean {c['mean']:.4f}"
         if r.get("failed"):
             note += f" {r['failed']} failed"
         p50 = f"{r['p50_ms']:.1f}" if "p50_ms" in r else "-"

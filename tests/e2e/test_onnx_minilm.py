@@ -21,6 +21,8 @@ SENTENCES = [
     "She opened the window and the morning light filled the quiet kitchen.",
     "Embeddings map sentences to vectors so that similar meanings end up close together.",
     "Hi",
+    "Thanks",
+    "No.",
 ]
 
 
@@ -53,7 +55,8 @@ def test_minilm_on_onnxruntime_fp32_and_int8(tmp_path: Path) -> None:
     assert ((fp32 * expected).sum(axis=1)).min() >= 1 - 1e-5
     int8 = _embed(_runner(tmp_path, quantize="int8"))
     cosines = (int8 * fp32).sum(axis=1)
-    # Dynamic int8 costs accuracy unevenly: the mean is the bar (≥ 0.99); the worst
-    # sentence (a 3-token "Hi") measured 0.987 with this recipe, so the floor is 0.98.
-    assert cosines.mean() >= 0.99
-    assert cosines.min() >= 0.98
+    # The bar (cosine ≥ 0.99) holds for every sentence, the very short ones included
+    # (they were the worst with one activation scale per tensor: 0.965-0.987). Measured with
+    # the per-token recipe on 500 benchmark sentences + 7 short ones: mean 0.9994, worst 0.996.
+    assert cosines.min() >= 0.99
+    assert cosines.mean() >= 0.995

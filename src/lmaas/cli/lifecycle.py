@@ -231,8 +231,8 @@ def compress_command(
         bool,
         typer.Option(
             "--all-layers",
-            help="ONNX versions: quantise the GELU-fed MatMuls and the convolutions too "
-            "(smaller; riskier for transformer encoders).",
+            help="ONNX versions: quantise the convolutions too (smaller; the recorded "
+            "accuracy delta says what it cost).",
         ),
     ] = False,
     name: Annotated[str | None, typer.Option(help="Name of the new version's model.")] = None,

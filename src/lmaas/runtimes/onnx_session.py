@@ -1,4 +1,4 @@
-"""ONNX Runtime plumbing every ONNX runner shares: sessions, datatypes, the graph cache, int8.
+"""ONNX Runtime plumbing every ONNX runner shares: sessions, datatypes, the graph cache.
 
 Graphs a worker derives at load time (an encoder exported from safetensors, an int8 copy of a
 graph) never go into the model's version directory, which is immutable and checksummed. They go
@@ -35,7 +35,9 @@ ORT_TO_V2: dict[str, str] = {
 }  # fmt: skip
 """ONNX Runtime element types → Open Inference Protocol v2 datatypes."""
 
-QUANTIZE_CHOICES = ("int8",)
+QUANTIZE_CHOICES = ("int8", "int8-dynamic")
+"""``int8``: per-token activations, outlier channels in float (:mod:`lmaas.runtimes.onnx_int8`);
+``int8-dynamic``: onnxruntime's ``quantize_dynamic`` (one activation scale per tensor)."""
 
 
 def worker_threads(options: Mapping[str, str]) -> int:
@@ -70,7 +72,9 @@ def open_session(path: Path, num_threads: int) -> ort.InferenceSession:
 
 
 def quantize_option(options: Mapping[str, str]) -> str | None:
-    """The ``quantize`` serving option (``int8``), or None. Raises: ModelLoadError."""
+    """The ``quantize`` serving option (``int8``, ``int8-dynamic``) or None.
+
+    Raises: ModelLoadError."""
     value = options.get("quantize", "").strip().lower()
     if value in ("", "none", "fp32"):
         return None
@@ -129,49 +133,3 @@ def build_once(dest: Path, build: Callable[[Path], object]) -> Path:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return dest
-
-
-def quantize_int8(
-    source: Path, dest: Path, *, keep_after_gelu: bool = True, convolutions: bool = False
-) -> int:
-    """Dynamic int8 quantisation of ``source`` into ``dest`` (onnxruntime ``quantize_dynamic``).
-
-    The recipe keeps accuracy on transformer encoders (cosine ≥ 0.99 to fp32 on
-    all-MiniLM-L6-v2): weights are quantised per output channel, only MatMuls with a constant
-    weight are quantised (two activations multiplied in attention stay in float), and, with
-    ``keep_after_gelu``, MatMuls fed by a GELU stay in float too: their inputs carry outliers
-    that one per-tensor activation scale cannot represent. ``convolutions`` quantises Conv
-    weights too (``ConvInteger``).
-
-    Returns:
-        How many MatMuls stayed in float.
-    """
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    model = onnx.load(str(source), load_external_data=False)
-    constants = {init.name for init in model.graph.initializer}
-    constants |= {o for node in model.graph.node if node.op_type == "Constant" for o in node.output}
-    gelu_outputs = {o for node in model.graph.node if "Gelu" in node.op_type for o in node.output}
-    excluded = [
-        node.name
-        for node in model.graph.node
-        if node.op_type == "MatMul"
-        and (
-            not any(i in constants for i in node.input)
-            or (keep_after_gelu and node.input[0] in gelu_outputs)
-        )
-    ]
-    try:
-        quantize_dynamic(
-            str(source),
-            str(dest),
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=["MatMul", "Gemm", *(["Conv"] if convolutions else [])],
-            nodes_to_exclude=excluded,
-        )
-    except Exception as exc:  # the quantiser raises whatever its graph passes raise
-        raise ModelLoadError(f"int8 quantisation of {source.name} failed: {exc}") from exc
-    _log.info("quantised %s to int8 (%d MatMuls kept in float)", source.name, len(excluded))
-    return len(excluded)

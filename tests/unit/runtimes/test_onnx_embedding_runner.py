@@ -88,17 +88,44 @@ def test_export_goes_to_the_cache_and_is_reused(exported: tuple[Path, OnnxEmbedd
     assert again.graph_path == graph and graph.stat().st_mtime_ns == mtime
 
 
-def test_int8_is_close_to_fp32(exported: tuple[Path, OnnxEmbeddingRunner]) -> None:
+@pytest.mark.parametrize(
+    ("recipe", "op_type"),
+    [("int8", "MatMulIntegerToFloat"), ("int8-dynamic", "DynamicQuantizeLinear")],
+)
+def test_int8_is_close_to_fp32(
+    exported: tuple[Path, OnnxEmbeddingRunner], recipe: str, op_type: str
+) -> None:
+    import onnx
+
     root, runner = exported
     spec = make_spec(
         root / "model",
         task="embedding",
-        options={"backend": "onnxruntime", "quantize": "int8"},
+        options={"backend": "onnxruntime", "quantize": recipe},
         cache_dir=str(root / "cache"),
     )
     int8 = OnnxEmbeddingRunner(spec)
     assert int8.load().dtype == "int8"
     assert int8.graph_path is not None and int8.graph_path.name == "model.int8.onnx"
+    assert int8.graph_path.parent.name.startswith(f"{recipe}-")  # one cached graph per recipe
+    graph = onnx.load(str(int8.graph_path))
+    assert op_type in {node.op_type for node in graph.graph.node}
+    assert _cosines(_embed(int8), _embed(runner)).min() >= 0.99
+
+
+def test_int8_on_an_empty_cache_exports_the_float_weights(
+    exported: tuple[Path, OnnxEmbeddingRunner], tmp_path: Path
+) -> None:
+    """The export must not read ``quantize`` (it once loaded torch-int8 weights and failed)."""
+    root, runner = exported
+    spec = make_spec(
+        root / "model",
+        task="embedding",
+        options={"backend": "onnxruntime", "quantize": "int8"},
+        cache_dir=str(tmp_path / "empty-cache"),
+    )
+    int8 = OnnxEmbeddingRunner(spec)
+    assert int8.load().dtype == "int8"
     assert _cosines(_embed(int8), _embed(runner)).min() >= 0.99
 
 

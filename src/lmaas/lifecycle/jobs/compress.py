@@ -49,7 +49,7 @@ from lmaas.lifecycle.jobs.onnx_export import compact_graph
 from lmaas.registry.manifest import Lineage, Manifest
 from lmaas.registry.service import RegistryService
 from lmaas.runtimes.int8_weights import INT8_WEIGHTS_FILE, save_int8
-from lmaas.runtimes.onnx_session import quantize_int8
+from lmaas.runtimes.onnx_int8 import INT8_RECIPE, quantize_int8
 
 AUTO_CLASSES = {
     Task.IMAGE_CLASSIFICATION: "AutoModelForImageClassification",
@@ -59,7 +59,15 @@ AUTO_CLASSES = {
 _HEAD_NAMES = ("classifier", "score", "lm_head")
 _MEASURED = (Task.CLASSIFICATION, Task.IMAGE_CLASSIFICATION)
 ONNX_GRAPH = "model.onnx"
-_INT8_OPS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul", "ConvInteger"})
+_INT8_OPS = frozenset(
+    {
+        "DynamicQuantizeLinear",
+        "MatMulInteger",
+        "MatMulIntegerToFloat",
+        "QLinearMatMul",
+        "ConvInteger",
+    }
+)
 
 
 def load_float_model(parent: Manifest, model_dir: Path) -> Any:
@@ -169,13 +177,14 @@ def compress(args: argparse.Namespace) -> int:
 def compress_onnx(
     registry: RegistryService, parent: Manifest, args: argparse.Namespace, tmp: Path
 ) -> int:
-    """``--int8`` of an ONNX version: onnxruntime's dynamic quantisation of its graph.
+    """``--int8`` of an ONNX version: an onnxruntime int8 graph.
 
-    The recipe is the one the ONNX embedding runner uses at load time
-    (:func:`lmaas.runtimes.onnx_session.quantize_int8`): int8 per-channel weights for MatMul and
-    Gemm with a constant weight, activations quantised per call; MatMuls fed by a GELU stay
-    float and convolutions too, unless ``--all-layers`` (smaller; the recorded accuracy delta
-    says what it cost).
+    The recipe is the one the ONNX embedding runner uses at load time for ``quantize: int8``
+    (:func:`lmaas.runtimes.onnx_int8.quantize_int8`): every MatMul with a constant weight gets
+    int8 per-column weights and per-token int8 activations, with the few outlier input channels
+    of text encoders kept in float; Gemm nodes go through onnxruntime's ``quantize_dynamic``;
+    convolutions stay float unless ``--all-layers`` (smaller; the recorded accuracy delta says
+    what it cost).
     The new version holds the quantised graph itself (format ``onnx``), served by the same
     ONNX Runtime runner as its parent.
     """
@@ -196,10 +205,7 @@ def compress_onnx(
     out.mkdir()
     copy_side_files(parent_dir, out, lambda rel: not rel.name.startswith(ONNX_GRAPH))
     with spinner(f"quantising {parent.ref} with onnxruntime"):
-        kept = quantize_int8(
-            graph, out / ONNX_GRAPH, keep_after_gelu=not args.all_layers,
-            convolutions=args.all_layers,
-        )  # fmt: skip
+        kept = quantize_int8(graph, out / ONNX_GRAPH, convolutions=args.all_layers)
     compact_graph(out / ONNX_GRAPH)
     before = measure(version_spec(registry, parent), data)
     after = measure(worker_spec(parent.name, out, parent.task, ModelFormat.ONNX), data)
@@ -211,11 +217,12 @@ def compress_onnx(
             parent=parent.ref, transform="quantize-int8",
             parameters={
                 "backend": "onnxruntime",
-                "scheme": "quantize_dynamic: per-channel int8 MatMul/Gemm weights, "
-                "dynamic int8 activations",
-                "gelu_fed_matmuls": "int8" if args.all_layers else "float",
+                "recipe": INT8_RECIPE,
+                "scheme": "per-column int8 MatMul weights, per-token int8 activations, "
+                "outlier input channels in float; Gemm: quantize_dynamic",
+                "gelu_fed_matmuls": "int8",
                 "convolutions": "int8" if args.all_layers else "float",
-                "float_matmuls": kept,
+                "float_channels": kept,
             },
         ),
         metrics=metrics, serving=parent.serving.model_dump(),

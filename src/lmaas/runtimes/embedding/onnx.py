@@ -8,8 +8,10 @@ Where the graph comes from:
   load time, into the worker's cache directory (see :mod:`lmaas.runtimes.onnx_session`) and the
   cached graph is reused by later loads and other replicas.
 
-``serving.options.quantize: int8`` runs a dynamically int8-quantised copy of that graph instead
-(also cached). Tokenisation, pooling and normalisation are the torch runner's
+``serving.options.quantize: int8`` runs an int8 copy of that graph instead (also cached):
+per-token int8 activations with outlier channels in float (:mod:`lmaas.runtimes.onnx_int8`);
+``int8-dynamic`` is onnxruntime's ``quantize_dynamic`` (one activation scale per tensor).
+Tokenisation, pooling and normalisation are the torch runner's
 (:class:`~lmaas.runtimes.embedding.sentences.SentenceEmbedder`), so fp32 results match
 sentence-transformers.
 """
@@ -33,11 +35,16 @@ from lmaas.core.messages import (
 from lmaas.core.types import ModelFormat
 from lmaas.runtimes.embedding.sentences import SentenceEmbedder, SentenceRunnerBase
 from lmaas.runtimes.hf_loading import load_hf_tokenizer
+from lmaas.runtimes.onnx_int8 import (
+    DYNAMIC_RECIPE,
+    INT8_RECIPE,
+    quantize_dynamic_int8,
+    quantize_int8,
+)
 from lmaas.runtimes.onnx_session import (
     build_once,
     cache_dir,
     open_session,
-    quantize_int8,
     quantize_option,
     source_digest,
     worker_threads,
@@ -58,8 +65,9 @@ class OnnxEmbeddingRunner(SentenceRunnerBase):
     (pooled here), or sentence vectors ``[batch, dim]`` (only normalised here).
 
     Args:
-        spec: The worker spec; options ``quantize`` (``int8``), ``num_threads`` (intra-op
-            threads; default: the worker's cores) and ``matryoshka_dims``.
+        spec: The worker spec; options ``quantize`` (``int8``, ``int8-dynamic``),
+            ``num_threads`` (intra-op threads; default: the worker's cores) and
+            ``matryoshka_dims``.
     """
 
     def __init__(self, spec: WorkerSpec) -> None:
@@ -92,7 +100,9 @@ class OnnxEmbeddingRunner(SentenceRunnerBase):
             raise ModelLoadError("the graph returns pooled vectors; it cannot pool again")
         _log.info("loaded %s on onnxruntime (%s)", self.graph_path, quantize or "float32")
         return self._sentences.model_info(
-            dtype=quantize or "float32", device="cpu", max_batch_size=self._spec.max_batch_size
+            dtype="int8" if quantize else "float32",
+            device="cpu",
+            max_batch_size=self._spec.max_batch_size,
         )
 
     def health(self) -> bool:
@@ -128,8 +138,15 @@ class OnnxEmbeddingRunner(SentenceRunnerBase):
             graph = build_once(folder / GRAPH_FILENAME, lambda tmp: export_encoder(spec, tmp))
         if quantize is None:
             return graph
-        folder = cache_dir(spec) / f"int8-{source_digest(spec, str(graph), _versions())}"
-        return build_once(folder / "model.int8.onnx", lambda tmp: quantize_int8(graph, tmp))
+        dynamic = quantize == "int8-dynamic"
+        recipe = DYNAMIC_RECIPE if dynamic else INT8_RECIPE
+        digest = source_digest(spec, str(graph), recipe, _versions())
+        folder = cache_dir(spec) / f"{quantize}-{digest}"
+
+        def build(tmp: Path) -> int:
+            return quantize_dynamic_int8(graph, tmp) if dynamic else quantize_int8(graph, tmp)
+
+        return build_once(folder / "model.int8.onnx", build)
 
     def _check_signature(self, session: ort.InferenceSession) -> int | None:
         """Remember the graph's inputs and output; the hidden size if the graph states it."""

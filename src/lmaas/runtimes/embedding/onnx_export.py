@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import torch
 
 from lmaas.core.errors import ModelLoadError
@@ -53,7 +54,11 @@ def export_encoder(spec: WorkerSpec, dest: Path) -> None:
     Raises:
         ModelLoadError: the model cannot be loaded or exported.
     """
-    model, _ = load_hf_model(spec, "AutoModel", torch.float32)
+    # The float weights, whatever ``quantize`` says: quantisation happens on the exported graph.
+    float_spec = msgspec.structs.replace(
+        spec, options={k: v for k, v in spec.options.items() if k != "quantize"}
+    )
+    model, _ = load_hf_model(float_spec, "AutoModel", torch.float32)
     model.eval()
     num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     example = (torch.full((2, 8), 5, dtype=torch.long), torch.ones((2, 8), dtype=torch.long))
