@@ -20,8 +20,9 @@ class ServerConfig(BaseModel):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     """Request bodies over this size are refused with 413 before they are parsed."""
     max_audio_upload_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
-    """Largest audio file ``/v1/audio/transcriptions`` accepts (OpenAI's 25 MB); that route's
-    body cap is this plus room for the other form fields, instead of ``max_body_bytes``."""
+    """Largest audio file ``/v1/audio/transcriptions`` and ``/translations`` accept (OpenAI's
+    25 MB); those routes' body cap is this plus room for the other form fields, instead of
+    ``max_body_bytes``."""
     drain_timeout_s: float = Field(default=30.0, ge=0)
     """On SIGTERM, how long in-flight requests may take to finish before the process exits."""
     request_timeout_s: float = Field(default=600.0, gt=0)
