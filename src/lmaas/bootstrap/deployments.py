@@ -30,11 +30,11 @@ import time
 import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
 
+from lmaas.bootstrap.load_retry import LoadRetries
 from lmaas.bootstrap.settings import Settings
 from lmaas.core.errors import LmaasError
 from lmaas.core.types import parse_model_ref
@@ -57,41 +57,6 @@ _MIN_FRESH_S = 5.0
 
 VersionDeployment = Callable[[str, str], Deployment]
 """(name, version) → the worker spec to serve it."""
-
-
-def retry_delay(failures: int, initial_s: float, max_s: float) -> float:
-    """Seconds to wait before trying a change again after its ``failures``-th failed try:
-    ``initial_s`` doubling each time, at most ``max_s``."""
-    return min(max_s, initial_s * 2.0 ** min(max(failures - 1, 0), 64))
-
-
-@dataclass(slots=True)
-class LoadRetry:
-    """The tries of one stored revision that this gateway could not apply.
-
-    Attributes:
-        revision: The revision being retried.
-        failures: Tries that failed so far (the first apply included).
-        next_at: When the next try starts (epoch seconds).
-        timer: The scheduled try (None while one runs).
-    """
-
-    revision: int
-    failures: int
-    next_at: float
-    timer: asyncio.TimerHandle | None = None
-
-    def to_dict(self, now: float | None = None) -> dict[str, Any]:
-        """``attempts`` (failed tries), ``next_retry_at`` (ISO 8601 UTC) and, given ``now``,
-        ``next_retry_in_s``."""
-        data: dict[str, Any] = {
-            "revision": self.revision,
-            "attempts": self.failures,
-            "next_retry_at": datetime.fromtimestamp(self.next_at, UTC).isoformat(),
-        }
-        if now is not None:
-            data["next_retry_in_s"] = round(max(0.0, self.next_at - now), 1)
-        return data
 
 
 def audit_deployment_change(session: Session, change: DeploymentChange) -> None:
@@ -208,8 +173,12 @@ class DeploymentController:
         self._published = False
         self._failed: dict[str, tuple[int, str]] = {}
         """Name → (revision, error) of its last change that this gateway could not apply."""
-        self._retries: dict[str, LoadRetry] = {}
-        """Name → the scheduled retry of its failed change."""
+        self._retries = LoadRetries(
+            settings.deploy.load_retry_initial_s,
+            settings.deploy.load_retry_max_s,
+            on_due=self._converge,
+            clock=time.time,
+        )
         self._fleet_sent: dict[str, dict[str, Any]] | None = None
         self._fleet_sent_at = 0.0
         service.on_change = lambda _change: self.wake()
@@ -222,8 +191,7 @@ class DeploymentController:
             self._tasks.append(asyncio.create_task(self._guard_loop(), name="canary-guard"))
 
     async def aclose(self) -> None:
-        for name in list(self._retries):
-            self._cancel_retry(name)
+        self._retries.cancel_all()
         tasks = [*self._tasks, *self._workers.values()]
         for task in tasks:
             task.cancel()
@@ -247,8 +215,7 @@ class DeploymentController:
         return self._names is None or name in self._names
 
     def _live(self, name: str) -> dict[str, object] | None:
-        retry = self._retries.get(name)
-        retrying = None if retry is None else retry.to_dict(time.time())
+        retrying = self._retries.describe(name, time.time())
         if name in self._engine.names():
             return {**self._engine.describe(name), "retry": retrying}
         error = self._engine.failed_to_add(name)
@@ -299,8 +266,7 @@ class DeploymentController:
             report["requested"] = self._requested.get(name, 0)
             failed = self._failed.get(name)
             report["failed_revision"], report["error"] = failed if failed else (None, None)
-            retry = self._retries.get(name)
-            report["retry"] = None if retry is None else retry.to_dict()
+            report["retry"] = self._retries.describe(name)
             reports[name] = report
         return reports
 
@@ -321,12 +287,12 @@ class DeploymentController:
         for name, revision in revisions.items():
             if self.follows(name) and revision > self._requested.get(name, 0):
                 self._requested[name] = revision
-                self._cancel_retry(name)  # the new change replaces the failed one
+                self._retries.cancel(name)  # the new change replaces the failed one
                 self._converge(name)
         # Served (or being added) here, no longer stored: stopped.
         for name in {*self._engine.names(), *self._requested} - revisions.keys():
             self._requested.pop(name, None)
-            self._cancel_retry(name)
+            self._retries.cancel(name)
             self._converge(name)
 
     def _converge(self, name: str) -> None:
@@ -345,7 +311,7 @@ class DeploymentController:
                 stored = await asyncio.to_thread(self._service.registry.deployments.get, name)
                 if stored is None:
                     self._failed.pop(name, None)
-                    self._cancel_retry(name)
+                    self._retries.cancel(name)
                     await self._engine.remove(name)
                     continue
                 spec = DeploymentSpec.from_dict(stored.spec)
@@ -365,41 +331,13 @@ class DeploymentController:
                 self.wake()  # publish what was applied without waiting for the next round
 
     def _after_try(self, name: str, revision: int) -> None:
-        """Schedule the next try of ``revision`` when it failed (backoff), forget the tries
+        """Schedule the next try of ``revision`` when it failed (backoff); forget the tries
         when it was applied."""
         failed = self._failed.get(name)
         if failed is None or failed[0] != revision:
-            self._cancel_retry(name)
-            return
-        if self._config.load_retry_initial_s <= 0 or self._loop is None:
-            return
-        previous = self._retries.get(name)
-        failures = 1 if previous is None or previous.revision != revision else previous.failures + 1
-        self._cancel_retry(name)
-        delay = retry_delay(
-            failures, self._config.load_retry_initial_s, self._config.load_retry_max_s
-        )
-        retry = LoadRetry(revision, failures, time.time() + delay)
-        retry.timer = self._loop.call_later(delay, self._retry_due, name, retry)
-        self._retries[name] = retry
-        _log.warning(
-            "deployment %s: revision %d failed %d time(s); trying again in %.1f s",
-            name,
-            revision,
-            failures,
-            delay,
-        )
-
-    def _retry_due(self, name: str, retry: LoadRetry) -> None:
-        if self._retries.get(name) is not retry:
-            return  # replaced by a new change or a stop meanwhile
-        retry.timer = None
-        self._converge(name)
-
-    def _cancel_retry(self, name: str) -> None:
-        retry = self._retries.pop(name, None)
-        if retry is not None and retry.timer is not None:
-            retry.timer.cancel()
+            self._retries.cancel(name)
+        elif self._loop is not None:
+            self._retries.failed(name, revision, self._loop)
 
     def _note_outcome(self, name: str, revision: int) -> None:
         """Record whether the engine now routes ``revision`` of ``name`` (or why not)."""

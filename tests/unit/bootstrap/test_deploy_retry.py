@@ -10,7 +10,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
-from lmaas.bootstrap.deployments import DeploymentController, retry_delay
+from lmaas.bootstrap.deployments import DeploymentController
+from lmaas.bootstrap.load_retry import retry_delay
 from lmaas.bootstrap.settings import Settings
 from lmaas.engine import deploy
 from lmaas.engine.deploy import DeploymentSpec
