@@ -71,6 +71,15 @@ def test_real_whisper_transcribes_speech(server: ServerProcess, tmp_path: Path) 
     assert all(s["start"] <= s["end"] <= body["duration"] for s in segments)
     assert [s["id"] for s in segments] == list(range(len(segments)))
 
+    # tiny.en cannot translate: a clear 400 (param "model").
+    translate = httpx.post(
+        f"{server.base_url}/v1/audio/translations",
+        data={"model": "whisper-tiny-en"},
+        files={"file": ("a.wav", audio)},
+        timeout=60,
+    )
+    assert translate.status_code == 400 and translate.json()["error"]["param"] == "model"
+
     garbage = httpx.post(url, data=form, files={"file": ("a.wav", b"garbage" * 64)}, timeout=60)
     assert garbage.status_code == 400
     assert garbage.json()["error"]["param"] == "file"

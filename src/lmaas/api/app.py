@@ -23,7 +23,7 @@ from lmaas.api.errors import install_error_handlers
 from lmaas.api.kserve_v2.router import router as v2_router
 from lmaas.api.metering import MeteringMiddleware
 from lmaas.api.middleware import RequestContextMiddleware
-from lmaas.api.openai.audio import TRANSCRIPTIONS_PATH, transcription_body_cap
+from lmaas.api.openai.audio import audio_body_caps
 from lmaas.api.openai.audio import router as audio_router
 from lmaas.api.openai.chat import router as chat_router
 from lmaas.api.openai.classify import router as classify_router
@@ -118,7 +118,7 @@ def create_app(services: ApiServices) -> FastAPI:
         RequestContextMiddleware,
         metrics=services.metrics,
         max_body_bytes=services.config.max_body_bytes,
-        body_caps={TRANSCRIPTIONS_PATH: transcription_body_cap(services.config)},
+        body_caps=audio_body_caps(services.config),
     )
     return app
 

@@ -13,6 +13,10 @@ anywhere (CLI, admin API, another gateway), and the canary guard that rolls back
   (``auto-rollback`` in the history and the audit trail). Each poll round it publishes what
   it has applied to the fleet table when that changed (else every ``deploy.fleet_heartbeat_s``):
   ``lmaas deploy --wait`` reads it.
+* A change this gateway could not apply (a version that did not load) is tried again with
+  exponential backoff (``deploy.load_retry_initial_s`` doubling up to ``load_retry_max_s``)
+  until it loads, or a new change or a stop of the name replaces it; the tries and the next
+  one show under ``live`` and in the fleet rows (``retry``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from lmaas.bootstrap.load_retry import LoadRetries
 from lmaas.bootstrap.settings import Settings
 from lmaas.core.errors import LmaasError
 from lmaas.core.types import parse_model_ref
@@ -168,6 +173,12 @@ class DeploymentController:
         self._published = False
         self._failed: dict[str, tuple[int, str]] = {}
         """Name → (revision, error) of its last change that this gateway could not apply."""
+        self._retries = LoadRetries(
+            settings.deploy.load_retry_initial_s,
+            settings.deploy.load_retry_max_s,
+            on_due=self._converge,
+            clock=time.time,
+        )
         self._fleet_sent: dict[str, dict[str, Any]] | None = None
         self._fleet_sent_at = 0.0
         service.on_change = lambda _change: self.wake()
@@ -180,6 +191,7 @@ class DeploymentController:
             self._tasks.append(asyncio.create_task(self._guard_loop(), name="canary-guard"))
 
     async def aclose(self) -> None:
+        self._retries.cancel_all()
         tasks = [*self._tasks, *self._workers.values()]
         for task in tasks:
             task.cancel()
@@ -203,12 +215,19 @@ class DeploymentController:
         return self._names is None or name in self._names
 
     def _live(self, name: str) -> dict[str, object] | None:
+        retrying = self._retries.describe(name, time.time())
         if name in self._engine.names():
-            return self._engine.describe(name)
+            return {**self._engine.describe(name), "retry": retrying}
         error = self._engine.failed_to_add(name)
         if error is None:
             return None
-        return {"revision": 0, "versions": [], "draining_replicas": 0, "error": error}
+        return {
+            "revision": 0,
+            "versions": [],
+            "draining_replicas": 0,
+            "error": error,
+            "retry": retrying,
+        }
 
     async def _watch(self) -> None:
         while True:
@@ -247,6 +266,7 @@ class DeploymentController:
             report["requested"] = self._requested.get(name, 0)
             failed = self._failed.get(name)
             report["failed_revision"], report["error"] = failed if failed else (None, None)
+            report["retry"] = self._retries.describe(name)
             reports[name] = report
         return reports
 
@@ -267,10 +287,12 @@ class DeploymentController:
         for name, revision in revisions.items():
             if self.follows(name) and revision > self._requested.get(name, 0):
                 self._requested[name] = revision
+                self._retries.cancel(name)  # the new change replaces the failed one
                 self._converge(name)
         # Served (or being added) here, no longer stored: stopped.
         for name in {*self._engine.names(), *self._requested} - revisions.keys():
             self._requested.pop(name, None)
+            self._retries.cancel(name)
             self._converge(name)
 
     def _converge(self, name: str) -> None:
@@ -289,6 +311,7 @@ class DeploymentController:
                 stored = await asyncio.to_thread(self._service.registry.deployments.get, name)
                 if stored is None:
                     self._failed.pop(name, None)
+                    self._retries.cancel(name)
                     await self._engine.remove(name)
                     continue
                 spec = DeploymentSpec.from_dict(stored.spec)
@@ -303,7 +326,18 @@ class DeploymentController:
                 if stored is not None:
                     self._failed[name] = (stored.revision, str(exc))
             finally:
+                if stored is not None:
+                    self._after_try(name, stored.revision)
                 self.wake()  # publish what was applied without waiting for the next round
+
+    def _after_try(self, name: str, revision: int) -> None:
+        """Schedule the next try of ``revision`` when it failed (backoff); forget the tries
+        when it was applied."""
+        failed = self._failed.get(name)
+        if failed is None or failed[0] != revision:
+            self._retries.cancel(name)
+        elif self._loop is not None:
+            self._retries.failed(name, revision, self._loop)
 
     def _note_outcome(self, name: str, revision: int) -> None:
         """Record whether the engine now routes ``revision`` of ``name`` (or why not)."""

@@ -20,8 +20,9 @@ class ServerConfig(BaseModel):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     """Request bodies over this size are refused with 413 before they are parsed."""
     max_audio_upload_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
-    """Largest audio file ``/v1/audio/transcriptions`` accepts (OpenAI's 25 MB); that route's
-    body cap is this plus room for the other form fields, instead of ``max_body_bytes``."""
+    """Largest audio file ``/v1/audio/transcriptions`` and ``/translations`` accept (OpenAI's
+    25 MB); those routes' body cap is this plus room for the other form fields, instead of
+    ``max_body_bytes``."""
     drain_timeout_s: float = Field(default=30.0, ge=0)
     """On SIGTERM, how long in-flight requests may take to finish before the process exits."""
     request_timeout_s: float = Field(default=600.0, gt=0)
@@ -121,6 +122,13 @@ class DeployConfig(BaseModel):
     """How often a gateway re-publishes what it has applied (table ``deployment_fleet``) when
     nothing changed; it publishes within ``poll_interval_s`` of a change. A gateway silent for
     3 times this is no longer counted by ``lmaas deploy --wait``."""
+    load_retry_initial_s: float = Field(default=5.0, ge=0, le=3600)
+    """A change this gateway could not apply (a version that did not load) is tried again
+    after this long, then after twice as long each time it fails again (up to
+    ``load_retry_max_s``), until it loads or a new change or a stop replaces it; 0: never
+    (the next change tries again)."""
+    load_retry_max_s: float = Field(default=300.0, gt=0, le=86400)
+    """The longest wait between two tries of a change that did not load."""
     pool_windows: bool = True
     """Judge a canary on the traffic of every gateway on the metadata DB (each publishes its
     windows there every ``check_interval_s``); false: each gateway on its own traffic."""

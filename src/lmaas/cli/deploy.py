@@ -31,6 +31,7 @@ from lmaas.lifecycle.deployments import (
     DeploymentService,
     DeploymentView,
     FleetStatus,
+    describe_retry,
 )
 from lmaas.registry.deployments_db import DeploymentChange
 
@@ -312,7 +313,13 @@ def _print_fleet(fleet: FleetStatus) -> None:
     )
     for g in fleet.gateways:
         versions = ", ".join(f"{v} {r}/{w}" for v, (r, w) in g.versions.items())
-        state = "failed: " + g.error if g.error else "done" if g.done else "applying"
+        state = (
+            "failed: " + g.error + describe_retry(g.retry)
+            if g.error
+            else "done"
+            if g.done
+            else "applying"
+        )
         table.add_row(escape(g.gateway), str(g.revision), versions or "-", escape(state))
     Console().print(table)
     if not fleet.gateways:

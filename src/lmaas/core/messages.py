@@ -167,7 +167,8 @@ class ClassifyRequest(msgspec.Struct, frozen=True, tag="classify"):
 
 
 class TranscribeRequest(msgspec.Struct, frozen=True, tag="transcribe"):
-    """Transcribe one encoded audio file (wav, mp3, flac, ogg...)."""
+    """Transcribe one encoded audio file (wav, mp3, flac, ogg...), or translate its speech into
+    English text (``task="translate"``)."""
 
     request_id: str
     audio: bytes
@@ -177,6 +178,9 @@ class TranscribeRequest(msgspec.Struct, frozen=True, tag="transcribe"):
     temperature: float = 0.0
     timestamps: bool = True
     """Also return segments with start and end times."""
+    task: str = "transcribe"
+    """``transcribe`` (text in the spoken language) or ``translate`` (English text; Whisper's
+    own translate task, refused by English-only models)."""
     tenant: str = ""
     """Who asks: the gateway stamps the caller's tenant; engine queues share fairly by it."""
     tenant_weight: float = 1.0

@@ -12,9 +12,10 @@ the gateway that made the change apply it at once.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -72,6 +73,8 @@ class GatewayProgress:
             or is still trying.
         done: It routes the target revision (or a later one) with every replica ready; for a
             stopped name: it no longer serves it.
+        retry: With ``error``: the gateway's tries of the failed revision (``attempts``,
+            ``next_retry_at``), when it tries again.
     """
 
     gateway: str
@@ -79,6 +82,7 @@ class GatewayProgress:
     versions: dict[str, tuple[int, int]]
     error: str | None
     done: bool
+    retry: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,11 +91,12 @@ class GatewayProgress:
             "versions": {v: {"ready": r, "replicas": w} for v, (r, w) in self.versions.items()},
             "error": self.error,
             "done": self.done,
+            "retry": self.retry,
         }
 
     def describe(self) -> str:
         if self.error is not None:
-            return f"{self.gateway}: failed: {self.error}"
+            return f"{self.gateway}: failed: {self.error}{describe_retry(self.retry)}"
         parts = ", ".join(f"{v} {r}/{w} ready" for v, (r, w) in self.versions.items())
         state = "done" if self.done else "applying"
         return f"{self.gateway}: revision {self.revision} ({parts or 'nothing routed'}), {state}"
@@ -124,6 +129,16 @@ class FleetStatus:
         }
 
 
+def describe_retry(retry: dict[str, Any] | None) -> str:
+    """`` (failed 2 times, next try at 23:41:07 UTC)`` for a fleet row's ``retry``."""
+    if not retry:
+        return ""
+    at = str(retry.get("next_retry_at", ""))
+    with contextlib.suppress(ValueError):
+        at = datetime.fromisoformat(at).astimezone(UTC).strftime("%H:%M:%S UTC")
+    return f" (failed {retry.get('attempts')} time(s), next try at {at})"
+
+
 def fleet_status(name: str, revision: int, stopped: bool, rows: list[FleetRow]) -> FleetStatus:
     """The progress of each live gateway (one with a fresh heartbeat row in ``rows``) that
     serves ``name`` towards its revision ``revision`` (or, ``stopped``, towards not serving
@@ -149,6 +164,7 @@ def fleet_status(name: str, revision: int, stopped: bool, rows: list[FleetRow]) 
             if failed is not None and int(failed) >= revision and not stopped
             else None
         )
+        retry = report.get("retry") if error is not None else None
         if stopped:
             done = applied == 0 and not versions
         else:
@@ -157,7 +173,7 @@ def fleet_status(name: str, revision: int, stopped: bool, rows: list[FleetRow]) 
                 and bool(versions)
                 and all(ready >= wanted for ready, wanted in versions.values())
             )
-        found.append(GatewayProgress(row.gateway, applied, versions, error, done))
+        found.append(GatewayProgress(row.gateway, applied, versions, error, done, retry))
     return FleetStatus(name, revision, stopped, tuple(found))
 
 

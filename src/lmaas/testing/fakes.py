@@ -24,6 +24,7 @@ from lmaas.core.messages import (
     InferResult,
     ModelInfo,
     SeqDelta,
+    TensorSpec,
     TokenLogprob,
 )
 from lmaas.core.types import ModelState, Task
@@ -43,6 +44,9 @@ class FakeModelSpec:
     created_at: float = field(default_factory=time.time)
     labels: list[str] | None = None
     """Class labels the model reports (classification tasks)."""
+    inputs: list[TensorSpec] | None = None
+    outputs: list[TensorSpec] | None = None
+    """The v2 signature the model reports (tensor models; both or neither)."""
 
 
 def default_fake_models() -> list[FakeModelSpec]:
@@ -135,6 +139,8 @@ class FakeEngineClient:
             device="cpu",
             embedding_dim=spec.embedding_dim if spec.task is Task.EMBEDDING else None,
             labels=spec.labels,
+            inputs=spec.inputs,
+            outputs=spec.outputs,
         )
         return ServedModel(spec.name, spec.version, spec.task, spec.state, spec.created_at, info)
 

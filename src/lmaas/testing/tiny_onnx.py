@@ -3,11 +3,12 @@
 * :func:`build_tiny_mlp`: a dense network ``x FP32 [batch, 4] → y FP32 [batch, 3]``, the shape
   teams export from Keras or PyTorch;
 * :func:`build_tiny_two_io`: two inputs of different types and two outputs;
+* :func:`build_tiny_bf16`: a bfloat16 input and outputs (``x BF16 [batch, 3] → y BF16, z FP32``);
 * :func:`build_tiny_onnx_embedder`: the tiny BERT embedder of
   :mod:`lmaas.testing.tiny_models` in ``onnx`` format (``model.onnx`` beside the tokenizer and
   the sentence-transformers files, no safetensors).
 
-``python -m lmaas.testing.tiny_onnx DEST --kind mlp|two-io|embedding`` writes one.
+``python -m lmaas.testing.tiny_onnx DEST --kind mlp|two-io|bf16|embedding`` writes one.
 """
 
 from __future__ import annotations
@@ -99,6 +100,37 @@ def build_tiny_two_io(dest: Path, *, seed: int = 0) -> Path:
     return _export(_TwoInOut(), example, dest, ["features", "offset"], ["scaled", "label"])
 
 
+def build_tiny_bf16(dest: Path, *, seed: int = 0) -> Path:
+    """Write ``x BF16 [-1, 3] → y BF16 [-1, 3], z FP32 [-1, 3]`` to ``dest``, where
+    ``z = float(x) * w`` for a random FP32 ``w`` and ``y = bfloat16(z)`` (round to nearest even)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = torch.Generator().manual_seed(seed)
+    w = torch.randn(MLP_OUT, generator=weight).numpy()
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["xf", "w"], ["z"]),
+        helper.make_node("Cast", ["z"], ["y"], to=TensorProto.BFLOAT16),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny-bf16",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["batch", MLP_OUT])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["batch", MLP_OUT]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", MLP_OUT]),
+        ],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dest))
+    return dest
+
+
 def build_tiny_onnx_embedder(dest: Path, *, seed: int = 0) -> Path:
     """Write the tiny sentence-transformers embedder into ``dest`` with ``model.onnx`` as its
     only weights (exported by the same code the ONNX Runtime backend uses)."""
@@ -129,12 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Build a tiny ONNX model with RANDOM weights (for tests and demos).",
     )
     parser.add_argument("dest", type=Path, help=".onnx file (mlp, two-io) or directory")
-    parser.add_argument("--kind", choices=("mlp", "two-io", "embedding"), default="mlp")
+    parser.add_argument("--kind", choices=("mlp", "two-io", "bf16", "embedding"), default="mlp")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     builders = {
         "mlp": build_tiny_mlp,
         "two-io": build_tiny_two_io,
+        "bf16": build_tiny_bf16,
         "embedding": build_tiny_onnx_embedder,
     }
     print(builders[args.kind](args.dest, seed=args.seed))

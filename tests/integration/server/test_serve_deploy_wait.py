@@ -128,6 +128,12 @@ def test_wait_reports_a_load_failure_and_a_stop(
     assert "the weights are corrupt" in failed.stderr, failed.stderr
     fleet = httpx.get(f"{whole.base_url}/admin/deployments/broken/fleet", timeout=10).json()
     assert len(fleet["gateways"]) == 1 and not fleet["done"], fleet  # pinned does not serve it
+    # The server tries again with backoff (5 s, 10 s, ...): the tries show in both views.
+    retry = fleet["gateways"][0]["retry"]
+    assert retry["revision"] == 1 and retry["attempts"] >= 1, fleet
+    live = httpx.get(f"{whole.base_url}/admin/deployments/broken", timeout=10).json()["live"]
+    assert "the weights are corrupt" in live["error"] and live["retry"]["attempts"] >= 1, live
+    assert 0 <= live["retry"]["next_retry_in_s"] <= 300, live
     stopped = _cli(home, "deploy", "broken", "--stop", "--wait")
     assert stopped.returncode == 0, stopped.stderr
     assert "did stop serving broken" in stopped.stderr, stopped.stderr

@@ -18,10 +18,11 @@ from sentence_transformers import SentenceTransformer
 
 from lmaas.registry.service import RegistryService
 from lmaas.testing.tiny_models import build_tiny_embedder
-from lmaas.testing.tiny_onnx import build_tiny_mlp, build_tiny_two_io
+from lmaas.testing.tiny_onnx import build_tiny_bf16, build_tiny_mlp, build_tiny_two_io
 from tests.integration.serverproc import ServerProcess, start_server
 
 tritonhttp = pytest.importorskip("tritonclient.http")
+InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "mlp": build_tiny_mlp(root / "mlp.onnx", seed=1),
         "two": build_tiny_two_io(root / "two-io.onnx", seed=2),
+        "bf16": build_tiny_bf16(root / "bf16.onnx", seed=3),
         "embed": build_tiny_embedder(root / "embed", seed=4),
     }
 
@@ -39,7 +41,7 @@ def onnx_server(
     tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]
 ) -> Iterator[tuple[ServerProcess, Path]]:
     home = tmp_path_factory.mktemp("onnx-home")
-    for source in (models["mlp"], models["two"]):
+    for source in (models["mlp"], models["two"], models["bf16"]):
         cli = [sys.executable, "-m", "lmaas.cli", "models", "import", str(source)]
         done = subprocess.run(
             [*cli, "--task", "tensor", "--home", str(home)], capture_output=True, text=True
@@ -51,7 +53,7 @@ def onnx_server(
         str(models["embed"]), name="embed-ort", serving={"backend": "onnxruntime"}
     )
     registry.close()
-    proc = start_server(home, ["mlp", "two-io", "embed-ort"])
+    proc = start_server(home, ["mlp", "two-io", "bf16", "embed-ort"])
     try:
         proc.wait_ready(240)
         yield proc, home
@@ -102,6 +104,35 @@ def test_tritonclient_binary_and_json_match_onnxruntime(
         assert result.as_numpy("scaled") is None  # only what was asked for
         full = client.infer("two-io", inputs)
         np.testing.assert_allclose(full.as_numpy("scaled"), scaled, rtol=1e-6)
+
+
+def test_tritonclient_bf16_binary_matches_onnxruntime(
+    onnx_server: tuple[ServerProcess, Path], models: dict[str, Path]
+) -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes")  # tritonclient's own BF16 numpy type
+    server, _ = onnx_server
+    client = tritonhttp.InferenceServerClient(url=server.base_url.removeprefix("http://"))
+    meta = client.get_model_metadata("bf16")
+    assert [(o["name"], o["datatype"]) for o in meta["outputs"]] == [("y", "BF16"), ("z", "FP32")]
+    x = np.random.default_rng(3).standard_normal((4, 3)).astype(ml_dtypes.bfloat16)
+    session = ort.InferenceSession(str(models["bf16"]), providers=["CPUExecutionProvider"])
+    feed = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(x.view(np.uint16), onnx_element_type=16)
+    (z_ref,) = [v.numpy() for v in session.run_with_ort_values(["z"], {"x": feed})]
+    given = tritonhttp.InferInput("x", [4, 3], "BF16")
+    given.set_data_from_numpy(x, binary_data=True)
+    wanted = [tritonhttp.InferRequestedOutput(n, binary_data=True) for n in ("y", "z")]
+    result = client.infer("bf16", [given], outputs=wanted)
+    y, z = result.as_numpy("y"), result.as_numpy("z")
+    assert y.dtype == ml_dtypes.bfloat16 and y.shape == (4, 3)
+    np.testing.assert_array_equal(z, z_ref)
+    np.testing.assert_array_equal(y, z_ref.astype(ml_dtypes.bfloat16))
+    # JSON is refused for BF16 (client side for inputs; server side for outputs).
+    with pytest.raises(InferenceServerException, match="binary data"):
+        given.set_data_from_numpy(x, binary_data=False)
+    given.set_data_from_numpy(x, binary_data=True)
+    json_out = [tritonhttp.InferRequestedOutput("y", binary_data=False)]
+    with pytest.raises(InferenceServerException, match="output 'y' is BF16"):
+        client.infer("bf16", [given], outputs=json_out)
 
 
 def test_concurrent_json_requests_are_batched_correctly(

@@ -1,4 +1,5 @@
-"""``POST /v1/audio/transcriptions`` over a fake engine: form parsing, formats, errors, caps."""
+"""``POST /v1/audio/transcriptions`` (and ``/translations``) over a fake engine: form parsing,
+formats, errors, caps."""
 
 from __future__ import annotations
 
@@ -244,3 +245,88 @@ async def test_v2_infer_transcribes_and_checks_the_input(
     ):
         bad_response = await speech_client.post("/v2/models/fake-whisper/infer", json=bad)
         assert bad_response.status_code == 400, (bad, bad_response.text)
+
+
+async def test_translations_send_the_translate_task_without_a_language(
+    speech_client: httpx.AsyncClient, speech_engine: FakeEngineClient
+) -> None:
+    files = {"file": ("speech.wav", AUDIO, "audio/wav")}
+    data = {
+        "model": "fake-whisper",
+        "prompt": "Greetings",
+        "temperature": "0.2",
+        "language": "fr",  # not a translations field: ignored, as OpenAI has none
+        "response_format": "verbose_json",
+    }
+    response = await speech_client.post("/v1/audio/translations", data=data, files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["task"] == "translate" and body["text"] == "Hello there. General."
+    sent = speech_engine.last_infer
+    assert isinstance(sent, TranscribeRequest)
+    assert (sent.task, sent.language, sent.prompt, sent.temperature) == (
+        "translate",
+        None,
+        "Greetings",
+        0.2,
+    )
+    plain = await speech_client.post(
+        "/v1/audio/translations", data={"model": "fake-whisper"}, files=files
+    )
+    assert plain.json() == {
+        "text": "Hello there. General.",
+        "usage": {"type": "duration", "seconds": 3},
+    }
+    transcribed = await _post(speech_client)
+    assert transcribed.status_code == 200
+    assert isinstance(speech_engine.last_infer, TranscribeRequest)
+    assert speech_engine.last_infer.task == "transcribe"
+
+
+async def test_translations_check_fields_and_cap_like_transcriptions(
+    speech_client: httpx.AsyncClient,
+) -> None:
+    url = "/v1/audio/translations"
+    files = {"file": ("speech.wav", AUDIO, "audio/wav")}
+    bad = await speech_client.post(
+        url, data={"model": "fake-whisper", "response_format": "xml"}, files=files
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+    wrong_task = await speech_client.post(url, data={"model": "fake-chat"}, files=files)
+    assert wrong_task.status_code == 400 and wrong_task.json()["error"]["param"] == "model"
+    # The audio routes' own body cap (not the 64 KiB JSON cap of this app).
+    big = {"file": ("speech.wav", b"\x01" * (200 * 1024), "audio/wav")}
+    assert (await speech_client.post(url, data={"model": "fake-whisper"}, files=big)).is_success
+    schema = (await speech_client.get("/openapi.json")).json()
+    form = schema["paths"][url]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert "language" not in form["schema"]["properties"]
+
+
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the SDK marks the route so
+async def test_the_openai_sdk_translates(speech_app: FastAPI) -> None:
+    transport = httpx.ASGITransport(app=speech_app, raise_app_exceptions=False)
+    http = httpx.AsyncClient(transport=transport, base_url="http://lmaas.test")
+    client = AsyncOpenAI(
+        base_url="http://lmaas.test/v1", api_key="unused", http_client=http, max_retries=0
+    )
+    async with client:
+        plain = await client.audio.translations.create(model="fake-whisper", file=("a.wav", AUDIO))
+        assert plain.text == "Hello there. General."
+        vtt = await client.audio.translations.create(
+            model="fake-whisper", file=("a.wav", AUDIO), response_format="vtt"
+        )
+        assert isinstance(vtt, str) and vtt.startswith("WEBVTT")
+
+
+async def test_v2_infer_takes_a_translate_task(
+    speech_client: httpx.AsyncClient, speech_engine: FakeEngineClient
+) -> None:
+    audio = {"name": "audio", "datatype": "BYTES", "shape": [1], "data": ["RIFF fake"]}
+    url = "/v2/models/fake-whisper/infer"
+    body = {"inputs": [audio], "parameters": {"task": "translate"}}
+    assert (await speech_client.post(url, json=body)).status_code == 200
+    assert isinstance(speech_engine.last_infer, TranscribeRequest)
+    assert speech_engine.last_infer.task == "translate"
+    bad = {"inputs": [audio], "parameters": {"task": "summarise"}}
+    reply = await speech_client.post(url, json=bad)
+    assert reply.status_code == 400 and "'task'" in reply.json()["error"]

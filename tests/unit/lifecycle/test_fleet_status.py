@@ -59,5 +59,14 @@ def test_a_load_failure_of_the_revision_is_an_error_and_a_stop_is_done_when_gone
         "revision": 4,
         "stopped": True,
         "done": True,
-        "gateways": [{"gateway": "a", "revision": 0, "versions": {}, "error": None, "done": True}],
+        "gateways": [
+            {
+                "gateway": "a",
+                "revision": 0,
+                "versions": {},
+                "error": None,
+                "done": True,
+                "retry": None,
+            }
+        ],
     }

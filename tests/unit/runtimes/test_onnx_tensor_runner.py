@@ -13,7 +13,7 @@ from lmaas.core.messages import RequestError, TensorData, TensorRequest, TensorR
 from lmaas.runtimes.batching import run_batch
 from lmaas.runtimes.catalog import create_runner
 from lmaas.runtimes.tensor.onnx import OnnxTensorRunner
-from lmaas.testing.tiny_onnx import build_tiny_mlp, build_tiny_two_io
+from lmaas.testing.tiny_onnx import build_tiny_bf16, build_tiny_mlp, build_tiny_two_io
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,8 @@ def onnx_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     build_tiny_mlp(root / "mlp" / "mlp.onnx", seed=1)
     build_tiny_mlp(root / "fixed" / "fixed.onnx", seed=1, dynamic_batch=False)
     build_tiny_two_io(root / "two" / "two.onnx", seed=2)
-    return {name: root / name for name in ("mlp", "fixed", "two")}
+    build_tiny_bf16(root / "bf16" / "bf16.onnx", seed=3)
+    return {name: root / name for name in ("mlp", "fixed", "two", "bf16")}
 
 
 def _runner(model_dir: Path) -> OnnxTensorRunner:
@@ -171,3 +172,45 @@ def test_truncated_data_is_refused(onnx_dirs: dict[str, Path]) -> None:
     runner = _runner(onnx_dirs["mlp"])
     [bad] = run_batch(runner, [TensorRequest("r", [TensorData("x", "FP32", [1, 4], b"\0" * 12)])])
     assert isinstance(bad, RequestError) and "12 bytes" in bad.message
+
+
+def _to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 bit patterns, rounded to nearest even (finite values)."""
+    bits = values.astype("<f4").view("<u4").astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype("<u2")
+
+
+def _from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype("<u4") << 16).view("<f4")
+
+
+def test_bf16_inputs_and_outputs_travel_as_bit_patterns(onnx_dirs: dict[str, Path]) -> None:
+    runner = _runner(onnx_dirs["bf16"])
+    assert runner.inputs == [TensorSpec("x", "BF16", [-1, 3])]
+    assert [(s.name, s.datatype) for s in runner.outputs] == [("y", "BF16"), ("z", "FP32")]
+    rng = np.random.default_rng(0)
+    xs = [_to_bf16_bits(rng.standard_normal((n, 3)).astype(np.float32)) for n in (2, 1, 3)]
+    requests = [
+        TensorRequest(str(i), [TensorData("x", "BF16", list(x.shape), x.tobytes())])
+        for i, x in enumerate(xs)
+    ]
+    results = run_batch(runner, requests, max_batch_size=8)  # merged into one call
+    (graph,) = onnx_dirs["bf16"].glob("*.onnx")
+    import onnx
+    from onnx import numpy_helper
+
+    (w,) = [numpy_helper.to_array(t) for t in onnx.load(str(graph)).graph.initializer]
+    for result, x in zip(results, xs, strict=True):
+        assert isinstance(result, TensorResult)
+        y, z = result.outputs
+        assert (y.datatype, y.shape, z.datatype) == ("BF16", list(x.shape), "FP32")
+        expected = _from_bf16_bits(x) * w
+        got_z = np.frombuffer(z.data, "<f4").reshape(x.shape)
+        np.testing.assert_array_equal(got_z, expected)
+        got_y = np.frombuffer(y.data, "<u2").reshape(x.shape)
+        np.testing.assert_array_equal(got_y, _to_bf16_bits(expected))
+    # A wrong byte count is refused like any other datatype's.
+    short = TensorRequest("s", [TensorData("x", "BF16", [1, 3], b"\0" * 4)])
+    [bad] = run_batch(runner, [short])
+    assert isinstance(bad, RequestError) and "bytes do not fit" in bad.message

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmaas.api.context import json_bytes
-from lmaas.api.kserve_v2.tensors import STRUCT_CODES, InferInput
+from lmaas.api.kserve_v2.tensors import BF16_BITS, STRUCT_CODES, InferInput
 from lmaas.core.errors import InvalidRequestError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -31,15 +31,32 @@ class OutputTensor:
         values = self.values or []
         if self.datatype == "BYTES":
             return b"".join(struct.pack("<I", len(v)) + v for v in values)
-        return struct.pack(f"<{len(values)}{STRUCT_CODES[self.datatype]}", *values)
+        code = BF16_BITS if self.datatype == "BF16" else STRUCT_CODES[self.datatype]
+        return struct.pack(f"<{len(values)}{code}", *values)
 
     def to_json(self) -> list[Any]:
+        if self.datatype == "BF16":
+            raise InvalidRequestError(bf16_output_message(self.name))
         if self.datatype == "BYTES":
             return [v.decode("utf-8", "replace") for v in self.values or []]
         if self.raw is not None:
             code = STRUCT_CODES[self.datatype]
             return list(struct.unpack(f"<{len(self.raw) // struct.calcsize(code)}{code}", self.raw))
         return list(self.values or [])
+
+
+def bf16_output_message(name: str) -> str:
+    return (
+        f"output '{name}' is BF16, which travels only as binary data (as in Triton): request "
+        'it with "parameters": {"binary_data": true} (or the request\'s "binary_data_output")'
+    )
+
+
+def json_outputs(request: InferInput, available: list[str]) -> list[str]:
+    """The names among ``available`` (the model's outputs) that would be sent as JSON."""
+    if request.outputs is None:
+        return [] if request.binary_output else list(available)
+    return [o.name for o in request.outputs if not (o.binary or request.binary_output)]
 
 
 def select_outputs(

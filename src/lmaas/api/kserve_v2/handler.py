@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmaas.api.engine_calls import run_infer
 from lmaas.api.kserve_v2 import text_heads
-from lmaas.api.kserve_v2.encoding import OutputTensor
+from lmaas.api.kserve_v2.encoding import OutputTensor, bf16_output_message, json_outputs
 from lmaas.api.kserve_v2.image import infer_image_classification
 from lmaas.api.kserve_v2.speech import infer_transcription
 from lmaas.api.kserve_v2.tensor import infer_tensor
@@ -206,10 +206,13 @@ async def infer(
     services: ApiServices, model: ServedModel, request: InferInput, request_id: str
 ) -> list[OutputTensor]:
     """Run one v2 inference. Raises: InvalidRequestError, NotSupportedError, engine errors."""
-    known = {out["name"] for out in signature(model)[1]}
+    declared = {out["name"]: out["datatype"] for out in signature(model)[1]}
     for wanted in request.outputs or []:
-        if wanted.name not in known:
+        if wanted.name not in declared:
             raise InvalidRequestError(f"unknown output '{wanted.name}'")
+    for name in json_outputs(request, list(declared)):
+        if declared[name] == "BF16":  # refused before the model runs
+            raise InvalidRequestError(bf16_output_message(name))
     handler = TASK_HANDLERS.get(model.task)
     if handler is None:
         raise NotSupportedError(f"v2 inference is not supported for {model.task.value} models yet")

@@ -2,7 +2,8 @@
 
 Input ``audio``: BYTES, shape ``[1]`` (or ``[1, 1]``), one encoded audio file (send it with the
 binary tensor extension; a JSON string is taken as its UTF-8 bytes). Optional request
-``parameters``: ``language``, ``prompt``, ``temperature``. Output ``text``: BYTES ``[1]``.
+``parameters``: ``language``, ``prompt``, ``temperature``, ``task`` (``transcribe``, the default, or
+``translate``: English text, as ``/v1/audio/translations``). Output ``text``: BYTES ``[1]``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ async def infer_transcription(
     temperature = _parameter(request.parameters, "temperature", float)
     if temperature is not None and not 0.0 <= temperature <= 1.0:
         raise InvalidRequestError(f"parameter 'temperature' must lie in [0, 1], got {temperature}")
+    task = _parameter(request.parameters, "task", str) or "transcribe"
+    if task not in ("transcribe", "translate"):
+        raise InvalidRequestError(
+            f"parameter 'task' must be 'transcribe' or 'translate', got {task[:32]!r}"
+        )
     transcribe = TranscribeRequest(
         request_id,
         bytes(tensor.values[0]),
@@ -55,6 +61,7 @@ async def infer_transcription(
         prompt=_parameter(request.parameters, "prompt", str),
         temperature=temperature or 0.0,
         timestamps=False,
+        task=task,
     )
     result = await run_infer(services, model.ref, transcribe, TranscriptionResult)
     return [OutputTensor("text", "BYTES", [1], values=[result.text.encode("utf-8")])]

@@ -10,7 +10,7 @@ import struct
 
 from lmaas.api.engine_calls import run_infer
 from lmaas.api.kserve_v2.encoding import OutputTensor
-from lmaas.api.kserve_v2.tensors import STRUCT_CODES, InferInput, Tensor
+from lmaas.api.kserve_v2.tensors import BF16_BITS, STRUCT_CODES, InferInput, Tensor
 from lmaas.api.services import ApiServices
 from lmaas.core.errors import InvalidRequestError, NotSupportedError
 from lmaas.core.messages import TensorData, TensorRequest, TensorResult
@@ -21,7 +21,7 @@ def to_tensor_data(tensor: Tensor) -> TensorData:
     """Pack one parsed input little-endian. Raises: InvalidRequestError for out-of-range values."""
     if tensor.datatype == "BYTES":
         return TensorData(tensor.name, "BYTES", tensor.shape, items=list(tensor.values))
-    code = STRUCT_CODES.get(tensor.datatype)
+    code = BF16_BITS if tensor.datatype == "BF16" else STRUCT_CODES.get(tensor.datatype)
     if code is None:
         raise NotSupportedError(f"input '{tensor.name}': {tensor.datatype} is not supported yet")
     try:

@@ -3,6 +3,10 @@
 Both encodings are read: plain JSON (``data`` flat or nested) and the binary tensor extension
 (``Inference-Header-Content-Length``: a JSON header, then raw tensor bytes in input order; BYTES
 elements are 4-byte little-endian length-prefixed).
+
+``BF16`` travels only in the binary extension (2 bytes per element, the upper half of the
+float32), as in Triton: JSON numbers would need a rounding rule the protocol does not give.
+Its elements are kept as their 16-bit patterns (``H``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ STRUCT_CODES: dict[str, str] = {
     "INT8": "b", "INT16": "h", "INT32": "i", "INT64": "q", "FP16": "e", "FP32": "f", "FP64": "d",
 }  # fmt: skip
 """``struct`` format characters of the fixed-size datatypes (little-endian with ``<``)."""
+BF16_BITS = "H"
+"""``struct`` code of a BF16 element's bit pattern (BF16 is binary-only: not in STRUCT_CODES)."""
+BF16_BINARY_ONLY = (
+    "BF16 tensors travel only as binary data (the binary tensor extension, as in Triton): "
+    "send the input with parameters.binary_data_size (tritonclient: set_data_from_numpy(array "
+    "of ml_dtypes.bfloat16, binary_data=True))"
+)
 MAX_ELEMENTS = 1 << 24
 MAX_DIMS = 8
 
@@ -94,13 +105,15 @@ _END = object()
 
 
 def _check_json_values(values: list[Any], datatype: str, name: str) -> list[Any]:
+    if datatype == "BF16":
+        raise _bad(f"input '{name}': {BF16_BINARY_ONLY}")
     if datatype == "BYTES":
         if not all(isinstance(v, str) for v in values):
             raise _bad(f"input '{name}': BYTES data must be strings")
         return [v.encode("utf-8", "surrogatepass") for v in values]
     if datatype == "BOOL":
         ok = all(isinstance(v, bool) for v in values)
-    elif datatype.startswith(("FP", "BF")):
+    elif datatype.startswith("FP"):
         ok = all(type(v) in (int, float) and math.isfinite(v) for v in values)
     else:
         ok = all(type(v) is int for v in values)
@@ -122,11 +135,10 @@ def _decode_binary(raw: bytes, datatype: str, count: int, name: str) -> list[Any
         if offset != len(raw):
             raise _bad(f"input '{name}': truncated BYTES element")
         return values
-    if datatype == "BF16":
-        raise _bad(f"input '{name}': binary BF16 is not supported")
     if len(raw) != count * ITEM_BYTES[datatype]:
         raise _bad(f"input '{name}': {len(raw)} bytes do not fit shape and {datatype}")
-    return list(struct.unpack(f"<{count}{STRUCT_CODES[datatype]}", raw))
+    code = BF16_BITS if datatype == "BF16" else STRUCT_CODES[datatype]
+    return list(struct.unpack(f"<{count}{code}", raw))
 
 
 def _tensor(raw: Any, binary: bytes, offset: int) -> tuple[Tensor, int]:

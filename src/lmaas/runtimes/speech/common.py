@@ -67,6 +67,9 @@ def speech_options(options: Mapping[str, str]) -> SpeechOptions:
     return parsed
 
 
+TASKS = ("transcribe", "translate")
+
+
 def check_request(request: TranscribeRequest, languages: frozenset[str] | None) -> str | None:
     """Validate the decoding parameters; return the language to use (None: detect it).
 
@@ -75,8 +78,17 @@ def check_request(request: TranscribeRequest, languages: frozenset[str] | None) 
         languages: The codes the model knows; None for an English-only model.
 
     Raises:
-        InvalidRequestError: temperature outside [0, 1], an unknown language, a prompt too long.
+        InvalidRequestError: temperature outside [0, 1], an unknown language, a prompt too long,
+            an unknown task, a translation asked of an English-only model.
     """
+    if request.task not in TASKS:
+        raise InvalidRequestError(f"unknown speech task {request.task[:32]!r}", param="task")
+    if request.task == "translate" and languages is None:
+        raise InvalidRequestError(
+            "this model is an English-only Whisper (a '.en' checkpoint): it cannot translate; "
+            "serve a multilingual Whisper for /v1/audio/translations",
+            param="model",
+        )
     if not 0.0 <= request.temperature <= 1.0 or math.isnan(request.temperature):
         raise InvalidRequestError(
             f"temperature must lie in [0, 1], got {request.temperature}", param="temperature"

@@ -124,7 +124,7 @@ class CT2WhisperRunner:
         segments, info = self._model.transcribe(
             audio,
             language=language,
-            task="transcribe",
+            task=request.task,
             beam_size=self._options.beam_size,
             temperature=temperature,
             initial_prompt=request.prompt or None,

@@ -60,11 +60,12 @@ class _Window:
     prompt_ids: tuple[int, ...]
     temperature: float
     timestamps: bool
+    task: str = "transcribe"
 
     @property
-    def group(self) -> tuple[str | None, tuple[int, ...], float, bool]:
+    def group(self) -> tuple[str | None, tuple[int, ...], float, bool, str]:
         """Windows with the same key share one ``generate`` call."""
-        return (self.language, self.prompt_ids, self.temperature, self.timestamps)
+        return (self.language, self.prompt_ids, self.temperature, self.timestamps, self.task)
 
 
 Segments = list[tuple[float, float, str]]
@@ -166,6 +167,7 @@ class TorchWhisperRunner:
                 prompt,
                 request.temperature,
                 request.timestamps,
+                request.task,
             )
             rows.append((math.ceil(chunk.shape[0] / SAMPLE_RATE), window))
         return Prepared(request.request_id, rows, (request, audio.shape[0] / SAMPLE_RATE))
@@ -175,7 +177,7 @@ class TorchWhisperRunner:
         if self._model is None:
             raise InternalError("the model is not loaded")
         outputs: list[tuple[str, Segments] | None] = [None] * len(payloads)
-        groups: dict[tuple[str | None, tuple[int, ...], float, bool], list[int]] = {}
+        groups: dict[tuple[str | None, tuple[int, ...], float, bool, str], list[int]] = {}
         for index, window in enumerate(payloads):
             groups.setdefault(window.group, []).append(index)
         for indices in groups.values():
@@ -221,7 +223,7 @@ class TorchWhisperRunner:
             features,
             return_timestamps=first.timestamps,
             language=languages if self._languages is not None else None,
-            task="transcribe" if self._languages is not None else None,
+            task=first.task if self._languages is not None else None,
             max_new_tokens=max(1, min(self._options.max_new_tokens, room)),
             force_unique_generate_call=True,
             **kwargs,

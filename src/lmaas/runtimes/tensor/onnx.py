@@ -10,10 +10,14 @@ Each request is one row of the worker's dynamic batcher. When every input's firs
 dynamic, ``forward`` concatenates requests whose other dimensions agree along that axis and runs
 them as one call (splitting the outputs back by each request's batch size); otherwise, or when
 the outputs do not come back batch-major, requests run one by one.
+
+``BF16`` tensors (numpy has no bfloat16) are carried as their 16-bit patterns in ``uint16``
+arrays: fed to onnxruntime as ``OrtValue`` s typed bfloat16, and read back byte for byte.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,9 +52,12 @@ _log = logging.getLogger(__name__)
 _NUMPY_DTYPES: dict[str, str] = {
     "FP32": "<f4", "FP16": "<f2", "FP64": "<f8", "INT8": "i1", "INT16": "<i2", "INT32": "<i4",
     "INT64": "<i8", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
-    "BOOL": "?",
+    "BOOL": "?", "BF16": "<u2",
 }  # fmt: skip
-"""v2 datatypes whose data is a little-endian numpy buffer (BYTES is handled apart)."""
+"""v2 datatypes whose data is a little-endian numpy buffer (BYTES is handled apart; BF16 as
+its bit patterns)."""
+_ONNX_BFLOAT16 = 16
+"""``onnx.TensorProto.BFLOAT16``."""
 
 Array = npt.NDArray[Any]
 # ONNX Runtime's errors for inputs the graph cannot take (shapes that disagree inside it).
@@ -84,6 +91,8 @@ class OnnxTensorRunner:
         self.inputs: list[TensorSpec] = []
         self.outputs: list[TensorSpec] = []
         self._batchable = False
+        self._bf16 = False
+        """A BF16 input or output: run on OrtValues (numpy cannot hold bfloat16)."""
 
     def load(self) -> ModelInfo:
         """Open the graph and read its signature. Raises: ModelLoadError."""
@@ -92,6 +101,7 @@ class OnnxTensorRunner:
         self.inputs = [_spec_of(arg) for arg in self._session.get_inputs()]
         self.outputs = [_spec_of(arg) for arg in self._session.get_outputs()]
         self._batchable = all(s.shape and s.shape[0] == -1 for s in self.inputs + self.outputs)
+        self._bf16 = any(s.datatype == "BF16" for s in self.inputs + self.outputs)
         _log.info("loaded %s: inputs %s, outputs %s", graph.name, self.inputs, self.outputs)
         return ModelInfo(
             context_length=0,
@@ -180,7 +190,19 @@ class OnnxTensorRunner:
 
     def _run(self, feeds: dict[str, Array], outputs: Sequence[str]) -> list[Array]:
         assert self._session is not None  # checked by forward()
-        return [np.asarray(a) for a in self._session.run(list(outputs), feeds)]
+        if not self._bf16:
+            return [np.asarray(a) for a in self._session.run(list(outputs), feeds)]
+        kinds = {s.name: s.datatype for s in self.inputs}
+        values = {
+            name: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                np.ascontiguousarray(array), onnx_element_type=_ONNX_BFLOAT16
+            )
+            if kinds[name] == "BF16"
+            else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            for name, array in feeds.items()
+        }
+        found = self._session.run_with_ort_values(list(outputs), values)
+        return [_ort_to_numpy(value) for value in found]
 
     def _run_one(self, row: TensorRow) -> list[Array] | LmaasError:
         try:
@@ -211,6 +233,16 @@ class OnnxTensorRunner:
             split.append([by_name[name][start:end] for name in row.outputs])
             start = end
         return split
+
+
+def _ort_to_numpy(value: ort.OrtValue) -> Array:
+    """A CPU OrtValue as an array; bfloat16 as its bit patterns (``uint16``), copied."""
+    if value.data_type() != "tensor(bfloat16)":
+        return np.asarray(value.numpy())
+    shape = tuple(value.shape())
+    size = 2 * int(np.prod(shape, dtype=np.int64))
+    raw = ctypes.string_at(value.data_ptr(), size) if size else b""
+    return np.frombuffer(raw, dtype="<u2").reshape(shape)
 
 
 def _groups(rows: list[TensorRow]) -> list[list[int]]:

@@ -123,3 +123,33 @@ def test_english_only_model_refuses_other_languages(tmp_path: Path) -> None:
     )
     assert isinstance(fr, RequestError) and fr.param == "language"
     assert _ok(en).language == "en"
+
+
+def test_translate_runs_whispers_translate_task(
+    runner: TorchWhisperRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tasks: list[object] = []
+    generate = runner._model.generate
+
+    def spying(*args: object, **kwargs: object) -> object:
+        tasks.append(kwargs.get("task"))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(runner._model, "generate", spying)
+    translate = TranscribeRequest("t", chirp(1.0), task="translate", timestamps=False)
+    transcribe = TranscribeRequest("s", chirp(1.0), language="fr", timestamps=False)
+    results = run_batch(runner, [translate, transcribe], max_batch_size=4)
+    assert [_ok(r).request_id for r in results] == ["t", "s"]
+    assert _ok(results[0]).language in LANGUAGES  # the spoken language, detected
+    assert sorted(map(str, tasks)) == ["transcribe", "translate"]  # never in one generate call
+
+
+def test_english_only_model_refuses_to_translate(tmp_path: Path) -> None:
+    model_dir = build_tiny_whisper(tmp_path / "en", multilingual=False, num_layers=1)
+    runner = TorchWhisperRunner(
+        make_spec(model_dir, task="speech-to-text", options={"max_new_tokens": "4"})
+    )
+    runner.load()
+    (refused,) = run_batch(runner, [TranscribeRequest("t", chirp(1.0), task="translate")])
+    assert isinstance(refused, RequestError) and refused.param == "model"
+    assert "English-only" in refused.message and "cannot translate" in refused.message
