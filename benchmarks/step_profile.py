@@ -15,14 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
-from lmaas.core.messages import WorkerSpec
-from lmaas.runtimes.llm.paged import PagedModelRunner
-from lmaas.runtimes.llm.paged.decode_view import DEFAULT_VIEW_BYTES
-from lmaas.testing.tiny_models import build_bench_llama
-
-from runner_step import (  # type: ignore[import-not-found]  # sibling script
+from runner_step import (  # a sibling script
     BLOCK_SIZE,
     CONTEXT,
     _ArgmaxSampler,
@@ -30,6 +23,12 @@ from runner_step import (  # type: ignore[import-not-found]  # sibling script
     prefill_batch,
     runner_block_bytes,
 )
+from torch.profiler import ProfilerActivity, profile
+
+from lmaas.core.messages import WorkerSpec
+from lmaas.runtimes.llm.paged import PagedModelRunner
+from lmaas.runtimes.llm.paged.decode_view import DEFAULT_VIEW_BYTES
+from lmaas.testing.tiny_models import build_bench_llama
 
 
 def main() -> None:
@@ -40,8 +39,11 @@ def main() -> None:
     parser.add_argument("--prefill-seqs", type=int, default=16)
     parser.add_argument("--compile", default="off", help="serving option compile: auto|on|off")
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch threads (0: all); 1 keeps a shared box's "
-        "stalled OpenMP barriers out of the per-op times"
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: all); 1 keeps a shared box's "
+        "stalled OpenMP barriers out of the per-op times",
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

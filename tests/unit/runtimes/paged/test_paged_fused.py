@@ -54,7 +54,10 @@ def test_rotary_splits_and_rotates() -> None:
     generator = torch.Generator().manual_seed(1)
     heads, kv_heads, dim = 4, 2, 8
     qkv = torch.randn(3, heads + 2 * kv_heads, dim, generator=generator)
-    cos, sin = torch.randn(3, 1, dim, generator=generator), torch.randn(3, 1, dim, generator=generator)
+    cos, sin = (
+        torch.randn(3, 1, dim, generator=generator),
+        torch.randn(3, 1, dim, generator=generator),
+    )
     q, k, v = rotary(qkv, cos, sin, None, heads, kv_heads, 1e-6)
     rotated = apply_rope(qkv[:, : heads + kv_heads], cos, sin)
     assert torch.equal(q, rotated[:, :heads])
