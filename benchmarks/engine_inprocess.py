@@ -13,7 +13,8 @@ to see what serving costs.
 ``--options`` sets of ``key=value;...``) builds one engine per value in this process (each
 warmed up, startup time printed) and runs them interleaved for ``--rounds`` rounds: an A/B on
 a shared, noisy machine, reported as the median and range of each variant and of its ratio to
-the first variant within each round.
+the first variant within each round. Every round draws new prompts (the same for every variant
+of that round), so no round hits the prefix cache of an earlier one.
 """
 
 from __future__ import annotations
@@ -61,9 +62,11 @@ def build_engine(model_dir: Path, args: argparse.Namespace, options: dict[str, s
 
 
 def run_once(
-    engine: Any, args: argparse.Namespace, profile: cProfile.Profile | None
+    engine: Any, args: argparse.Namespace, profile: cProfile.Profile | None, seed: int = 0
 ) -> tuple[float, float]:
-    rng = random.Random(0)
+    """One workload; ``seed`` picks the prompts. A repeat on the same engine needs new prompts:
+    the prefix cache keeps the last run's blocks, and a repeat would skip its prefill."""
+    rng = random.Random(seed)
     start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(args.requests):
         ids = [rng.randrange(100, 30000) for _ in range(args.input_len)]
@@ -131,7 +134,7 @@ def main() -> None:
             order.reverse()  # alternate who runs first within a round
         for i in order:
             print(f"round {round_index + 1} [{_label(variants[i])}] ", end="")
-            rate, rate_cpu = run_once(engines[i], args, None)
+            rate, rate_cpu = run_once(engines[i], args, None, seed=round_index)
             results[i].append(rate)
             per_cpu[i].append(rate_cpu)
     for title, table in (("tok/s overall", results), ("tok per CPU-second", per_cpu)):
