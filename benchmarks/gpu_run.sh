@@ -23,8 +23,18 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a deadline, log to $OUT/NA
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-stage gpu-tests "${T_TESTS:-180}" python3 -m pytest tests/gpu -q -p no:cacheprovider -x --timeout 120
+stage gpu-tests "${T_TESTS:-180}" python3 -m pytest tests/gpu -q -p no:cacheprovider -x --timeout 120 \
+    -k "not compiled_stages"
 stage engine-inprocess "${T_ENGINE:-90}" python3 benchmarks/engine_inprocess.py --device cuda
+# The serving option compile=on (inductor-fused layer stages, fused.py; triton on CUDA): its
+# equivalence test, then off vs on interleaved in one process (startup times printed too).
+# SKIP_COMPILE=1 leaves it out.
+if [ -z "${SKIP_COMPILE:-}" ]; then
+    stage compile-test "${T_COMPILE_TEST:-60}" python3 -m pytest tests/gpu -q -p no:cacheprovider \
+        --timeout 55 -k compiled_stages
+    stage engine-compile-ab "${T_COMPILE:-120}" python3 benchmarks/engine_inprocess.py \
+        --device cuda --compile off,on --rounds 3
+fi
 stage compare-64 "${T_COMPARE:-240}" python3 benchmarks/compare_llm.py --device cuda \
     --skip tf-serve --phase-timeout 150 --json "$OUT/compare-64.json"
 if [ -n "${BIG:-}" ]; then

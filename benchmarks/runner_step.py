@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from lmaas.core.messages import WorkerSpec
 from lmaas.runtimes.llm.batch import Sampled, SamplingConfig, SeqSlot, StepBatch
 from lmaas.runtimes.llm.paged import PagedModelRunner
+from lmaas.runtimes.llm.paged.decode_view import DEFAULT_VIEW_BYTES
 
 BLOCK_SIZE = 16
 CONTEXT = 133
@@ -242,7 +243,9 @@ def main() -> None:
         )  # fmt: skip
         runner = PagedModelRunner(spec, sampler=_ArgmaxSampler())
         runner.load()
-        runner.allocate_kv_cache(1400 * runner_block_bytes(runner), BLOCK_SIZE)
+        # The decode view is carved out of the budget: add it, so 1400 blocks remain.
+        budget = 1400 * runner_block_bytes(runner) + DEFAULT_VIEW_BYTES
+        runner.allocate_kv_cache(budget, BLOCK_SIZE)
         print(f"threads {torch.get_num_threads()}, dtype {args.dtype}; fastest of {args.steps}")
         decode_attention_variants(dtype, args.steps)
         prefill_attention_variants(dtype, args.steps)

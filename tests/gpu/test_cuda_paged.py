@@ -140,3 +140,16 @@ def test_engine_n_logprobs_penalties_and_json_on_cuda(tiny_lm_dirs: dict[str, Pa
     )
     assert {key for key in out if key[0] == "fancy"} == {("fancy", i) for i in range(3)}
     assert isinstance(json.loads(out[("json", 0)])["a"], bool)
+
+
+def test_compiled_stages_match_transformers_on_cuda(tiny_lm_dirs: dict[str, Path]) -> None:
+    """``compile=on`` (inductor; triton kernels on CUDA) keeps fp32 greedy token-identical."""
+    if DEVICE == "cuda":
+        pytest.importorskip("triton", reason="torch inductor on CUDA needs triton")
+    model_dir = tiny_lm_dirs["qwen3"]  # every stage, per-head q/k norm included
+    runner, _ = load_runner(model_dir, device=DEVICE, num_blocks=96, options={"compile": "on"})
+    assert runner.compiled
+    prompts = random_prompts(PROMPT_LENGTHS, runner.config.vocab_size, seed=2)
+    expected = _hf_greedy(model_dir, prompts, 24)
+    got = generate_greedy(runner, prompts, 24, chunk_size=8, shuffle_blocks=True, num_blocks=96)
+    assert got == expected

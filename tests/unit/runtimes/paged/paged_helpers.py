@@ -39,9 +39,10 @@ def load_runner(
     num_blocks: int = 64,
     block_size: int = 8,
     decode_view_bytes: int = 1 << 30,
+    options: dict[str, str] | None = None,
 ) -> tuple[PagedModelRunner, GreedySampler]:
     sampler = GreedySampler()
-    spec = make_spec(model_dir, dtype=dtype, device=device)
+    spec = make_spec(model_dir, dtype=dtype, device=device, options=options or {})
     runner = PagedModelRunner(spec, sampler=sampler, decode_view_bytes=decode_view_bytes)
     runner.load()
     config = runner.config

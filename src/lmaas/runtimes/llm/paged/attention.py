@@ -11,11 +11,16 @@ Grouped-query attention never repeats K/V: queries are viewed as ``[kv_heads, ..
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
+from lmaas.runtimes.llm.paged.fused import decode_softmax
 from lmaas.runtimes.llm.paged.kv_cache import PagedKVCache
 from lmaas.runtimes.llm.paged.step import ContinuedPrefill, DecodeGroup, FreshPrefill, StepInputs
+
+Softmax = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 def paged_attention(
@@ -27,22 +32,25 @@ def paged_attention(
     layer: int,
     inputs: StepInputs,
     scale: float,
+    softmax: Softmax = decode_softmax,
 ) -> torch.Tensor:
     """Store ``k``/``v`` in the cache, then attend; returns ``[T, heads * head_dim]``.
 
     Args:
         q: ``[T, heads, head_dim]`` queries of the packed new tokens (RoPE applied).
         k, v: ``[T, kv_heads, head_dim]`` their keys and values.
+        softmax: The decode rows' scaled, masked softmax (``fused.decode_softmax`` or its
+            compiled form).
     """
     cache.write(layer, k, v, inputs.slot_mapping)
     decode = inputs.decode
     if decode is not None and decode.rows is None:
-        return _decode(q, k, v, cache, layer, decode, scale)
+        return _decode(q, k, v, cache, layer, decode, scale, softmax)
     num_tokens, heads, head_dim = q.shape
     out = q.new_empty(num_tokens, heads * head_dim)
     if decode is not None and decode.rows is not None:
         rows = decode.rows
-        out[rows] = _decode(q[rows], k[rows], v[rows], cache, layer, decode, scale)
+        out[rows] = _decode(q[rows], k[rows], v[rows], cache, layer, decode, scale, softmax)
     for fresh in inputs.fresh:
         out[fresh.rows] = _fresh(q[fresh.rows], k[fresh.rows], v[fresh.rows], fresh, scale)
     for chunk in inputs.continued:
@@ -61,15 +69,15 @@ def _decode(
     layer: int,
     group: DecodeGroup,
     scale: float,
+    softmax: Softmax,
 ) -> torch.Tensor:
     batch, heads, head_dim = q.shape
     keys, values = _decode_keys_values(k, v, cache, layer, group)  # [kv, B, L, d]
     kv_heads = keys.shape[0]
     queries = q.view(batch, kv_heads, heads // kv_heads, head_dim).transpose(0, 1)
     scores = torch.matmul(queries, keys.transpose(-1, -2))  # [kv, B, group, L]
-    # float32 softmax: bf16 would lose most of the probability mass's precision.
     bias = group.bias if group.view is None else group.view.bias
-    probs = torch.softmax(scores.float() * scale + bias, dim=-1).to(q.dtype)
+    probs = softmax(scores, bias, scale)
     out = torch.matmul(probs, values)  # [kv, B, group, d]
     return out.transpose(0, 1).reshape(batch, heads * head_dim)
 

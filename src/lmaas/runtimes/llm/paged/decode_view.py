@@ -14,6 +14,8 @@ The paged cache stays the source of truth; the view is a cache of it, bounded by
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lmaas.runtimes.llm.paged.kv_cache import PagedKVCache
@@ -29,11 +31,13 @@ HEADROOM_BLOCKS = 2
 class DecodeView:
     """Owns the view storage and decides, each step, whether to append or rebuild."""
 
-    __slots__ = ("_cache", "_contexts", "_max_bytes", "_seq_ids", "_storage")
+    __slots__ = ("_buffer", "_cache", "_contexts", "_max_bytes", "_seq_ids", "_storage")
 
     def __init__(self, cache: PagedKVCache, max_bytes: int = DEFAULT_VIEW_BYTES) -> None:
         self._cache = cache
         self._max_bytes = max_bytes
+        self._buffer: torch.Tensor | None = None
+        """Flat memory every storage shape is a view of (allocated once, ``max_bytes``)."""
         self._storage: torch.Tensor | None = None
         self._seq_ids: list[int] = []
         self._contexts: list[int] = []
@@ -77,8 +81,12 @@ class DecodeView:
         blocks = min(needed_blocks + HEADROOM_BLOCKS, affordable)
         shape = (layers, two, heads, batch, blocks * size, head_dim)
         if self._storage is None or self._storage.shape != shape:
-            self._storage = None  # free the old view first
-            self._storage = torch.empty(shape, dtype=storage.dtype, device=storage.device)
+            # A new shape reuses the same memory: a fresh tensor per batch change would fault
+            # in (and the OS zero) hundreds of MB of pages during the rebuild's gather.
+            if self._buffer is None:
+                numel = self._max_bytes // storage.element_size()
+                self._buffer = torch.empty(numel, dtype=storage.dtype, device=storage.device)
+            self._storage = self._buffer[: math.prod(shape)].view(shape)
         return self._storage
 
 

@@ -26,6 +26,14 @@ from lmaas.runtimes.device import (
 from lmaas.runtimes.llm.batch import KVCacheLayout, Sampled, SeqSlot, StepBatch
 from lmaas.runtimes.llm.paged.config import GPT2_STYLE, DecoderConfig, read_decoder_config
 from lmaas.runtimes.llm.paged.decode_view import DEFAULT_VIEW_BYTES, DecodeView
+from lmaas.runtimes.llm.paged.fused import (
+    EAGER,
+    LayerKernels,
+    compile_mode,
+    compiled_kernels,
+    wants_compile,
+    warm_up,
+)
 from lmaas.runtimes.llm.paged.kv_cache import (
     PagedKVCache,
     blocks_for_budget,
@@ -88,6 +96,11 @@ class PagedModelRunner:
         self._context_length = 0
 
     @property
+    def compiled(self) -> bool:
+        """Whether the layers run the inductor-compiled elementwise stages (``fused.py``)."""
+        return isinstance(self._model, LlamaModel) and self._model.kernels.compiled
+
+    @property
     def config(self) -> DecoderConfig:
         if self._config is None:
             raise ModelNotReadyError("the model is not loaded yet")
@@ -122,7 +135,10 @@ class PagedModelRunner:
         self._context_length = _context_length(config, self._spec.context_length)
         model_class = GPT2Model if config.style == GPT2_STYLE else LlamaModel
         with torch.inference_mode(), CheckpointReader(model_dir, self._dtype, self._device) as r:
-            self._model = model_class(config, r, self._dtype, self._device)
+            model = model_class(config, r, self._dtype, self._device)
+        if isinstance(model, LlamaModel):
+            model.kernels = self._kernels(config)
+        self._model = model
         self._config = config
         if self._sampler is None:
             self._sampler = _default_sampler(self._device)
@@ -135,6 +151,37 @@ class PagedModelRunner:
             device=str(self._device),
             vocab_size=config.vocab_size,
         )
+
+    def _kernels(self, config: DecoderConfig) -> LayerKernels:
+        """Compiled stages when the ``compile`` serving option asks for them (``fused.py``),
+        warmed up now, before the worker reports ready, so no running stream waits on a
+        compiler. A compile failure fails the load under ``on``; a mode that only prefers
+        compiling falls back to eager."""
+        mode = compile_mode(self._spec.options)
+        if not wants_compile(mode, self._device):
+            return EAGER
+        kernels = compiled_kernels()
+        try:
+            seconds = warm_up(
+                kernels,
+                hidden_size=config.hidden_size,
+                intermediate_size=config.intermediate_size,
+                heads=config.num_heads,
+                kv_heads=config.num_kv_heads,
+                head_dim=config.head_dim,
+                qk_norm=config.qk_norm,
+                dtype=self._dtype,
+                device=self._device,
+            )
+        except Exception as exc:  # inductor raises many types (BackendCompilerFailed, OSError)
+            if mode == "on":
+                raise ModelLoadError(
+                    f"torch.compile failed (serving option compile=on): {exc}"
+                ) from exc
+            _log.warning("torch.compile unavailable, running eager: %s", exc)
+            return EAGER
+        _log.info("compiled the layer stages with torch inductor in %.1f s", seconds)
+        return kernels
 
     def allocate_kv_cache(
         self, budget_bytes: int | None, block_size: int, max_useful_tokens: int | None = None

@@ -10,8 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from lmaas.core.errors import ModelLoadError
+from lmaas.runtimes.llm.paged.fused import rms_norm
 from lmaas.runtimes.llm.paged.kv_cache import PagedKVCache
 from lmaas.runtimes.llm.paged.step import StepInputs
+
+__all__ = ["Activation", "CausalModel", "activation", "rms_norm"]
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -26,14 +29,6 @@ class CausalModel(Protocol):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head over the given rows: ``[rows, vocab]`` in the model dtype."""
         ...
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm exactly as transformers computes it (float32 statistics, weight in model dtype)."""
-    dtype = x.dtype
-    x32 = x.to(torch.float32)
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from lmaas.core.errors import ModelLoadError
 from lmaas.runtimes.llm.paged.attention import paged_attention
 from lmaas.runtimes.llm.paged.config import DecoderConfig
+from lmaas.runtimes.llm.paged.fused import EAGER, LayerKernels
 from lmaas.runtimes.llm.paged.kv_cache import PagedKVCache
 from lmaas.runtimes.llm.paged.models.base import activation, rms_norm
 from lmaas.runtimes.llm.paged.models.linear import Linear
-from lmaas.runtimes.llm.paged.rope import RopeTable, apply_rope
+from lmaas.runtimes.llm.paged.rope import RopeTable
 from lmaas.runtimes.llm.paged.step import StepInputs
 from lmaas.runtimes.llm.paged.weights import CheckpointReader
 
@@ -55,48 +56,45 @@ class LlamaModel:
         self._lm_head = Linear(self._embed if tied else reader.get("lm_head.weight"))
         self._layers = [_load_layer(config, reader, i) for i in range(config.num_layers)]
         self._rope = RopeTable(config.rope, config.head_dim, config.max_positions, dtype, device)
+        self._silu = config.hidden_act == "silu"
+        self.kernels: LayerKernels = EAGER
+        """The elementwise stages (``fused.py``); the runner swaps in compiled ones."""
 
     def hidden_states(self, inputs: StepInputs, cache: PagedKVCache) -> torch.Tensor:
+        config, kernels = self._config, self.kernels
+        heads, kv_heads, eps = config.num_heads, config.num_kv_heads, config.norm_eps
         hidden = F.embedding(inputs.token_ids, self._embed)
         cos, sin = self._rope.lookup(inputs.positions)
+        delta: torch.Tensor | None = None  # the MLP output, added in the next layer's norm
         for index, layer in enumerate(self._layers):
-            hidden = self._layer(index, layer, hidden, cos, sin, inputs, cache)
-        return hidden
+            if delta is None:
+                x = kernels.rms_norm(hidden, layer.input_norm, eps)
+            else:
+                hidden, x = kernels.add_rms_norm(hidden, delta, layer.input_norm, eps)
+            qkv = layer.qkv(x).view(-1, heads + 2 * kv_heads, config.head_dim)
+            q, k, v = kernels.rotary(qkv, cos, sin, layer.qk_norm, heads, kv_heads, eps)
+            attn = paged_attention(
+                q,
+                k,
+                v,
+                cache=cache,
+                layer=index,
+                inputs=inputs,
+                scale=self._scale,
+                softmax=kernels.decode_softmax,
+            )
+            hidden, x = kernels.add_rms_norm(hidden, layer.o_proj(attn), layer.post_norm, eps)
+            delta = layer.down(self._gated(layer.gate_up(x)))
+        return hidden if delta is None else hidden + delta
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._lm_head(rms_norm(hidden, self._norm, self._config.norm_eps))
 
-    def _layer(
-        self,
-        index: int,
-        layer: _Layer,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        inputs: StepInputs,
-        cache: PagedKVCache,
-    ) -> torch.Tensor:
-        config = self._config
-        heads, kv_heads = config.num_heads, config.num_kv_heads
-        x = rms_norm(hidden, layer.input_norm, config.norm_eps)
-        qkv = layer.qkv(x).view(-1, heads + 2 * kv_heads, config.head_dim)
-        qk = qkv[:, : heads + kv_heads]
-        if layer.qk_norm is not None:
-            qk = rms_norm(qk, layer.qk_norm, config.norm_eps)
-        qk = apply_rope(qk, cos, sin)
-        attn = paged_attention(
-            qk[:, :heads],
-            qk[:, heads:],
-            qkv[:, heads + kv_heads :],
-            cache=cache,
-            layer=index,
-            inputs=inputs,
-            scale=self._scale,
-        )
-        hidden = hidden + layer.o_proj(attn)
-        x = rms_norm(hidden, layer.post_norm, config.norm_eps)
-        gate, up = layer.gate_up(x).chunk(2, dim=-1)
-        return hidden + layer.down(self._act(gate) * up)
+    def _gated(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self._silu:
+            return self.kernels.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self._act(gate) * up
 
 
 def _load_layer(config: DecoderConfig, reader: CheckpointReader, index: int) -> _Layer:
