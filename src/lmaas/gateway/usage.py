@@ -574,11 +574,17 @@ class UsageMeter:
             await self.flush()
 
     async def flush(self) -> bool:
-        """Write every buffered record (in batches); False when a write failed (kept, retried)."""
+        """Write the records buffered when called (in batches); False when a write failed (kept,
+        retried).
+
+        Records that arrive while it writes wait for the next flush: writing them at once too
+        chained a small transaction (and its fsync) after another for as long as requests kept
+        coming, a write every few milliseconds instead of one per flush interval."""
         lock = self._lock or asyncio.Lock()
         async with lock:
-            while self._buffer:
-                batch = self._buffer[: self.batch_size * 4]
+            pending = len(self._buffer)
+            while pending > 0 and self._buffer:
+                batch = self._buffer[: min(pending, self.batch_size * 4)]
                 try:
                     await anyio.to_thread.run_sync(self._store.insert, batch)
                 except SQLAlchemyError:
@@ -587,6 +593,7 @@ class UsageMeter:
                     return False
                 del self._buffer[: len(batch)]
                 self.written += len(batch)
+                pending -= len(batch)
         return True
 
     async def aclose(self, attempts: int = 3) -> None:
@@ -596,10 +603,11 @@ class UsageMeter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for _ in range(attempts):
-            if await self.flush():
-                break
-            await asyncio.sleep(0.2)
+        failures = 0
+        while self._buffer and failures < attempts:
+            if not await self.flush():
+                failures += 1
+                await asyncio.sleep(0.2)
         if self._buffer:
             logger.error("%d usage records could not be written at shutdown", len(self._buffer))
             self.dropped += len(self._buffer)
