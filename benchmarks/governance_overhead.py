@@ -5,11 +5,13 @@ that embeds by hashing, so the model costs ~nothing and the gateway is what is m
 
 0. **In process**: the app alone (ASGI transport, fake engine), governed vs open: what the
    gateway's governance code costs, without the noise of sockets and workers.
-1. **Overhead**: the same home served twice at once, one ``lmaas serve`` with governance (auth on;
-   a key with generous limits, so every request is authenticated, admitted, settled and metered)
-   and one with ``--no-auth``; an open-loop client sends ``/v1/embeddings`` at a fixed rate
-   (200 requests/s) to each in alternating blocks (so drift hits both alike) and reports
-   p50/p90/p99 latency and the governed-minus-open difference (bar: <= 0.3 ms at p50).
+1. **Overhead**: one ``lmaas serve`` per variant on the same home (``VARIANTS``: ``open`` is
+   governance disabled, ``governed`` is auth + limits + quotas + metering, ``auth`` and
+   ``limits`` the steps between, ``open-twin`` the A/A control); the cheap open-loop client of
+   :mod:`lmaas.bench.openloop` sends ``/v1/embeddings`` at a fixed rate (200 requests/s) to
+   each in interleaved rounds (``overhead_rounds.py``) and reports p50/p90/p99, the achieved
+   rate, the CPU per request of each process, and the governed-minus-open differences paired
+   by round (bar: <= 0.3 ms at p50).
 2. **Admission**: N requests (10,000; ``--quick``: 1,200) at concurrency 64 to the governed
    server with a key limited to ``rpm`` requests per minute; the 200s are counted against what
    the limit allows over the run (the bucket plus its refill): over-admissions must be 0, and
@@ -20,8 +22,9 @@ row count for the admission key (it must equal the 200s), else it says "metering
 
 ``--limits-backend redis`` runs the governed server with the Redis limiter (``--redis-url``).
 
-    python benchmarks/governance_overhead.py --quick            # < 60 s
-    python benchmarks/governance_overhead.py --json out.json    # the full run
+    python benchmarks/governance_overhead.py --quick --skip-admission      # ~1 min
+    python benchmarks/governance_overhead.py --skip-admission --realtime --rounds 6
+    python benchmarks/governance_overhead.py --json out.json               # everything
 """
 
 from __future__ import annotations
