@@ -5,11 +5,13 @@ that embeds by hashing, so the model costs ~nothing and the gateway is what is m
 
 0. **In process**: the app alone (ASGI transport, fake engine), governed vs open: what the
    gateway's governance code costs, without the noise of sockets and workers.
-1. **Overhead**: the same home served twice at once, one ``lmaas serve`` with governance (auth on;
-   a key with generous limits, so every request is authenticated, admitted, settled and metered)
-   and one with ``--no-auth``; an open-loop client sends ``/v1/embeddings`` at a fixed rate
-   (200 requests/s) to each in alternating blocks (so drift hits both alike) and reports
-   p50/p90/p99 latency and the governed-minus-open difference (bar: <= 0.3 ms at p50).
+1. **Overhead**: one ``lmaas serve`` per variant on the same home (``VARIANTS``: ``open`` is
+   governance disabled, ``governed`` is auth + limits + quotas + metering, ``auth`` and
+   ``limits`` the steps between, ``open-twin`` the A/A control); the cheap open-loop client of
+   :mod:`lmaas.bench.openloop` sends ``/v1/embeddings`` at a fixed rate (200 requests/s) to
+   each in interleaved rounds (``overhead_rounds.py``) and reports p50/p90/p99, the achieved
+   rate, the CPU per request of each process, and the governed-minus-open differences paired
+   by round (bar: <= 0.3 ms at p50).
 2. **Admission**: N requests (10,000; ``--quick``: 1,200) at concurrency 64 to the governed
    server with a key limited to ``rpm`` requests per minute; the 200s are counted against what
    the limit allows over the run (the bucket plus its refill): over-admissions must be 0, and
@@ -20,8 +22,9 @@ row count for the admission key (it must equal the 200s), else it says "metering
 
 ``--limits-backend redis`` runs the governed server with the Redis limiter (``--redis-url``).
 
-    python benchmarks/governance_overhead.py --quick            # < 60 s
-    python benchmarks/governance_overhead.py --json out.json    # the full run
+    python benchmarks/governance_overhead.py --quick --skip-admission      # ~1 min
+    python benchmarks/governance_overhead.py --skip-admission --realtime --rounds 6
+    python benchmarks/governance_overhead.py --json out.json               # everything
 """
 
 from __future__ import annotations
@@ -43,14 +46,19 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_servers import admin_key, free_port, server_process, wait_http
+from overhead_rounds import Target, descendants, interleaved, set_realtime, summarize
+
+from lmaas.bench.openloop import encode_request
 
 RUNNER = "lmaas.testing.fake_runners:hash_embedding_runner"
 MODEL = "noop-embed"
 BODY = {"model": MODEL, "input": "the quick brown fox jumps over the lazy dog"}
 
 
-def _lmaas(home: Path, *args: str) -> str:
+def _lmaas(home: Path, *args: str, database_url: str | None = None) -> str:
     env = {**os.environ, "LMAAS_OFFLINE": "1"}
+    if database_url is not None:
+        env["LMAAS_DATABASE_URL"] = database_url
     command = [sys.executable, "-m", "lmaas.cli", *args, "--home", str(home)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -58,12 +66,13 @@ def _lmaas(home: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
-def _prepare_home(home: Path) -> None:
+def _prepare_home(home: Path, database_url: str | None = None) -> None:
     from lmaas.registry.service import RegistryService
     from lmaas.testing.tiny_models import build_tiny_embedder
 
     source = build_tiny_embedder(home.parent / "tiny-embed", seed=0)
-    registry = RegistryService(home, f"sqlite:///{home / 'lmaas.db'}", offline=True)
+    url = database_url or f"sqlite:///{home / 'lmaas.db'}"
+    registry = RegistryService(home, url, offline=True)
     try:
         registry.import_model(str(source), name=MODEL, serving={"options": {"runner": RUNNER}})
     finally:
@@ -83,69 +92,6 @@ def _percentiles(values: list[float]) -> dict[str, float]:
         "p99_ms": pct(0.99) * 1e3,
         "mean_ms": statistics.fmean(ordered) * 1e3,
     }
-
-
-async def _open_loop(
-    client: httpx.AsyncClient, url: str, headers: dict[str, str], rate: float, seconds: float
-) -> tuple[list[float], int]:
-    """Send at ``rate``/s for ``seconds`` (open loop: a slow answer does not delay the next
-    send); returns the latencies of the 200s and the count of anything else."""
-    latencies: list[float] = []
-    failures = 0
-
-    async def one() -> None:
-        nonlocal failures
-        start = time.perf_counter()
-        response = await client.post(url, json=BODY, headers=headers)
-        if response.status_code == 200:
-            latencies.append(time.perf_counter() - start)
-        else:
-            failures += 1
-
-    tasks: list[asyncio.Task[None]] = []
-    begin = time.perf_counter()
-    for i in range(int(rate * seconds)):
-        delay = begin + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one()))
-    await asyncio.gather(*tasks)
-    return latencies, failures
-
-
-async def _overhead(
-    governed: str, open_url: str, key: str, rate: float, block_s: float, blocks: int
-) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    results: dict[str, list[float]] = {"governed": [], "no_auth": []}
-    failures = {"governed": 0, "no_auth": 0}
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
-        targets = {
-            "governed": (f"{governed}/v1/embeddings", {"Authorization": f"Bearer {key}"}),
-            "no_auth": (f"{open_url}/v1/embeddings", {}),
-        }
-        for url, headers in targets.values():  # warm-up: connections, first calls
-            await _open_loop(client, url, headers, rate, 1.0)
-        for block in range(blocks):
-            order = ["governed", "no_auth"] if block % 2 == 0 else ["no_auth", "governed"]
-            for name in order:
-                url, headers = targets[name]
-                latencies, failed = await _open_loop(client, url, headers, rate, block_s)
-                results[name] += latencies
-                failures[name] += failed
-    report: dict[str, Any] = {
-        name: {**_percentiles(values), "failures": failures[name]}
-        for name, values in results.items()
-    }
-    report["difference_ms"] = {
-        q: report["governed"][q] - report["no_auth"][q] for q in ("p50_ms", "p90_ms", "p99_ms")
-    }
-    report["bar_p50_ms"] = 0.3
-    # Open loop: past saturation the queueing delay, not governance, is what gets measured.
-    saturated = max(report[name]["p50_ms"] for name in results) > 20.0
-    report["saturated"] = saturated
-    report["meets_bar"] = not saturated and report["difference_ms"]["p50_ms"] <= 0.3
-    return report
 
 
 async def _admission(base: str, key: str, total: int, concurrency: int, rpm: int) -> dict[str, Any]:
@@ -232,11 +178,13 @@ async def _in_process(num_requests: int) -> dict[str, Any]:
     return report
 
 
-def _usage_rows(home: Path, key_id: str) -> dict[str, Any]:
+def _usage_rows(home: Path, key_id: str, database_url: str | None = None) -> dict[str, Any]:
     """Rows of the metering table for one key, if this build meters at all."""
-    from sqlalchemy import create_engine, inspect, text
+    from sqlalchemy import inspect, text
 
-    engine = create_engine(f"sqlite:///{home / 'lmaas.db'}")
+    from lmaas.registry.metadata import create_db_engine
+
+    engine = create_db_engine(database_url or f"sqlite:///{home / 'lmaas.db'}")
     try:
         inspector = inspect(engine)
         if "usage" not in inspector.get_table_names():
@@ -253,99 +201,240 @@ def _usage_rows(home: Path, key_id: str) -> dict[str, Any]:
         engine.dispose()
 
 
-def main() -> None:
+VARIANTS: dict[str, dict[str, Any]] = {
+    "open": {"auth": False, "metering": False, "key": None},
+    "open-twin": {"auth": False, "metering": False, "key": None},
+    "auth": {"auth": True, "metering": False, "key": "plain"},
+    "limits": {"auth": True, "metering": False, "key": "generous"},
+    "governed": {"auth": True, "metering": True, "key": "generous"},
+}
+"""What each server under test runs with. ``open`` is governance disabled: ``--no-auth`` (no
+key check, so no limits either) and metering off (``LMAAS_USAGE__ENABLED=false``). ``auth``:
+keys checked, a key and tenant without limits, no metering. ``limits``: plus a key and tenant
+with rpm, tpm, concurrency and daily/monthly quotas (all generous, so every request is admitted,
+reserved and settled). ``governed``: plus metering (one usage row per request, batch-written).
+``open-twin``: a second ``open`` server, the A/A control: its difference from ``open`` is
+what two identical servers differ by on this machine (the noise floor)."""
+
+
+def _postgres_schema(create: bool, schema: str, url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        if create:
+            conn.execute(f'CREATE SCHEMA "{schema}"')
+        else:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def _create_keys(home: Path, database_url: str | None, rpm: int) -> dict[str, str]:
+    """The generous key (limits and quotas that never bind), a plain one, the admission one."""
+
+    def lmaas(*args: str) -> str:
+        return _lmaas(home, *args, database_url=database_url)
+
+    big = ("--rpm", "100000000", "--tpm", "1000000000")
+    quotas = ("--quota-tokens", "1000000000000/month", "--quota-requests", "1000000000/day")
+    lmaas("tenants", "create", "bench", *big)
+    lmaas("tenants", "create", "plain")
+    inference = ("keys", "create", "--scope", "inference")
+    return {
+        "generous": lmaas(
+            *inference, "--tenant", "bench", *big, "--max-concurrent", "100000", *quotas
+        ),
+        "plain": lmaas(*inference, "--tenant", "plain"),
+        "admission": lmaas(*inference, "--tenant", "bench", "--rpm", str(rpm)),
+    }
+
+
+def _start_servers(
+    stack: ExitStack, home: Path, names: list[str], env: dict[str, str], tmp: Path
+) -> dict[str, tuple[int, int]]:
+    """``lmaas serve`` for each variant (the first with auth on creates the admin key);
+    returns each one's port and gateway pid."""
+    base = [sys.executable, "-m", "lmaas.cli", "serve", "--home", str(home), "--model", MODEL]
+    started: dict[str, tuple[int, int]] = {}
+    for name in sorted(names, key=lambda n: not VARIANTS[n]["auth"]):
+        variant, port = VARIANTS[name], free_port()
+        cmd = [*base, "--port", str(port), *([] if variant["auth"] else ["--no-auth"])]
+        server_env = {**env, "LMAAS_USAGE__ENABLED": "true" if variant["metering"] else "false"}
+        log = tmp / f"{name}.log"
+        proc = stack.enter_context(server_process(cmd, log, server_env))
+        why = wait_http(proc, f"http://127.0.0.1:{port}/v2/health/ready", 120, log)
+        if why:
+            raise SystemExit(f"the {name} server did not start: {why}")
+        admin_key(log, tmp / "admin-key")
+        started[name] = (port, proc.pid)
+    return started
+
+
+def _targets(started: dict[str, tuple[int, int]], keys: dict[str, str]) -> list[Target]:
+    body = json.dumps(BODY).encode()
+    targets = []
+    for name, (port, pid) in started.items():
+        key = VARIANTS[name]["key"]
+        headers = {} if key is None else {"Authorization": f"Bearer {keys[key]}"}
+        request = encode_request("127.0.0.1", port, "/v1/embeddings", body, headers)
+        targets.append(Target(name, "127.0.0.1", port, request, pid))
+    return targets
+
+
+def _overhead(args: argparse.Namespace, targets: list[Target]) -> dict[str, Any]:
+    seconds, rounds = (4.0, 2) if args.quick else (args.round_seconds, args.rounds)
+    print(
+        f"overhead: {args.rate:g} req/s ({args.arrivals}), {rounds} rounds of {seconds:g} s "
+        f"per server, order rotating{', SCHED_FIFO' if args.realtime else ''} ...",
+        flush=True,
+    )
+    pids = [pid for target in targets for pid in descendants(target.pid)]
+    if args.realtime:
+        set_realtime(pids, True)
+    try:
+        rows = asyncio.run(interleaved(targets, args.rate, seconds, rounds, args.arrivals))
+    finally:
+        if args.realtime:
+            set_realtime([p for t in targets for p in descendants(t.pid)], False)
+    report = summarize(rows, baseline="open")
+    report["rounds"] = [{k: v for k, v in row.items() if k != "_latencies"} for row in rows]
+    diff = report["differences"].get("governed", {}).get("p50_ms")
+    governed = report["servers"].get("governed")
+    report["bar_p50_ms"] = 0.3
+    report["rate_sustained"] = all(
+        s["median_achieved_per_s"] >= 0.97 * args.rate for s in report["servers"].values()
+    )
+    report["meets_bar"] = bool(
+        diff and governed and report["rate_sustained"] and diff["median"] <= 0.3
+    )
+    return report
+
+
+def _print_overhead(overhead: dict[str, Any], rate: float) -> None:
+    print(f"\nover loopback, real servers, {rate:g} req/s offered (medians over rounds):")
+    head = "p50 ms  p90 ms  p99 ms  svc p50  req/s  gw CPU ms/req  worker  client  busy%"
+    print(f"{'':9} {head}")
+    for name, s in overhead["servers"].items():
+        print(
+            f"{name:9} {s['median_p50_ms']:6.3f} {s['median_p90_ms']:7.3f} "
+            f"{s['median_p99_ms']:7.3f} {s['median_service_p50_ms']:8.3f} "
+            f"{s['median_achieved_per_s']:6.1f} {s['median_gateway_cpu_ms_per_req']:14.3f} "
+            f"{s['median_worker_cpu_ms_per_req']:7.3f} {s['median_client_cpu_ms_per_req']:7.3f} "
+            f"{s['median_machine_busy_pct']:6.0f}"
+        )
+    for name, diff in overhead["differences"].items():
+        p50, cpu = diff["p50_ms"], diff["gateway_cpu_ms_per_req"]
+        print(
+            f"{name} - open, paired by round: p50 {p50['median']:+.3f} ms "
+            f"(range {p50['min']:+.3f} .. {p50['max']:+.3f}), p99 "
+            f"{diff['p99_ms']['median']:+.3f} ms, gateway CPU {cpu['median']:+.3f} ms/req "
+            f"(range {cpu['min']:+.3f} .. {cpu['max']:+.3f})"
+        )
+    verdict = "met" if overhead["meets_bar"] else "NOT met"
+    sustained = "yes" if overhead["rate_sustained"] else "NO"
+    print(f"bar (governed - open, p50 <= 0.3 ms at {rate:g}/s sustained: {sustained}): {verdict}")
+
+
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a short run (< 60 s)")
+    parser.add_argument("--quick", action="store_true", help="a short run (2 rounds of 4 s)")
     parser.add_argument("--rate", type=float, default=200.0, help="requests/s (overhead phase)")
+    parser.add_argument("--round-seconds", type=float, default=20.0)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per server")
+    parser.add_argument("--arrivals", choices=["constant", "poisson"], default="constant")
+    parser.add_argument(
+        "--variants",
+        default="open,governed",
+        help=f"comma-separated, from {', '.join(VARIANTS)} ('all': each); open is the baseline",
+    )
+    parser.add_argument(
+        "--realtime",
+        action="store_true",
+        help="run the servers and the client SCHED_FIFO during the overhead rounds only "
+        "(shields them from other work on a shared machine)",
+    )
+    parser.add_argument("--database", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--requests", type=int, help="admission phase requests (10000)")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--skip-admission", action="store_true")
+    parser.add_argument("--skip-in-process", action="store_true")
     parser.add_argument("--limits-backend", choices=["memory", "redis"], default="memory")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
-    block_s, blocks = (3.0, 2) if args.quick else (10.0, 6)
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    if "open" not in names or any(n not in VARIANTS for n in names):
+        parser.error(f"--variants must include open and name only {', '.join(VARIANTS)}")
+    args.names = [n for n in VARIANTS if n in names]
+    return args
+
+
+def main() -> None:
+    args = _parse_args()
     total = args.requests or (1200 if args.quick else 10_000)
     rpm = max(10, total // 5)  # the limit binds: most requests must be refused
+    report: dict[str, Any] = {
+        "quick": args.quick,
+        "limits_backend": args.limits_backend,
+        "database": args.database,
+        "realtime": args.realtime,
+        "variants": args.names,
+        "cpus": os.cpu_count(),
+        "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    if not args.skip_in_process:
+        print("in-process gateway overhead (ASGI, fake engine) ...", flush=True)
+        report["in_process"] = asyncio.run(_in_process(1200 if args.quick else 20_000))
+    schema = f"lmaas_govbench_{os.getpid()}_{time.time_ns() % 10**9}"
+    database_url = None
+    if args.database == "postgres":
+        _postgres_schema(True, schema, args.postgres_url)
+        database_url = f"{args.postgres_url}?options=-csearch_path%3D{schema}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="lmaas-govbench-") as tmp, ExitStack() as stack:
+            home = Path(tmp) / "home"
+            home.mkdir()
+            _prepare_home(home, database_url)
+            env = {**os.environ, "LMAAS_OFFLINE": "1", "LMAAS_LIMITS__BACKEND": args.limits_backend}
+            env["LMAAS_REDIS_URL"] = args.redis_url
+            env["LMAAS_LIMITS__KEY_PREFIX"] = f"lmaas-bench:{os.getpid()}:{time.time_ns()}"
+            if database_url is not None:
+                env["LMAAS_DATABASE_URL"] = database_url
+            started = _start_servers(stack, home, args.names, env, Path(tmp))
+            keys = _create_keys(home, database_url, rpm)
+            report["overhead"] = _overhead(args, _targets(started, keys))
+            if not args.skip_admission and "governed" in started:
+                base = f"http://127.0.0.1:{started['governed'][0]}"
+                print(f"admission: {total} requests at concurrency {args.concurrency}, rpm {rpm}")
+                report["admission"] = asyncio.run(
+                    _admission(base, keys["admission"], total, args.concurrency, rpm)
+                )
+                time.sleep(2.0)  # give the metering writer its flush interval
+                key_id = keys["admission"].split("-")[1]
+                report["metering"] = _usage_rows(home, key_id, database_url)
+    finally:
+        if args.database == "postgres":
+            _postgres_schema(False, schema, args.postgres_url)
+    _print_report(report, args.rate)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
 
-    report: dict[str, Any] = {"quick": args.quick, "limits_backend": args.limits_backend}
-    print("in-process gateway overhead (ASGI, fake engine) ...")
-    report["in_process"] = asyncio.run(_in_process(1200 if args.quick else 20_000))
-    with tempfile.TemporaryDirectory(prefix="lmaas-govbench-") as tmp, ExitStack() as stack:
-        home = Path(tmp) / "home"
-        home.mkdir()
-        _prepare_home(home)
-        env = {**os.environ, "LMAAS_OFFLINE": "1", "LMAAS_LIMITS__BACKEND": args.limits_backend}
-        env["LMAAS_REDIS_URL"] = args.redis_url
-        env["LMAAS_LIMITS__KEY_PREFIX"] = f"lmaas-bench:{os.getpid()}:{time.time_ns()}"
-        ports = {"governed": free_port(), "no_auth": free_port()}
-        urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-        base = [sys.executable, "-m", "lmaas.cli", "serve", "--home", str(home), "--model", MODEL]
-        logs = {name: Path(tmp) / f"{name}.log" for name in ports}
-        governed = stack.enter_context(
-            server_process([*base, "--port", str(ports["governed"])], logs["governed"], env)
-        )
-        why = wait_http(governed, f"{urls['governed']}/v2/health/ready", 120, logs["governed"])
-        if why or admin_key(logs["governed"], Path(tmp) / "admin-key") is None:
-            raise SystemExit(f"the governed server did not start: {why}")
-        open_cmd = [*base, "--port", str(ports["no_auth"]), "--no-auth"]
-        opened = stack.enter_context(server_process(open_cmd, logs["no_auth"], env))
-        why = wait_http(opened, f"{urls['no_auth']}/v2/health/ready", 120, logs["no_auth"])
-        if why:
-            raise SystemExit(f"the --no-auth server did not start: {why}")
 
-        _lmaas(home, "tenants", "create", "bench", "--rpm", "100000000", "--tpm", "1000000000")
-        generous = _lmaas(
-            home, "keys", "create", "--tenant", "bench", "--scope", "inference",
-            "--rpm", "100000000", "--tpm", "1000000000", "--max-concurrent", "100000",
-        )  # fmt: skip
-        limited = _lmaas(
-            home, "keys", "create", "--tenant", "bench", "--scope", "inference",
-            "--rpm", str(rpm),
-        )  # fmt: skip
-        print(f"overhead: {args.rate:g} req/s, {blocks} blocks of {block_s:g} s per server ...")
-        report["overhead"] = asyncio.run(
-            _overhead(urls["governed"], urls["no_auth"], generous, args.rate, block_s, blocks)
-        )
-        print(f"admission: {total} requests at concurrency {args.concurrency}, rpm {rpm} ...")
-        report["admission"] = asyncio.run(
-            _admission(urls["governed"], limited, total, args.concurrency, rpm)
-        )
-        time.sleep(2.0)  # give a metering writer its flush interval
-        key_id = limited.split("-")[1]
-        report["metering"] = _usage_rows(home, key_id)
-
-    overhead, admission = report["overhead"], report["admission"]
-    print()
-    mem = report["in_process"]
-    print(
-        "in process: p50 governed {:.3f} ms, open {:.3f} ms, difference {:.3f} ms "
-        "(p90 {:.3f} ms)".format(
-            mem["governed"]["p50_ms"],
-            mem["no_auth"]["p50_ms"],
-            mem["difference_ms"]["p50_ms"],
-            mem["difference_ms"]["p90_ms"],
-        )
-    )
-    print("over loopback, real servers:")
-    print(f"{'':10} {'n':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'failed':>7}")
-    for name in ("governed", "no_auth"):
-        row = overhead[name]
+def _print_report(report: dict[str, Any], rate: float) -> None:
+    mem = report.get("in_process")
+    if mem is not None:
         print(
-            f"{name:10} {row['n']:>6} {row['p50_ms']:>8.3f} {row['p90_ms']:>8.3f} "
-            f"{row['p99_ms']:>8.3f} {row['failures']:>7}"
+            "\nin process: p50 governed {:.3f} ms, open {:.3f} ms, difference {:.3f} ms "
+            "(p90 {:.3f} ms)".format(
+                mem["governed"]["p50_ms"],
+                mem["no_auth"]["p50_ms"],
+                mem["difference_ms"]["p50_ms"],
+                mem["difference_ms"]["p90_ms"],
+            )
         )
-    diff = overhead["difference_ms"]
-    verdict = "met" if overhead["meets_bar"] else "NOT met"
-    print(
-        f"{'difference':10} {'':>6} {diff['p50_ms']:>8.3f} {diff['p90_ms']:>8.3f} "
-        f"{diff['p99_ms']:>8.3f}   (bar: p50 <= 0.3 ms: {verdict})"
-    )
-    if overhead["saturated"]:
-        print(
-            f"WARNING: p50 above 20 ms: this machine does not sustain {args.rate:g} req/s "
-            "(client + two gateways + workers); the latencies are queueing, not governance. "
-            "Run on a machine with more cores, or lower --rate."
-        )
+    _print_overhead(report["overhead"], rate)
+    admission = report.get("admission")
+    if admission is None:
+        return
     print(
         f"admission: {admission['admitted']} admitted of {admission['requests']} "
         f"(allowed at most {admission['allowed_at_most']}), over-admissions "
@@ -362,8 +451,6 @@ def main() -> None:
         )
     else:
         print("metering not present")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -46,8 +46,14 @@ def run_gateway(gateway: Gateway, settings: Settings, sock: socket.socket | None
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket for uvicorn.
+
+    Made with ``IPPROTO_TCP`` explicitly: asyncio turns Nagle off (``TCP_NODELAY``) only on
+    accepted sockets whose ``proto`` says TCP, and they inherit it from this one. With ``proto``
+    0, a response written as head then body waited for the client's delayed ACK: ~40 ms added
+    to most requests at a few hundred requests per second."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.set_inheritable(True)

@@ -9,11 +9,13 @@ revoked or rotated through this service stops working at once; one changed by an
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import anyio.to_thread
@@ -47,7 +49,7 @@ from lmaas.gateway.keys import (
     parse_key_id,
     parse_scopes,
 )
-from lmaas.gateway.limits import Limits
+from lmaas.gateway.limits import Limits, forget_pending
 from lmaas.gateway.store import ApiKey, SqlGovernanceStore, Tenant
 from lmaas.registry.lifecycle_db import AliasMove
 
@@ -115,6 +117,10 @@ class IssuedKey:
     secret: str
 
 
+_Found = tuple[ApiKey, Limits, float] | None
+"""A key record as authentication reads it (with its tenant's limits and weight), or None."""
+
+
 class GovernanceService:
     """Create, list, show, rotate and revoke tenants and keys; authenticate requests.
 
@@ -138,7 +144,12 @@ class GovernanceService:
         self.actor = actor
         self._ttl_s = key_cache_ttl_s
         self._clock = clock
-        self._cache: dict[str, tuple[float, tuple[ApiKey, Limits, float] | None]] = {}
+        self._cache: dict[str, tuple[float, _Found]] = {}
+        self._reading: dict[str, asyncio.Future[_Found]] = {}
+        """Key records being read from the DB: requests that miss the cache meanwhile wait for
+        the same read (one read per key per expiry, not one per request)."""
+        self._generation = 0
+        """Bumped by every change through this service: a read begun before it is not cached."""
 
     @classmethod
     def open(cls, database_url: str, *, key_cache_ttl_s: float = 5.0) -> GovernanceService:
@@ -224,7 +235,7 @@ class GovernanceService:
         tenant = self._store.set_tenant_weight(name, after.weight, audit)
         if tenant is None:
             raise NotFoundError(f"tenant {name[:70]!r} does not exist", param="name")
-        self._cache.clear()  # every key of the tenant carries its weight
+        self._forget()  # every key of the tenant carries its weight
         return tenant
 
     def set_tenant_limits(self, name: str, limits: Limits, *, actor: str | None = None) -> Tenant:
@@ -236,7 +247,7 @@ class GovernanceService:
         tenant = self._store.set_tenant_limits(name, after.limits, audit)
         if tenant is None:
             raise NotFoundError(f"tenant {name[:70]!r} does not exist", param="name")
-        self._cache.clear()  # every key of the tenant carries its limits
+        self._forget()  # every key of the tenant carries its limits
         return tenant
 
     def list_tenants(self) -> list[Tenant]:
@@ -262,7 +273,7 @@ class GovernanceService:
         before = {**tenant_view(tenant), "keys": [k.id for k in keys]}
         self._store.delete_tenant(name, self._entry(actor, "tenant.delete", name, before, None))
         for key in keys:
-            self._cache.pop(key.id, None)
+            self._forget(key.id)
         return tenant
 
     # ---------------------------------------------------------------- keys
@@ -350,7 +361,7 @@ class GovernanceService:
         after = replace(key, rotated_at=now, expires_at=expires_at)
         audit = self._entry(actor, "key.rotate", key.id, key_view(key), key_view(after))
         rotated = self._store.replace_hash(key.id, hash_key(secret), now, expires_at, audit)
-        self._cache.pop(key.id, None)
+        self._forget(key.id)
         if rotated is None:  # deleted in between
             raise NotFoundError(f"key {key.prefix} does not exist")
         return IssuedKey(rotated, secret)
@@ -362,7 +373,7 @@ class GovernanceService:
         after = replace(key, limits=limits.checked())
         audit = self._entry(actor, "key.limits", key.id, key_view(key), key_view(after))
         updated = self._store.set_key_limits(key.id, after.limits, audit)
-        self._cache.pop(key.id, None)
+        self._forget(key.id)
         if updated is None:
             raise NotFoundError(f"key {key.prefix} does not exist")
         return updated
@@ -382,7 +393,7 @@ class GovernanceService:
         after = replace(key, revoked_at=now)
         audit = self._entry(actor, "key.revoke", key.id, key_view(key), key_view(after))
         revoked = self._store.revoke(key.id, now, audit)
-        self._cache.pop(key.id, None)
+        self._forget(key.id)
         return revoked or key
 
     def bootstrap_admin_key(self) -> IssuedKey | None:
@@ -465,13 +476,36 @@ class GovernanceService:
             )
         return key.principal(tenant_limits, tenant_weight)
 
-    async def _lookup(self, key_id: str) -> tuple[ApiKey, Limits, float] | None:
+    def _forget(self, key_id: str | None = None) -> None:
+        """Drop cached key records (one, or all) after a change made through this service."""
+        self._generation += 1
+        if key_id is None:
+            self._cache.clear()
+            self._reading.clear()
+        else:
+            self._cache.pop(key_id, None)
+            self._reading.pop(key_id, None)
+
+    async def _lookup(self, key_id: str) -> _Found:
         now = time.monotonic()
         hit = self._cache.get(key_id)
         if hit is not None and now - hit[0] < self._ttl_s:
             return hit[1]
+        if self._ttl_s <= 0:  # no cache: one DB read per request, as configured
+            return await anyio.to_thread.run_sync(self._store.get_key_for_auth, key_id)
+        # Single flight: when an entry expires under load, every request arriving during the
+        # read used to start its own read in a thread (a herd that slowed the loop further).
+        reading = self._reading.get(key_id)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read(key_id, now))
+            self._reading[key_id] = reading
+            reading.add_done_callback(partial(forget_pending, self._reading, key_id))
+        return await asyncio.shield(reading)
+
+    async def _read(self, key_id: str, now: float) -> _Found:
+        generation = self._generation
         found = await anyio.to_thread.run_sync(self._store.get_key_for_auth, key_id)
-        if self._ttl_s > 0:
+        if generation == self._generation:  # else changed meanwhile: the read may be stale
             if len(self._cache) >= MAX_CACHED_KEYS:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key_id] = (now, found)

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -219,6 +220,45 @@ def _tiny_model_dir(tmp_path: Path) -> Path:
     (src / "config.json").write_text(json.dumps(config))
     save_file({"w": np.zeros((4, 4), dtype=np.float32)}, str(src / "model.safetensors"))
     return src
+
+
+class _SlowStore(SqlUsageStore):
+    """A usage table whose writes wait for a signal (the fsync of a busy disk)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.started, self.release = threading.Event(), threading.Event()
+        self.batches: list[int] = []
+
+    def insert(self, records: Sequence[UsageRecord]) -> None:
+        self.started.set()
+        self.release.wait(10)
+        self.batches.append(len(records))
+        super().insert(records)
+
+
+async def test_records_that_arrive_during_a_write_wait_for_the_next_flush(
+    gov_database_url: str,
+) -> None:
+    # A flush that also wrote what arrived meanwhile chained a small transaction after another
+    # for as long as requests kept coming (one write per few milliseconds under load).
+    store = _SlowStore(gov_database_url)
+    meter = UsageMeter(store, flush_interval_s=60.0)
+    now = datetime.now(UTC)
+    try:
+        for i in range(3):
+            meter.record(_record("t", "k", "m", now + timedelta(microseconds=i)))
+        flushing = asyncio.create_task(meter.flush())
+        while not store.started.is_set():
+            await asyncio.sleep(0.005)
+        meter.record(_record("t", "k", "m", now + timedelta(microseconds=9)))  # mid-write
+        store.release.set()
+        assert await flushing
+        assert store.batches == [3] and meter.pending == 1 and store.count() == 3
+        await meter.aclose()  # shutdown writes everything left
+        assert store.batches == [3, 1] and meter.pending == 0 and store.count() == 4
+    finally:
+        store.close()
 
 
 def test_alias_moves_of_the_servers_registry_land_in_the_audit_trail(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 from sqlalchemy import inspect, text
 
@@ -14,6 +17,7 @@ from lmaas.core.errors import (
 from lmaas.gateway.keys import Scope
 from lmaas.gateway.limits import Limits
 from lmaas.gateway.service import GovernanceService
+from lmaas.gateway.store import ApiKey, SqlGovernanceStore
 from lmaas.registry.metadata import create_db_engine, head_revision
 from tests.unit.gateway.gov_helpers import FakeClock
 
@@ -201,6 +205,44 @@ async def test_the_cache_serves_hits_and_forgets_keys_changed_here(
     finally:
         cached.close()
         other.close()
+
+
+class _CountingStore(SqlGovernanceStore):
+    """Counts the key reads authentication makes."""
+
+    reads = 0
+
+    def get_key_for_auth(self, key_id: str) -> tuple[ApiKey, Limits, float] | None:
+        self.reads += 1
+        found = super().get_key_for_auth(key_id)
+        time.sleep(0.05)  # a slow DB: requests keep arriving during the read
+        return found
+
+
+async def test_requests_missing_the_cache_together_share_one_read(
+    gov_database_url: str, clock: FakeClock
+) -> None:
+    # Under load, an expired entry used to start one DB read per request arriving during the
+    # read (a herd of threads); they now wait for the same read.
+    store = _CountingStore(gov_database_url)
+    cached = GovernanceService(store, key_cache_ttl_s=3600, clock=clock)
+    try:
+        cached.create_tenant("team-a")
+        issued = cached.create_key("team-a", ["inference"])
+        principals = await asyncio.gather(*(cached.authenticate(issued.secret) for _ in range(20)))
+        assert {p.key_id for p in principals} == {issued.key.id} and store.reads == 1
+        # A key revoked here while its read is in flight: the read (begun before the revocation)
+        # answers its request, but is not cached, so the next request sees the revocation.
+        again = cached.create_key("team-a", ["inference"])
+        reading = asyncio.ensure_future(cached.authenticate(again.secret))
+        await asyncio.sleep(0.01)
+        cached.revoke_key(again.key.id)
+        await reading
+        with pytest.raises(AuthenticationError, match="revoked"):
+            await cached.authenticate(again.secret)
+        assert store.reads == 3
+    finally:
+        cached.close()
 
 
 async def test_limits_are_stored_on_keys_and_tenants_and_reach_the_principal(
