@@ -215,12 +215,7 @@ class DeploymentStore:
         now = datetime.now(UTC)
         names = {w.name for w in windows}
         with self._sessions.begin() as session:
-            session.execute(
-                delete(DeploymentWindowRow).where(
-                    (DeploymentWindowRow.gateway == gateway)
-                    | (DeploymentWindowRow.updated_at < now - timedelta(seconds=WINDOW_ROWS_KEPT_S))
-                )
-            )
+            _withdraw(session, DeploymentWindowRow, gateway, now)
             session.add_all(
                 DeploymentWindowRow(
                     gateway=gateway, name=w.name, version=w.version, counts=w.counts, updated_at=now
@@ -244,12 +239,7 @@ class DeploymentStore:
         of gateways that stopped publishing long ago are deleted on the way."""
         now = datetime.now(UTC)
         with self._sessions.begin() as session:
-            session.execute(
-                delete(DeploymentFleetRow).where(
-                    (DeploymentFleetRow.gateway == gateway)
-                    | (DeploymentFleetRow.updated_at < now - timedelta(seconds=WINDOW_ROWS_KEPT_S))
-                )
-            )
+            _withdraw(session, DeploymentFleetRow, gateway, now)
             session.add_all(
                 DeploymentFleetRow(gateway=gateway, name=name, report=report, updated_at=now)
                 for name, report in reports.items()
@@ -437,3 +427,15 @@ def _change(row: DeploymentHistoryRow) -> DeploymentChange:
 def _utc(value: datetime) -> datetime:
     # SQLite hands back naive datetimes; they were written in UTC.
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _withdraw(
+    session: Session,
+    table: type[DeploymentWindowRow] | type[DeploymentFleetRow],
+    gateway: str,
+    now: datetime,
+) -> None:
+    """Delete ``gateway``'s published rows of ``table``, and every gateway's rows older than
+    :data:`WINDOW_ROWS_KEPT_S` (gateways that stopped without withdrawing)."""
+    stale = now - timedelta(seconds=WINDOW_ROWS_KEPT_S)
+    session.execute(delete(table).where((table.gateway == gateway) | (table.updated_at < stale)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -154,6 +155,21 @@ def build_tiny_classifier(
         dest, seed=seed, labels=labels, hidden_size=hidden_size,
         num_layers=num_layers, max_length=max_length,
     )  # fmt: skip
+
+
+def write_labelled_texts(path: Path, per_label: int, *, seed: int = 0) -> Path:
+    """Write a JSONL of short random texts, ``per_label`` rows for each of
+    :data:`CLASSIFIER_LABELS` (``{"text": ..., "label": ...}``), the data the lifecycle tests
+    train and evaluate the tiny classifier on. Returns ``path``."""
+    rng = random.Random(seed)
+    words = ["the", "cat", "sat", "on", "mat", "dog", "ran", "park", "good", "bad", "film"]
+    rows = [
+        {"text": " ".join(rng.choices(words, k=rng.randint(3, 12))), "label": label}
+        for label in CLASSIFIER_LABELS
+        for _ in range(per_label)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 def _write_json(path: Path, value: object) -> None:

@@ -7,9 +7,7 @@ registered, and a real `lmaas serve` returns the parent's predictions from the O
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ from lmaas.testing.tiny_text_heads import (
     CLASSIFIER_LABELS,
     build_tiny_classifier,
     build_tiny_cross_encoder,
+    write_labelled_texts,
 )
 from tests.integration.serverproc import ServerProcess, start_server
 
@@ -55,15 +54,7 @@ def _metrics(manifest: Manifest) -> dict[str, float]:
 
 
 def _labelled(path: Path) -> Path:
-    rng = random.Random(0)
-    words = ["the", "cat", "sat", "on", "mat", "dog", "ran", "park", "good", "bad", "film"]
-    rows = [
-        {"text": " ".join(rng.choices(words, k=rng.randint(3, 12))), "label": label}
-        for label in CLASSIFIER_LABELS
-        for _ in range(12)
-    ]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_labelled_texts(path, per_label=12)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import queue
-import random
 import re
 import signal
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from lmaas.registry.service import RegistryService
-from lmaas.testing.tiny_text_heads import CLASSIFIER_LABELS, build_tiny_classifier
+from lmaas.testing.tiny_text_heads import build_tiny_classifier, write_labelled_texts
 from tests.integration.serverproc import free_port
 
 DOC = Path(__file__).parents[3] / "docs" / "lifecycle.md"
@@ -57,15 +56,7 @@ def test_the_inputs_block_sets_the_variables_the_walkthrough_uses() -> None:
 
 
 def _labelled(path: Path) -> Path:
-    rng = random.Random(0)
-    words = ["the", "cat", "sat", "on", "mat", "dog", "ran", "park", "good", "bad", "film"]
-    rows = [
-        {"text": " ".join(rng.choices(words, k=rng.randint(3, 12))), "label": label}
-        for label in CLASSIFIER_LABELS
-        for _ in range(8)
-    ]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_labelled_texts(path, per_label=8)
 
 
 @dataclass

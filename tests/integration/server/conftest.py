@@ -16,6 +16,14 @@ def _registry(home: Path) -> RegistryService:
     return RegistryService(home, f"sqlite:///{home / 'lmaas.db'}", offline=True)
 
 
+def import_echo(home: Path, source: Path, name: str, **options: str) -> None:
+    """Import ``source`` as a new version of ``name`` served by the echo fake runner."""
+    with _registry(home) as registry:
+        registry.import_model(
+            str(source), name=name, task=None, serving={"options": {"runner": ECHO, **options}}
+        )
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")

@@ -22,24 +22,16 @@ from typing import Any
 import httpx
 import pytest
 
-from lmaas.registry.service import RegistryService
-from tests.integration.server.conftest import ECHO
+from tests.integration.server.conftest import import_echo
 from tests.integration.serverproc import ServerProcess, start_server
 
 ENV = {"LMAAS_DEPLOY__POLL_INTERVAL_S": "0.5", "LMAAS_AUTH__KEY_CACHE_TTL_S": "0"}
 
 
-def _import(home: Path, source: Path, name: str, **options: str) -> None:
-    with RegistryService(home, f"sqlite:///{home / 'lmaas.db'}", offline=True) as registry:
-        registry.import_model(
-            str(source), name=name, task=None, serving={"options": {"runner": ECHO, **options}}
-        )
-
-
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory, tiny_dirs: dict[str, Path]) -> Path:
     home = tmp_path_factory.mktemp("deploy-names") / "home"
-    _import(home, tiny_dirs["chat"], "echo")
+    import_echo(home, tiny_dirs["chat"], "echo")
     return home
 
 
@@ -134,7 +126,7 @@ def test_a_name_deployed_while_running_is_served_scoped_measured_and_stopped(
     assert (_listed(whole, admin)) == {"echo"}
 
     # A model registered and deployed while both servers run, on two replicas.
-    _import(home, tiny_dirs["chat"], "late", token_delay_s="0.05")
+    import_echo(home, tiny_dirs["chat"], "late", token_delay_s="0.05")
     deployed = _deploy(home, "late", "--version", "1", "--replicas", "2")
     _until(lambda: "late" in _listed(whole, admin), "late is not served")
     reply = _complete(whole, admin, "late")
@@ -229,7 +221,7 @@ def test_the_canary_guard_judges_the_traffic_of_both_gateways(
 ) -> None:
     whole, only_echo = servers
     headers = {whole.base_url: _admin(whole), only_echo.base_url: {}}
-    _import(home, tiny_dirs["chat"], "echo", fail_requests="1")  # echo:2 fails every request
+    import_echo(home, tiny_dirs["chat"], "echo", fail_requests="1")  # echo:2 fails every request
     started = _deploy(home, "echo", "--canary", "2", "--percent", "10")
 
     def routes_canary(server: ServerProcess) -> bool:

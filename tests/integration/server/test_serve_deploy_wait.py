@@ -23,26 +23,18 @@ from typing import Any
 import httpx
 import pytest
 
-from lmaas.registry.service import RegistryService
-from tests.integration.server.conftest import ECHO
+from tests.integration.server.conftest import import_echo
 from tests.integration.serverproc import ServerProcess, start_server
 
 ENV = {"LMAAS_DEPLOY__POLL_INTERVAL_S": "0.5"}
 VERSION_HEADER = "x-lmaas-model-version"
 
 
-def _import(home: Path, source: Path, name: str, **options: str) -> None:
-    with RegistryService(home, f"sqlite:///{home / 'lmaas.db'}", offline=True) as registry:
-        registry.import_model(
-            str(source), name=name, task=None, serving={"options": {"runner": ECHO, **options}}
-        )
-
-
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory, tiny_dirs: dict[str, Path]) -> Path:
     home = tmp_path_factory.mktemp("deploy-wait") / "home"
     for _ in range(3):
-        _import(home, tiny_dirs["chat"], "echo")
+        import_echo(home, tiny_dirs["chat"], "echo")
     return home
 
 
@@ -121,7 +113,7 @@ def test_wait_reports_a_load_failure_and_a_stop(
     servers: tuple[ServerProcess, ServerProcess], home: Path, tiny_dirs: dict[str, Path]
 ) -> None:
     whole, pinned = servers
-    _import(home, tiny_dirs["chat"], "broken", fail_load="the weights are corrupt")
+    import_echo(home, tiny_dirs["chat"], "broken", fail_load="the weights are corrupt")
     failed = _cli(home, "deploy", "broken", "--version", "1", "--wait", "--timeout", "90")
     assert failed.returncode == 1, failed.stderr
     assert "could not apply revision 1 of broken" in failed.stderr, failed.stderr
