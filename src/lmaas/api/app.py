@@ -13,6 +13,7 @@ from starlette.responses import Response
 from lmaas.api.admin.audit import router as admin_audit_router
 from lmaas.api.admin.deployments import router as admin_deployments_router
 from lmaas.api.admin.evaluations import router as admin_evaluations_router
+from lmaas.api.admin.jobs import router as admin_jobs_router
 from lmaas.api.admin.keys import router as admin_keys_router
 from lmaas.api.admin.models import router as admin_models_router
 from lmaas.api.admin.tenants import router as admin_tenants_router
@@ -64,6 +65,7 @@ _ROUTERS = (
     admin_tenants_router,
     admin_keys_router,
     admin_evaluations_router,
+    admin_jobs_router,
     admin_deployments_router,
     admin_models_router,
     admin_usage_router,

@@ -23,6 +23,7 @@ from lmaas.gateway.usage import MeteredEngineClient, RequestUsage, SqlUsageStore
 from lmaas.gateway.visibility import ScopedEngineClient
 from lmaas.lifecycle.deployments import DeploymentService
 from lmaas.lifecycle.eval_jobs import EvaluationJobs
+from lmaas.lifecycle.job_params import LifecycleJobs
 from lmaas.observability.metrics import Metrics
 from lmaas.registry.service import RegistryService
 
@@ -97,6 +98,8 @@ class ApiServices:
         meter: Buffers and writes usage records (one per request that reached the engine);
             None: no metering.
         evaluations: Evaluation jobs, for ``/admin/evaluations`` (501 without it).
+        jobs: Training, compression and conversion jobs, for ``/admin/jobs`` (501 without
+            it).
         deployments: Deployment changes, for ``/admin/deployments`` (501 without it).
         registry: The model registry, for ``/admin/models`` (alias moves, history; 501
             without it). Open it with the audit hook (``bootstrap.wiring.open_registry``).
@@ -114,6 +117,7 @@ class ApiServices:
     limiter: Limiter = field(default_factory=InProcessLimiter)
     meter: UsageMeter | None = None
     evaluations: EvaluationJobs | None = None
+    jobs: LifecycleJobs | None = None
     deployments: DeploymentService | None = None
     registry: RegistryService | None = None
 

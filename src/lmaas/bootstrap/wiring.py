@@ -39,6 +39,7 @@ from lmaas.gateway.service import GovernanceService
 from lmaas.gateway.usage import UsageMeter
 from lmaas.lifecycle.deployments import DeploymentService, alias_follower, chain_alias_hooks
 from lmaas.lifecycle.eval_jobs import EvaluationJobs
+from lmaas.lifecycle.job_params import LifecycleJobs
 from lmaas.observability.metrics import Metrics
 from lmaas.registry.manifest import Manifest
 from lmaas.registry.service import RegistryService
@@ -235,6 +236,7 @@ def build_gateway(
     evaluations = EvaluationJobs(
         settings.home, settings.resolved_database_url(), device=settings.engine.device
     )
+    jobs = LifecycleJobs(settings.home, settings.resolved_database_url())
     limiter = build_limiter(settings, meter)
 
     @contextlib.asynccontextmanager
@@ -252,6 +254,7 @@ def build_gateway(
             if controller is not None:
                 await controller.aclose()
             await evaluations.aclose()
+            await jobs.aclose()
             await engine.aclose()
             if meter is not None:
                 # After the drain (uvicorn waited for in-flight requests): write what is left.
@@ -272,6 +275,7 @@ def build_gateway(
         governance=governance,
         public_metrics=settings.auth.public_metrics,
         evaluations=evaluations,
+        jobs=jobs,
         meter=meter,
         limiter=limiter,
         deployments=deploy.service if deploy is not None else None,

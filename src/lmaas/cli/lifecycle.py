@@ -1,6 +1,7 @@
 """``lmaas train``, ``lmaas compress`` and ``lmaas convert``: lifecycle jobs in a child process.
 
-Each command checks its arguments, then runs the job module (``lmaas.lifecycle.jobs.*``) as
+Each command checks its arguments (with the rules of ``POST /admin/jobs``:
+:mod:`lmaas.lifecycle.job_params`), then runs the job module (``lmaas.lifecycle.jobs.*``) as
 ``python -m ...`` with the home and database of the current settings, in the foreground: the job
 draws its own progress bar and log on this terminal. The CLI never imports torch (import-linter
 keeps ``lmaas.cli`` free of it); the job does, in its own process.
@@ -16,12 +17,21 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
 
 from lmaas.bootstrap.settings import Settings
+from lmaas.lifecycle.job_params import (
+    CompressParams,
+    ConvertParams,
+    JobParams,
+    TrainChatLoraParams,
+    TrainImageClassifierParams,
+    TrainTextClassifierParams,
+    validation_message,
+)
 
 train_app = typer.Typer(
     help="Train a model on labelled data and register it as a new version.",
@@ -94,8 +104,20 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _flag(name: str, value: object) -> list[str]:
-    return [] if value is None else [name, str(value)]
+P = TypeVar("P", bound=JobParams)
+
+
+def _params(params_model: type[P], /, **options: Any) -> P:
+    """The options checked by the same rules as ``POST /admin/jobs`` (bad ones: exit 2)."""
+    try:
+        return params_model.model_validate(options)
+    except ValidationError as exc:
+        raise typer.BadParameter(validation_message(exc, params_model)) from exc
+
+
+def run_params(params: JobParams, home: Path | None) -> None:
+    """Run the job the options describe, in the foreground."""
+    run_job(params.module, params.job_args(), home)
 
 
 @train_app.command("image-classifier")
@@ -126,22 +148,13 @@ def train_image_classifier(
     home: HomeOption = None,
 ) -> None:
     """Train a small ViT image classifier (servable by the image-classification runtime)."""
-    if (data is None) == (not sklearn_digits):
-        raise typer.BadParameter("give exactly one of --data DIR or --sklearn-digits")
-    if hidden_size % 4:
-        raise typer.BadParameter("--hidden-size must be a multiple of 4 (attention heads)")
-    if image_size % (patch_size or image_size):
-        raise typer.BadParameter("--image-size must be a multiple of --patch-size")
-    source = ["--sklearn-digits"] if sklearn_digits else ["--data", str(data)]
-    args = [
-        "image-classifier", *source, "--name", name, "--patience", str(patience),
-        "--val-split", str(val_split), "--test-split", str(test_split),
-        "--image-size", str(image_size), "--hidden-size", str(hidden_size),
-        "--layers", str(layers), "--seed", str(seed),
-        *_flag("--epochs", epochs), *_flag("--patch-size", patch_size), *_flag("--lr", lr),
-        *_flag("--k-fold", k_fold),
-    ]  # fmt: skip
-    run_job("train", args, home)
+    params = _params(
+        TrainImageClassifierParams, name=name, data=data, sklearn_digits=sklearn_digits,
+        epochs=epochs, patience=patience, val_split=val_split, test_split=test_split,
+        image_size=image_size, patch_size=patch_size, hidden_size=hidden_size, layers=layers,
+        lr=lr, seed=seed, k_fold=k_fold,
+    )  # fmt: skip
+    run_params(params, home)
 
 
 @train_app.command("text-classifier")
@@ -163,13 +176,12 @@ def train_text_classifier(
     home: HomeOption = None,
 ) -> None:
     """Fine-tune an encoder with a classification head (servable by the classification runtime)."""
-    args = [
-        "text-classifier", "--data", str(data), "--base", base, "--name", name,
-        "--patience", str(patience), "--val-split", str(val_split),
-        "--test-split", str(test_split), "--max-length", str(max_length), "--seed", str(seed),
-        *_flag("--epochs", epochs), *_flag("--lr", lr), *_flag("--k-fold", k_fold),
-    ]  # fmt: skip
-    run_job("train", args, home)
+    params = _params(
+        TrainTextClassifierParams, data=data, base=base, name=name, epochs=epochs,
+        patience=patience, val_split=val_split, test_split=test_split, lr=lr,
+        max_length=max_length, seed=seed, k_fold=k_fold,
+    )  # fmt: skip
+    run_params(params, home)
 
 
 @train_app.command("chat-lora")
@@ -209,15 +221,13 @@ def train_chat_lora(
     home: HomeOption = None,
 ) -> None:
     """LoRA fine-tune a chat model (peft) on its assistant turns; merged into a new version."""
-    args = [
-        "chat-lora", "--data", str(data), "--base", base, "--name", name,
-        "--patience", str(patience), "--val-split", str(val_split),
-        "--test-split", str(test_split), "--batch-size", str(batch_size),
-        "--max-length", str(max_length), "--rank", str(rank), "--alpha", str(alpha),
-        "--dropout", str(dropout), "--target-modules", target_modules, "--seed", str(seed),
-        *_flag("--epochs", epochs), *_flag("--lr", lr),
-    ]  # fmt: skip
-    run_job("train", args, home)
+    params = _params(
+        TrainChatLoraParams, data=data, base=base, name=name, epochs=epochs, patience=patience,
+        val_split=val_split, test_split=test_split, lr=lr, batch_size=batch_size,
+        max_length=max_length, rank=rank, alpha=alpha, dropout=dropout,
+        target_modules=target_modules, seed=seed,
+    )  # fmt: skip
+    run_params(params, home)
 
 
 def compress_command(
@@ -245,14 +255,11 @@ def compress_command(
     Safetensors versions are compressed with torch (int8 Linear weights, or pruning); ONNX
     versions (from `lmaas convert --onnx`) take --int8, quantised by onnxruntime.
     """
-    if int8 == (prune is not None):
-        raise typer.BadParameter("give exactly one of --int8 or --prune FRACTION")
-    if all_layers and not int8:
-        raise typer.BadParameter("--all-layers goes with --int8")
-    args = [model, *(["--int8"] if int8 else ["--prune", str(prune)]), *_flag("--name", name)]
-    args += ["--all-layers"] if all_layers else []
-    args += _data_flags(data, sklearn_digits)
-    run_job("compress", args, home)
+    params = _params(
+        CompressParams, model=model, int8=int8, prune=prune, all_layers=all_layers, name=name,
+        data=data, sklearn_digits=sklearn_digits,
+    )  # fmt: skip
+    run_params(params, home)
 
 
 def convert_command(
@@ -273,19 +280,9 @@ def convert_command(
     home: HomeOption = None,
 ) -> None:
     """Convert a version to ONNX; fails (no version) when the parity check does not hold."""
-    if not onnx:
-        raise typer.BadParameter("choose a target format: --onnx")
-    args = [
-        model, "--onnx", *_flag("--name", name), "--max-abs-diff", repr(max_abs_diff),
-        "--min-top1-agreement", repr(min_top1_agreement), "--samples", str(samples),
-        *_data_flags(data, sklearn_digits),
-    ]  # fmt: skip
-    run_job("convert", args, home)
-
-
-def _data_flags(data: Path | None, sklearn_digits: bool) -> list[str]:
-    if data is not None and sklearn_digits:
-        raise typer.BadParameter("give at most one of --data or --sklearn-digits")
-    if sklearn_digits:
-        return ["--sklearn-digits"]
-    return [] if data is None else ["--data", str(data)]
+    params = _params(
+        ConvertParams, model=model, onnx=onnx, name=name, max_abs_diff=max_abs_diff,
+        min_top1_agreement=min_top1_agreement, samples=samples, data=data,
+        sklearn_digits=sklearn_digits,
+    )  # fmt: skip
+    run_params(params, home)

@@ -196,6 +196,17 @@ class GovernanceService:
         """Walk the hash chain; the report names the first row edited, deleted or forged."""
         return self._store.verify_audit()
 
+    def record(
+        self,
+        actor: str | None,
+        action: str,
+        target: str,
+        after: dict[str, Any] | None = None,
+        before: dict[str, Any] | None = None,
+    ) -> AuditRecord:
+        """Append one admin action made outside this service (a job started...)."""
+        return self._store.append_audit(self._entry(actor, action, target, before, after))
+
     def audit_alias_move(self, session: Session, move: AliasMove) -> None:
         """Append a registry alias move to the audit trail inside the move's own transaction
         (the registry's ``alias_audit`` hook), so the move and its row commit together; the

@@ -22,6 +22,7 @@ from lmaas.core.errors import InvalidRequestError, LmaasError
 from lmaas.core.messages import ClassifyRequest, ClassifyResult, RequestError, WorkerSpec
 from lmaas.core.types import ModelFormat, Task
 from lmaas.lifecycle.data import LabelledImages, LabelledTexts
+from lmaas.lifecycle.job_table import emit_event
 from lmaas.registry.manifest import MANIFEST_FILENAME, Lineage, Manifest, MetricRecord
 from lmaas.registry.service import RegistryService
 from lmaas.runtimes.batching import run_batch
@@ -61,6 +62,7 @@ def run_job(main: Callable[[], int]) -> int:
         return EXIT_CANCELLED
     except LmaasError as exc:
         print(f"error: {exc.message}", file=sys.stderr, flush=True)
+        emit_event("error", code=exc.code, message=exc.message)
         return 1
 
 
@@ -99,7 +101,7 @@ def register(
 ) -> Manifest:
     """Import ``model_dir`` as the next version of ``name``, with lineage and metrics."""
     with no_interrupt():
-        return registry.import_model(
+        manifest = registry.import_model(
             str(model_dir),
             name=name,
             task=task,
@@ -109,6 +111,42 @@ def register(
             metrics=metrics,
             source_label=f"{lineage.parent or parameters_source(lineage)} {lineage.transform}",
         )
+    emit_event("result", result=registered_summary(manifest, lineage, metrics))
+    return manifest
+
+
+def registered_summary(
+    manifest: Manifest, lineage: Lineage, metrics: list[MetricRecord]
+) -> dict[str, Any]:
+    """What ``GET /admin/jobs/{id}`` shows as a job's result: the new version, its metrics
+    and its lineage."""
+    return {
+        "version": manifest.ref,
+        "metrics": {m.metric: m.value for m in metrics},
+        "lineage": {
+            "parent": lineage.parent,
+            "transform": lineage.transform,
+            "parameters": dict(lineage.parameters),
+        },
+    }
+
+
+class ProgressEvents:
+    """``start`` and ``progress`` events of a job's main loop (at most ~4 a second)."""
+
+    def __init__(self, total: int, description: str) -> None:
+        self._done, self._last = 0, 0.0
+        emit_event("start", total=total, description=description)
+
+    def advance(self, steps: int = 1) -> None:
+        self._done += steps
+        now = time.monotonic()
+        if now - self._last >= 0.25:
+            self._last = now
+            emit_event("progress", done=self._done)
+
+    def finish(self) -> None:
+        emit_event("progress", done=self._done)
 
 
 def parameters_source(lineage: Lineage) -> str:

@@ -41,6 +41,7 @@ from lmaas.core.errors import InvalidRequestError
 from lmaas.core.types import ModelFormat, Task
 from lmaas.lifecycle import data as datasets
 from lmaas.lifecycle.jobs.common import (
+    ProgressEvents,
     VersionProbe,
     accuracy,
     add_registry_args,
@@ -123,6 +124,7 @@ def fit(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TimeElapsedColumn(), console=Console(stderr=True)) as progress:
         bar = progress.add_task(label, total=epochs * steps_per_epoch)
+        events = ProgressEvents(epochs * steps_per_epoch, label)
         for epoch in range(1, epochs + 1):
             model.train()
             order = torch.randperm(num_train, generator=generator)
@@ -134,6 +136,7 @@ def fit(
                 optimizer.step()
                 schedule.step()
                 progress.advance(bar)
+                events.advance()
             model.eval()
             with torch.no_grad():
                 acc, val_loss = validate()
@@ -152,6 +155,7 @@ def fit(
                 if stale >= patience:
                     _log.info("no better validation epoch for %d epochs: stopping", patience)
                     break
+        events.finish()
     model.load_state_dict(best_state, strict=False)
     model.eval()
     return FitResult(best_epoch, best[0], epoch, epoch < epochs, -best[1])
