@@ -18,7 +18,7 @@ import pytest
 
 from lmaas.gateway.service import GovernanceService
 from lmaas.registry.service import RegistryService
-from lmaas.testing.tiny_text_heads import build_tiny_classifier
+from lmaas.testing.tiny_text_heads import build_tiny_classifier, write_labelled_texts
 from tests.integration.serverproc import ServerProcess, start_server
 
 TEXTS = ["I love this", "This is terrible", "It is a table", "what a day", "zzz"]
@@ -84,14 +84,14 @@ def test_evaluation_job_scores_the_served_predictions(
     assert job["progress"] == {"done": len(TEXTS), "total": len(TEXTS)}
 
 
-def _wait(base: str, job_id: str) -> dict[str, Any]:
+def _wait(base: str, job_id: str, table: str = "evaluations") -> dict[str, Any]:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        job: dict[str, Any] = httpx.get(f"{base}/admin/evaluations/{job_id}").json()
+        job: dict[str, Any] = httpx.get(f"{base}/admin/{table}/{job_id}").json()
         if job["status"] in {"succeeded", "failed", "cancelled"}:
             return job
         time.sleep(0.2)
-    raise AssertionError(f"evaluation {job_id} did not finish")
+    raise AssertionError(f"job {job_id} did not finish")
 
 
 def test_moving_the_alias_is_seen_by_the_running_server(
@@ -144,5 +144,43 @@ def test_admin_routes_move_the_alias_of_the_running_server(
             ("local:no-auth", "2"),
         ]
         assert governance.verify_audit().ok
+    finally:
+        governance.close()
+
+
+def test_admin_jobs_compress_a_version_and_cancel_one(
+    lifecycle_server: ServerProcess, tmp_path: Path
+) -> None:
+    """``POST /admin/jobs`` runs ``lmaas compress --int8`` in the server: the new version is in
+    the registry with its lineage and metrics; a cancelled job registers nothing."""
+    base = lifecycle_server.base_url
+    data = write_labelled_texts(tmp_path / "labelled.jsonl", per_label=4)
+    params = {"model": "tiny-cls:1", "int8": True, "name": "tiny-cls-int8", "data": str(data)}
+    created = httpx.post(f"{base}/admin/jobs", json={"kind": "compress", "params": params})
+    assert created.status_code == 202, created.text
+    job = _wait(base, created.json()["id"], "jobs")
+    assert job["status"] == "succeeded", job
+    assert job["result"]["version"] == "tiny-cls-int8:1"
+    assert job["result"]["lineage"]["parent"] == "tiny-cls:1"
+    assert job["result"]["metrics"]["size_ratio"] > 1.0
+    assert httpx.get(f"{base}/admin/jobs/{job['id']}/log").status_code == 200
+
+    params = {**params, "name": "tiny-cls-cancelled"}
+    created = httpx.post(f"{base}/admin/jobs", json={"kind": "compress", "params": params})
+    cancel_id = created.json()["id"]
+    while httpx.get(f"{base}/admin/jobs/{cancel_id}").json()["status"] == "queued":
+        time.sleep(0.05)
+    assert httpx.post(f"{base}/admin/jobs/{cancel_id}/cancel").status_code == 200
+    assert _wait(base, cancel_id, "jobs")["status"] == "cancelled"
+
+    home = lifecycle_server.log_path.parent
+    with RegistryService(home, f"sqlite:///{home / 'lmaas.db'}", offline=True) as registry:
+        manifest = registry.resolve("tiny-cls-int8:1")
+        assert manifest.lineage is not None and manifest.lineage.parent == "tiny-cls:1"
+        assert [m.name for m in registry.list_models() if m.name.startswith("tiny-cls-c")] == []
+    governance = GovernanceService.open(f"sqlite:///{home / 'lmaas.db'}")
+    try:
+        (row,) = governance.list_audit(limit=1, target=cancel_id)
+        assert (row.action, row.actor) == ("job.create", "local:no-auth")
     finally:
         governance.close()
