@@ -123,6 +123,8 @@ async def test_admin_jobs_run_report_cancel_and_log(fake_job: None, tmp_path: Pa
             relative = {"model": "d:1", "int8": True, "data": "rel.jsonl"}
             bad = await client.post("/admin/jobs", json={"kind": "compress", "params": relative})
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "params.data"
+            unknown = await client.post("/admin/jobs", json={"kind": "retrain", "params": {}})
+            assert unknown.status_code == 400, unknown.text
 
             body = {
                 "kind": "train-image-classifier",
