@@ -267,10 +267,18 @@ def convert_command(
     onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX.")] = False,
     name: Annotated[str | None, typer.Option(help="Name of the new version's model.")] = None,
     max_abs_diff: Annotated[
-        float, typer.Option(min=0.0, help="Largest logit difference the parity check allows.")
+        float,
+        typer.Option(
+            min=0.0, help="Largest logit (or embedding) difference the parity check allows."
+        ),
     ] = 1e-4,
     min_top1_agreement: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share of samples whose top-1 must agree.")
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of samples whose top-1 must agree (embeddings: cosine >= 1 - 1e-5).",
+        ),
     ] = 1.0,
     samples: Annotated[
         int, typer.Option(min=1, help="Random samples when the parent has no held-out data.")

@@ -59,12 +59,13 @@ def _labelled(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """cls, ce (tiny torch models), cls-onnx and ce-onnx (converted), cls-int8 (ORT int8)."""
+    """cls, ce, emb (tiny torch models), cls-onnx, ce-onnx, emb-onnx (converted), cls-int8."""
     root = tmp_path_factory.mktemp("text-onnx")
     home = root / "home"
     with _registry(home) as registry:
         registry.import_model(str(build_tiny_classifier(root / "cls", seed=6)), name="cls")
         registry.import_model(str(build_tiny_cross_encoder(root / "ce", seed=1)), name="ce")
+        registry.import_model(str(build_tiny_embedder(root / "emb", seed=0)), name="emb")
     data = _labelled(root / "labelled.jsonl")
     converted = subprocess.run(
         [sys.executable, "-m", "lmaas.cli", "convert", "cls", "--onnx", "--name", "cls-onnx",
@@ -76,6 +77,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert "registered cls-onnx:1 from cls:1" in converted.stdout
     # The CLI runs these same job modules in a child process: in-process spares torch start-ups.
     assert convert.main(["ce", "--onnx", "--name", "ce-onnx", *_job_args(home)]) == 0
+    assert convert.main(["emb", "--onnx", "--name", "emb-onnx", *_job_args(home)]) == 0
     int8 = ["cls-onnx", "--int8", "--name", "cls-int8", "--data", str(data), *_job_args(home)]
     assert compress.main(int8) == 0
     return home
@@ -108,6 +110,19 @@ def test_cross_encoder_version_meets_parity_on_random_pairs(home: Path) -> None:
     assert child.lineage.parameters["samples"] == 64
 
 
+def test_embedding_version_meets_parity_on_served_vectors(home: Path) -> None:
+    with _registry(home) as registry:
+        child = registry.get("emb-onnx")
+    metrics = _metrics(child)
+    assert child.format.value == "onnx" and child.task.value == "embedding"
+    assert metrics["parity_max_abs_diff"] <= 1e-4
+    assert metrics["parity_cosine_agreement"] == 1.0
+    assert child.lineage is not None and child.lineage.parent == "emb:1"
+    assert child.lineage.parameters["samples"] == 64 + 4  # random texts + the very short ones
+    assert "model.onnx" in {f.path for f in child.files}
+    assert not any(f.path.endswith(".safetensors") for f in child.files)
+
+
 def test_onnxruntime_int8_records_size_latency_and_accuracy_delta(home: Path) -> None:
     with _registry(home) as registry:
         parent, child = registry.get("cls-onnx"), registry.get("cls-int8")
@@ -138,10 +153,9 @@ def test_failed_text_parity_creates_no_version(
 def test_bad_inputs_get_clear_errors(
     home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with _registry(home) as registry:
-        registry.import_model(str(build_tiny_embedder(tmp_path / "emb", seed=0)), name="emb")
-    assert convert.main(["emb", "--onnx", *_job_args(home)]) == 1
-    assert "supports image-classification, classification and rerank" in capsys.readouterr().err
+    labelled = ["--data", str(tmp_path / "x.jsonl")]
+    assert convert.main(["emb", "--onnx", *labelled, *_job_args(home)]) == 1
+    assert "parity runs on sample texts, not labelled data" in capsys.readouterr().err
     assert compress.main(["cls-onnx", "--prune", "0.3", *_job_args(home)]) == 1
     assert "pruning needs the torch weights" in capsys.readouterr().err
     assert compress.main(["cls-int8", "--int8", *_job_args(home)]) == 1
@@ -158,7 +172,7 @@ def test_bad_inputs_get_clear_errors(
 
 @pytest.fixture(scope="module")
 def server(home: Path) -> Iterator[ServerProcess]:
-    proc = start_server(home, ["cls", "cls-onnx", "cls-int8", "ce", "ce-onnx"])
+    proc = start_server(home, ["cls", "cls-onnx", "cls-int8", "ce", "ce-onnx", "emb", "emb-onnx"])
     try:
         proc.wait_ready()
         yield proc
@@ -201,3 +215,13 @@ def test_served_onnx_reranker_equals_the_torch_version(server: ServerProcess) ->
     np.testing.assert_allclose(
         [scores["ce-onnx"][i] for i in range(3)], [scores["ce"][i] for i in range(3)], atol=1e-5
     )
+
+
+def test_served_onnx_embedding_equals_the_torch_version(server: ServerProcess) -> None:
+    vectors = {}
+    for model in ("emb", "emb-onnx"):
+        body = {"model": model, "input": TEXTS}
+        reply = httpx.post(f"{server.base_url}/v1/embeddings", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        vectors[model] = [d["embedding"] for d in reply.json()["data"]]
+    np.testing.assert_allclose(vectors["emb-onnx"], vectors["emb"], atol=1e-5, rtol=0)

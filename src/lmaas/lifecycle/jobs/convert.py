@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lmaas.core.errors import InvalidRequestError, LmaasError
+from lmaas.core.messages import EmbedRequest, EmbedResult, WorkerSpec
 from lmaas.core.types import ModelFormat, Task
 from lmaas.lifecycle.jobs import onnx_export
 from lmaas.lifecycle.jobs.common import (
@@ -49,6 +50,8 @@ from lmaas.lifecycle.jobs.common import (
 )
 from lmaas.lifecycle.jobs.compress import load_float_model
 from lmaas.registry.manifest import Lineage, Manifest, MetricRecord
+from lmaas.runtimes.batching import run_batch
+from lmaas.runtimes.catalog import create_runner
 from lmaas.runtimes.onnx_session import open_session
 
 GRAPH_FILE = "model.onnx"
@@ -107,7 +110,10 @@ def _sample_pixels(processor: Any, images: list[Any] | None, count: int) -> torc
     return torch.randn((count, *probe.shape[1:]), generator=generator)
 
 
-_SUPPORTED = (Task.IMAGE_CLASSIFICATION, Task.CLASSIFICATION, Task.RERANK)
+_SUPPORTED = (Task.IMAGE_CLASSIFICATION, Task.CLASSIFICATION, Task.RERANK, Task.EMBEDDING)
+_SHORT_TEXTS = ("Hi", "Thanks", "No.", "OK")
+"""Very short inputs join an embedding model's parity samples: they are the worst case for
+numerics that depend on the sequence length."""
 
 
 def convert(args: argparse.Namespace) -> int:
@@ -118,19 +124,23 @@ def convert(args: argparse.Namespace) -> int:
         parent = registry.resolve(args.model)
         _check_parent(parent, args)
         parent_dir = registry.model_dir(parent)
-        model = load_float_model(parent, parent_dir)
         data = _data(registry, parent, args)
         out = Path(tmp) / "version"
         out.mkdir()
         copy_side_files(parent_dir, out, lambda rel: not rel.name.startswith("model."))
         with spinner(f"exporting {parent.ref} to ONNX and checking parity"):
-            if parent.task is Task.IMAGE_CLASSIFICATION:
+            if parent.task is Task.EMBEDDING:
+                diff, agreement, samples = _embedding_graph(registry, parent, args, out)
+            elif parent.task is Task.IMAGE_CLASSIFICATION:
+                model = load_float_model(parent, parent_dir)
                 diff, agreement, samples = _image_graph(parent_dir, model, data, args, out)
             else:
+                model = load_float_model(parent, parent_dir)
                 diff, agreement, samples = _text_graph(parent, parent_dir, model, data, args, out)
+        agreeing = "cosine >= 1 - 1e-5" if parent.task is Task.EMBEDDING else "top-1 agreement"
         print(
             f"parity on {samples} samples: max abs diff {diff:.3g} (limit "
-            f"{args.max_abs_diff:g}), top-1 agreement {agreement:.4f} (minimum "
+            f"{args.max_abs_diff:g}), {agreeing} {agreement:.4f} (minimum "
             f"{args.min_top1_agreement:g})",
             file=sys.stderr,
             flush=True,
@@ -138,13 +148,19 @@ def convert(args: argparse.Namespace) -> int:
         if diff > args.max_abs_diff or agreement < args.min_top1_agreement:
             raise InvalidRequestError(
                 f"parity check failed: max abs diff {diff:.3g} (limit {args.max_abs_diff:g}), "
-                f"top-1 agreement {agreement:.4f} (minimum {args.min_top1_agreement:g}); "
+                f"{agreeing} {agreement:.4f} (minimum {args.min_top1_agreement:g}); "
                 "no version was created"
             )
         digest = data.digest if data else "random-samples"
         metrics = [
             metric("parity_max_abs_diff", diff, digest),
-            metric("parity_top1_agreement", agreement, digest),
+            metric(
+                "parity_cosine_agreement"
+                if parent.task is Task.EMBEDDING
+                else "parity_top1_agreement",
+                agreement,
+                digest,
+            ),
         ]
         options = {k: v for k, v in parent.serving.options.items() if k != "quantize"}
         serving = {**parent.serving.model_dump(), "options": options, "backend": "auto"}
@@ -194,8 +210,7 @@ def _check_parent(parent: Manifest, args: argparse.Namespace) -> None:
     if parent.task not in _SUPPORTED:
         raise InvalidRequestError(
             f"{parent.ref} is a {parent.task.value} model; ONNX conversion supports "
-            "image-classification, classification and rerank models (embedding models are "
-            "exported at load time with serving.backend onnxruntime)",
+            "image-classification, classification, rerank and embedding models",
             param="model",
         )
     if parent.task is Task.RERANK and (args.data or args.sklearn_digits):
@@ -204,13 +219,19 @@ def _check_parent(parent: Manifest, args: argparse.Namespace) -> None:
             "query/document pairs)",
             param="data",
         )
+    if parent.task is Task.EMBEDDING and (args.data or args.sklearn_digits):
+        raise InvalidRequestError(
+            "an embedding model's parity runs on sample texts, not labelled data: drop --data "
+            "(evaluate the new version with `lmaas eval` on (query, positive) pairs)",
+            param="data",
+        )
     if parent.task is Task.CLASSIFICATION and args.sklearn_digits:
         raise InvalidRequestError("--sklearn-digits are images; this is a text classifier")
 
 
 def _data(registry: Any, parent: Manifest, args: argparse.Namespace) -> EvalSet | None:
     """The held-out data, or None (parity then runs on random samples, no accuracy)."""
-    if parent.task is Task.RERANK:
+    if parent.task in (Task.RERANK, Task.EMBEDDING):
         return None
     try:
         return eval_set(registry, parent, args)
@@ -231,6 +252,51 @@ def _image_graph(
     onnx_export.compact_graph(out / GRAPH_FILE)
     diff, agreement = parity(model, out / GRAPH_FILE, pixels)
     return diff, agreement, len(pixels)
+
+
+def _embedding_graph(
+    registry: Any, parent: Manifest, args: argparse.Namespace, out: Path
+) -> tuple[float, float, int]:
+    """Export the encoder as the embedding runtime does and compare the served vectors.
+
+    Parity is measured on what clients get: the parent through its torch runtime and the graph
+    through the ONNX Runtime embedding runner (same tokenisation, pooling and normalisation), on
+    random texts plus very short ones. The "agreement" is the share of samples whose vectors
+    have cosine >= 1 - 1e-5."""
+    import transformers
+
+    from lmaas.runtimes.embedding.onnx_export import export_encoder
+
+    parent_spec = version_spec(registry, parent)
+    parent_spec.options["backend"] = "torch"
+    export_encoder(parent_spec, out / GRAPH_FILE)
+    onnx_export.compact_graph(out / GRAPH_FILE)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        str(registry.model_dir(parent)), local_files_only=True
+    )
+    texts = [*onnx_export.random_texts(tokenizer, args.samples, seed=0), *_SHORT_TEXTS]
+    options = {k: v for k, v in parent.serving.options.items() if k not in ("quantize", "backend")}
+    child_spec = worker_spec(parent.name, out, Task.EMBEDDING, ModelFormat.ONNX, options)
+    before = _embed(parent_spec, texts)
+    after = _embed(child_spec, texts)
+    cosine = np.sum(before * after, axis=1) / (
+        np.linalg.norm(before, axis=1) * np.linalg.norm(after, axis=1)
+    )
+    diff = float(np.max(np.abs(before - after)))
+    return diff, float(np.mean(cosine >= 1.0 - 1e-5)), len(texts)
+
+
+def _embed(spec: WorkerSpec, texts: list[str]) -> np.ndarray:
+    """``texts`` embedded through the serving runtime of ``spec``: ``[len(texts), dim]``."""
+    runner: Any = create_runner(spec)
+    runner.load()
+    rows: list[np.ndarray] = []
+    requests = [EmbedRequest(request_id=str(i), texts=[t]) for i, t in enumerate(texts)]
+    for result in run_batch(runner, requests, spec.max_batch_size):
+        if not isinstance(result, EmbedResult):
+            raise InvalidRequestError(f"the model refused a sample: {result}")
+        rows.append(np.frombuffer(result.data, dtype="<f4").reshape(result.num_inputs, result.dim))
+    return np.concatenate(rows)
 
 
 def _text_graph(
