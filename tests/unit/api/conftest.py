@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -10,6 +11,7 @@ import pytest
 from fastapi import FastAPI
 
 from lmaas.api import ApiServices, DefaultApiConfig, create_app
+from lmaas.gateway.service import GovernanceService, IssuedKey
 from lmaas.observability.metrics import Metrics
 from lmaas.testing.fakes import FakeEngineClient
 
@@ -51,3 +53,21 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as c:
         yield c
+
+
+@pytest.fixture
+def governance(tmp_path: Path) -> Iterator[GovernanceService]:
+    """Governance on a fresh SQLite file (a module may override it with another database)."""
+    service = GovernanceService.open(f"sqlite:///{tmp_path / 'lmaas.db'}", key_cache_ttl_s=5.0)
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+@pytest.fixture
+def admin(governance: GovernanceService) -> IssuedKey:
+    """The first-start admin key of ``governance``."""
+    issued = governance.bootstrap_admin_key()
+    assert issued is not None
+    return issued

@@ -23,15 +23,6 @@ BASE_URL = "http://lmaas.test"
 
 
 @pytest.fixture
-def governance(tmp_path: Path) -> Iterator[GovernanceService]:
-    service = GovernanceService.open(f"sqlite:///{tmp_path / 'lmaas.db'}", key_cache_ttl_s=5.0)
-    try:
-        yield service
-    finally:
-        service.close()
-
-
-@pytest.fixture
 def registry(tmp_path: Path, governance: GovernanceService) -> Iterator[RegistryService]:
     src = tmp_path / "src"
     src.mkdir()
@@ -50,13 +41,6 @@ def registry(tmp_path: Path, governance: GovernanceService) -> Iterator[Registry
         yield service
     finally:
         service.close()
-
-
-@pytest.fixture
-def admin(governance: GovernanceService) -> IssuedKey:
-    issued = governance.bootstrap_admin_key()
-    assert issued is not None
-    return issued
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,22 +25,6 @@ from lmaas.testing.fakes import FakeEngineClient
 pytestmark = pytest.mark.anyio
 
 BASE_URL = "http://lmaas.test"
-
-
-@pytest.fixture
-def governance(tmp_path: Path) -> Iterator[GovernanceService]:
-    service = GovernanceService.open(f"sqlite:///{tmp_path / 'lmaas.db'}", key_cache_ttl_s=5.0)
-    try:
-        yield service
-    finally:
-        service.close()
-
-
-@pytest.fixture
-def admin(governance: GovernanceService) -> IssuedKey:
-    issued = governance.bootstrap_admin_key()
-    assert issued is not None
-    return issued
 
 
 @pytest.fixture

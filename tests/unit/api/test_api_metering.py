@@ -50,13 +50,6 @@ async def meter(db_url: str) -> AsyncIterator[UsageMeter]:
 
 
 @pytest.fixture
-def admin(governance: GovernanceService) -> IssuedKey:
-    issued = governance.bootstrap_admin_key()
-    assert issued is not None
-    return issued
-
-
-@pytest.fixture
 async def client(
     make_app: Callable[..., FastAPI],
     governance: GovernanceService,

@@ -81,14 +81,15 @@ class FakeStore:
 
 
 def _controller(
-    tmp_path: Path, engine: FakeEngine, store: FakeStore
+    tmp_path: Path, engine: FakeEngine, store: FakeStore, *, retry_initial_s: float = 0.1
 ) -> tuple[DeploymentController, SimpleNamespace]:
+    """A controller over the fakes; ``retry_initial_s`` 0 turns load retries off."""
     settings = Settings(
         home=tmp_path,
         deploy={
             "poll_interval_s": 0.02,
             "auto_rollback": False,
-            "load_retry_initial_s": 0.1,
+            "load_retry_initial_s": retry_initial_s,
             "load_retry_max_s": 0.4,
         },
     )
@@ -183,18 +184,7 @@ def test_describe_retry_reads_the_fleet_row() -> None:
 
 def test_no_retry_when_turned_off(tmp_path: Path) -> None:
     engine, store = FakeEngine(loads_after=1_000), FakeStore()
-    settings = Settings(home=tmp_path, deploy={"poll_interval_s": 0.02, "auto_rollback": False})
-    settings = settings.model_copy(
-        update={"deploy": settings.deploy.model_copy(update={"load_retry_initial_s": 0.0})}
-    )
-    service = SimpleNamespace(registry=SimpleNamespace(deployments=store), on_change=None)
-    controller = DeploymentController(
-        cast(LocalEngineClient, engine),
-        cast(DeploymentService, service),
-        lambda name, version: cast(Deployment, None),
-        settings,
-        revisions={},
-    )
+    controller, service = _controller(tmp_path, engine, store, retry_initial_s=0.0)
 
     async def main() -> None:
         store.put("late", "1", 1)
