@@ -6,9 +6,10 @@ and settled at the end; concurrency is counted while a request runs; the key and
 checked, then taken from, all or nothing). What changes is where the state lives and what makes
 admission atomic (quotas per day or month too: :mod:`lmaas.gateway.quotas`):
 
-* Each check-and-take is **one Lua script** run by Redis (``register_script``: ``EVALSHA``,
-  loaded again by redis-py if Redis forgot it). Redis runs one script at a time, so N gateways
-  admitting at once can never pass a limit together, and a refused request takes nothing.
+* Each check-and-take is **one Lua script** run by Redis (``EVALSHA`` through the lean client
+  of :mod:`lmaas.gateway.resp`, loaded again if Redis forgot it). Redis runs one script at a
+  time, so N gateways admitting at once can never pass a limit together, and a refused
+  request takes nothing.
 * Time is Redis's clock (``TIME`` inside the script), so the gateways' clocks do not matter.
 * Concurrency slots are **leases**: a sorted set per subject whose members are the admitted
   requests, scored by when their lease ends. Admission first drops ended leases, then counts.
@@ -25,13 +26,16 @@ admission atomic (quotas per day or month too: :mod:`lmaas.gateway.quotas`):
 
 Redis down means **closed**: admission fails with 503 (``ServiceUnavailableError``, retryable)
 rather than serving past limits nobody can check. Settling is best effort: if it fails, the
-lease still expires and the unused reservation simply is not refunded (conservative).
+lease still expires and the unused reservation simply is not refunded (conservative). A settle
+is not awaited: it is written after the request's response, with the next admission or within
+5 ms (``RespClient.defer_s``), so a slot or a refund comes back at most that much later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import uuid
@@ -39,9 +43,6 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
-
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from lmaas.core.errors import RateLimitError, ServiceUnavailableError
 from lmaas.gateway.limits import Subject, forget_pending, rate_limit_error
@@ -57,6 +58,7 @@ from lmaas.gateway.quotas import (
     quota_error,
     window_of,
 )
+from lmaas.gateway.resp import RedisError, RespClient, Script
 
 _log = logging.getLogger(__name__)
 
@@ -270,7 +272,8 @@ class RedisLimiter:
     every gateway that uses the same Redis and ``prefix``.
 
     Args:
-        client: An async Redis client (``redis.asyncio.Redis``); the limiter owns it.
+        client: The Redis connection (:class:`~lmaas.gateway.resp.RespClient`); the limiter
+            owns it.
         prefix: Namespace of the limiter's keys (tests use one per test).
         lease_ttl_s: How long a concurrency slot outlives a gateway that stopped refreshing it.
         quota_source: Where a quota window Redis does not hold yet is loaded from (the usage
@@ -280,7 +283,7 @@ class RedisLimiter:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RespClient,
         *,
         prefix: str = "lmaas:limits",
         lease_ttl_s: float = 15.0,
@@ -294,14 +297,18 @@ class RedisLimiter:
         self.lease_ttl_s = lease_ttl_s
         self._source: QuotaSource = quota_source or ZeroSource()
         self._wall_clock = wall_clock
-        self._admit = client.register_script(ADMIT_LUA)
-        self._settle = client.register_script(SETTLE_LUA)
-        self._seed = client.register_script(SEED_LUA)
-        self._refresh = client.register_script(REFRESH_LUA)
+        self._admit = Script(ADMIT_LUA)
+        self._settle = Script(SETTLE_LUA)
+        self._seed = Script(SEED_LUA)
+        self._refresh = Script(REFRESH_LUA)
+        self._lease_prefix = f"{uuid.uuid4().hex[:16]}-"
+        self._lease_numbers = itertools.count()
+        """Lease ids: this limiter's random prefix and a counter (a uuid4 per request cost
+        more than the rest of the admission's arguments)."""
         self._live: dict[str, list[str]] = {}
         """lease id → the lease sets it is in, for the refresher."""
         self._refresher: asyncio.Task[None] | None = None
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Future[Any]] = set()
         self._seeding: dict[str, asyncio.Future[None]] = {}
 
     @classmethod
@@ -314,7 +321,7 @@ class RedisLimiter:
         quota_source: QuotaSource | None = None,
     ) -> RedisLimiter:
         """A limiter on its own connection pool to ``url`` (``redis://host:port/db``)."""
-        client = aioredis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        client = RespClient.from_url(url, timeout_s=5.0, connect_timeout_s=5.0)
         return cls(client, prefix=prefix, lease_ttl_s=lease_ttl_s, quota_source=quota_source)
 
     def _keys(self, subject: Subject) -> tuple[str, str, str]:
@@ -339,7 +346,7 @@ class RedisLimiter:
             ServiceUnavailableError: Redis cannot be reached (503: limits fail closed).
         """
         now = self._wall_clock()
-        lease = uuid.uuid4().hex
+        lease = f"{self._lease_prefix}{next(self._lease_numbers)}"
         keys: list[str] = []
         args: list[Any] = [tokens, lease, max(1, round(self.lease_ttl_s * 1000)), len(subjects)]
         args += [repr(float(charge.audio_seconds)), charge.images]
@@ -388,9 +395,9 @@ class RedisLimiter:
             self._ensure_refresher()
         return admission
 
-    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    async def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await script(keys=keys, args=args)
+            return await self._client.run_script(script, keys, args)
         except RedisError as exc:
             raise ServiceUnavailableError(
                 f"the rate limiter's Redis is unreachable ({type(exc).__name__}); retry later",
@@ -411,7 +418,7 @@ class RedisLimiter:
 
     async def _seed_one(self, key: str, subject: Subject, window: Window) -> None:
         try:
-            if await self._client.exists(key):
+            if await self._client.execute("EXISTS", key):
                 return
         except RedisError as exc:
             raise ServiceUnavailableError(
@@ -438,17 +445,19 @@ class RedisLimiter:
         if not admission._held and refund_tokens == 0 and audio == 0:
             return
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop (interpreter shutdown): the leases expire by themselves
-        task = loop.create_task(self._settle_quietly(keys, args))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        settle = self._client.run_script_nowait(self._settle, keys, args)
+        self._pending.add(settle)
+        settle.add_done_callback(self._settled)
 
-    async def _settle_quietly(self, keys: list[str], args: list[Any]) -> None:
-        try:
-            await self._settle(keys=keys, args=args)
-        except RedisError as exc:
+    def _settled(self, settle: asyncio.Future[Any]) -> None:
+        self._pending.discard(settle)
+        if settle.cancelled():
+            return
+        exc = settle.exception()
+        if exc is not None:
             _log.warning("could not settle a rate-limit admission in Redis: %s", exc)
 
     def _ensure_refresher(self) -> None:
@@ -464,7 +473,7 @@ class RedisLimiter:
         keys = [key for _, sets in live for key in sets]
         args: list[Any] = [max(1, round(self.lease_ttl_s * 1000))]
         args += [lease for lease, sets in live for _ in sets]
-        await self._refresh(keys=keys, args=args)
+        await self._client.run_script(self._refresh, keys, args)
         return len(live)
 
     async def _refresh_forever(self) -> None:

@@ -29,6 +29,7 @@ from lmaas.gateway.quotas import (
     window_of,
 )
 from lmaas.gateway.redis_limits import RedisLimiter
+from lmaas.gateway.resp import RespClient
 from lmaas.testing.fakes import FakeEngineClient
 from tests.unit.gateway.gov_helpers import FakeClock
 
@@ -52,7 +53,7 @@ async def make_limiter() -> AsyncIterator[MakeLimiter]:
     made: list[RedisLimiter] = []
 
     async def make(lease_ttl_s: float = 15.0, **options: Any) -> RedisLimiter:
-        client = aioredis.Redis.from_url(REDIS_URL, socket_timeout=5.0)
+        client = RespClient.from_url(REDIS_URL, timeout_s=5.0)
         limiter = RedisLimiter(client, prefix=prefix, lease_ttl_s=lease_ttl_s, **options)
         made.append(limiter)
         return limiter
@@ -254,7 +255,7 @@ async def test_a_quota_window_is_seeded_once_then_counted_in_redis(
     assert 1 <= source.loads <= 3  # at most once per gateway; the first seed wins
     key = limiters[0].window_key(subject[0], window_of(QuotaPeriod.DAY, wall.now))
     assert key.endswith(":key:lmaas-k:quota:day:2026-04-30")
-    ttl_ms = await limiters[0]._client.pttl(key)
+    ttl_ms = await limiters[0]._client.execute("PTTL", key)
     assert 3600_000 < ttl_ms <= 3600_000 + 86_400_000  # the window's end, plus a day
     wall.advance(hours=1)  # May 1st: a new day window, seeded again
     source.used = Consumed()
