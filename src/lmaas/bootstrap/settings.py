@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -154,7 +154,16 @@ class Settings(BaseSettings):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """Redis for state shared by several gateways (``limits.backend=redis``)."""
+    """Redis for state shared by several gateways (``limits.backend=redis``):
+    ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS) or ``unix:///path``."""
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_parses(cls, value: str) -> str:
+        from lmaas.gateway.resp import RedisAddress
+
+        RedisAddress.parse(value)  # ValueError: pydantic reports it with the setting's name
+        return value
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'lmaas.db'}"

@@ -157,3 +157,21 @@ def test_quotas_on_tenants_and_keys(home: Path) -> None:
     assert tenant["limits"]["quotas"] == [{"metric": "requests", "limit": 1000.0, "period": "day"}]
     code, _, err = _run(home, "tenants", "limits", "team-q", "--quota-requests", "10/week")
     assert code == 1 and "use day or month" in err
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LMAAS_REDIS_URL": "http://cache:6379"}, "bad setting LMAAS_REDIS_URL: "),
+        ({"LMAAS_LIMITS__BACKEND": "etcd"}, "bad setting LMAAS_LIMITS__BACKEND: "),
+    ],
+)
+def test_serve_names_a_bad_setting_without_a_traceback(
+    home: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["serve", "--home", str(home)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not home.exists()  # refused before anything was created
