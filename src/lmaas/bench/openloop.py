@@ -17,6 +17,7 @@ the lag between due and actual write is reported too, to show the client kept up
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections import deque
 from collections.abc import Callable
@@ -87,15 +88,21 @@ Done = Callable[["_Connection", _Pending, int | None], None]
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection with at most one request in flight (no pipelining)."""
+    """One keep-alive connection with at most one request in flight (no pipelining).
 
-    def __init__(self, on_done: Done) -> None:
+    ``keep_body``: the last response's body is kept in :attr:`body` (for the closed loop's
+    callers, who read what came back)."""
+
+    def __init__(self, on_done: Done, keep_body: bool = False) -> None:
         self._on_done = on_done
+        self._keep_body = keep_body
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._pending: _Pending | None = None
         self._need = -1  # total bytes of the response being read, once its head is in
+        self._body_start = 0
         self._status = 0
+        self.body = b""
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -113,6 +120,8 @@ class _Connection(asyncio.Protocol):
             return
         if len(self._buffer) >= self._need:
             pending, self._pending = self._pending, None
+            if self._keep_body:
+                self.body = bytes(self._buffer[self._body_start : self._need])
             del self._buffer[: self._need]
             self._need = -1
             if pending is not None:
@@ -130,6 +139,7 @@ class _Connection(asyncio.Protocol):
             return False
         value_end = head.find(b"\r\n", marker + 2)
         length = int(head[marker + 17 : value_end if value_end >= 0 else len(head)])
+        self._body_start = end + 4
         self._need = end + 4 + length
         return True
 
@@ -242,3 +252,75 @@ async def run_open_loop(config: OpenLoopConfig) -> OpenLoopResult:
         conn.close()
     await asyncio.sleep(0)  # let the transports close
     return run.result
+
+
+@dataclass(slots=True)
+class ClosedLoopResult:
+    """What one :func:`run_closed_loop` saw; times in seconds, per request in input order."""
+
+    duration_s: float = 0.0
+    """First send → last answer."""
+    latencies_s: list[float | None] = field(default_factory=list)
+    statuses: list[int | None] = field(default_factory=list)
+    """None: no answer (connection lost, or the run's timeout)."""
+    bodies: list[bytes] = field(default_factory=list)
+
+
+async def run_closed_loop(
+    host: str, port: int, requests: list[bytes], concurrency: int, timeout_s: float = 600.0
+) -> ClosedLoopResult:
+    """Send every encoded request once (:func:`encode_request`) with ``concurrency`` of them in
+    flight on as many keep-alive connections, each connection sending its next request as soon
+    as the previous answer is in: the closed loop of a fixed concurrency, at the cost of this
+    module's open loop (no tasks, no stream readers: on a small machine the client's CPU is
+    the servers' CPU). Bodies are kept, undecoded, for the caller to check after the timing.
+
+    Raises:
+        OSError: the connections could not be opened.
+    """
+    loop = asyncio.get_running_loop()
+    count = len(requests)
+    result = ClosedLoopResult(
+        latencies_s=[None] * count, statuses=[None] * count, bodies=[b""] * count
+    )
+    next_index = 0
+    answered = 0
+    finished = loop.create_future()
+    index_of: dict[_Connection, int] = {}
+
+    def start(conn: _Connection) -> None:
+        nonlocal next_index
+        if next_index >= count or conn.closed:
+            return
+        index_of[conn] = next_index
+        next_index += 1
+        conn.send(requests[index_of[conn]], perf_counter())
+
+    def on_done(conn: _Connection, pending: _Pending, status: int | None) -> None:
+        nonlocal answered
+        i = index_of.pop(conn)
+        result.statuses[i] = status
+        if status is not None:
+            result.latencies_s[i] = perf_counter() - pending.sent
+            result.bodies[i] = conn.body
+        answered += 1
+        if answered >= count and not finished.done():
+            finished.set_result(None)
+        else:
+            start(conn)
+
+    conns: list[_Connection] = []
+    for _ in range(max(1, min(concurrency, count))):
+        _, conn = await loop.create_connection(lambda: _Connection(on_done, True), host, port)
+        conns.append(conn)
+    begin = perf_counter()
+    for conn in conns:
+        start(conn)
+    if count:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(finished), timeout_s)
+    result.duration_s = perf_counter() - begin
+    for conn in conns:
+        conn.close()
+    await asyncio.sleep(0)
+    return result

@@ -11,6 +11,7 @@ from lmaas.bench.openloop import (
     OpenLoopConfig,
     OpenLoopResult,
     encode_request,
+    run_closed_loop,
     run_open_loop,
     schedule,
 )
@@ -119,3 +120,58 @@ def test_errors_and_statuses_are_counted_not_timed() -> None:
 def test_answers_that_never_come_are_errors_after_the_timeout() -> None:
     result = asyncio.run(_run(_answering(60.0), rate=100.0, duration_s=0.05, timeout_s=0.2))
     assert result.sent == 5 and result.errors == 5 and result.latencies_s == []
+
+
+def _echoing(delay_s: float, in_flight: list[int], peak: list[int]) -> Handler:
+    """Answers each request with its own body (after ``delay_s``), counting requests in
+    flight across connections; a body of ``fail`` gets a 500."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+            await asyncio.sleep(delay_s)
+            in_flight[0] -= 1
+            status = 500 if body == b"fail" else 200
+            writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+            writer.write(body)
+        writer.close()
+
+    return handle
+
+
+@pytest.mark.anyio
+async def test_closed_loop_keeps_the_concurrency_and_every_answer_in_order() -> None:
+    in_flight, peak = [0], [0]
+    server = await asyncio.start_server(_echoing(0.01, in_flight, peak), "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        bodies = [b"fail" if i == 7 else f"request {i}".encode() for i in range(40)]
+        requests = [encode_request("127.0.0.1", port, "/e", b) for b in bodies]
+        result = await run_closed_loop("127.0.0.1", port, requests, concurrency=4)
+    assert peak[0] == 4
+    assert result.bodies == bodies  # each answer lands at its request's index
+    assert result.statuses == [500 if i == 7 else 200 for i in range(40)]
+    assert all(latency is not None and latency >= 0.01 for latency in result.latencies_s)
+    assert 0.1 <= result.duration_s < 2.0  # 40 requests of 10 ms, 4 at a time
+
+
+@pytest.mark.anyio
+async def test_closed_loop_reports_unanswered_requests() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        requests = [encode_request("127.0.0.1", port, "/e", b"{}") for _ in range(3)]
+        result = await run_closed_loop("127.0.0.1", port, requests, 3, timeout_s=2.0)
+    assert result.statuses == [None, None, None]
+    assert result.latencies_s == [None, None, None]
