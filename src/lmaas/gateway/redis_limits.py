@@ -28,7 +28,8 @@ Redis down means **closed**: admission fails with 503 (``ServiceUnavailableError
 rather than serving past limits nobody can check. Settling is best effort: if it fails, the
 lease still expires and the unused reservation simply is not refunded (conservative). A settle
 is not awaited: it is written after the request's response, with the next admission or within
-5 ms (``RespClient.defer_s``), so a slot or a refund comes back at most that much later.
+20 ms (``RespClient.defer_s``), so a slot or a refund comes back at most that much later
+(under load most settles ride with an admission: one write, one wake-up of Redis).
 """
 
 from __future__ import annotations

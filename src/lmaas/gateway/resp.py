@@ -353,7 +353,7 @@ class RespClient:
         *,
         timeout_s: float = 5.0,
         connect_timeout_s: float = 5.0,
-        defer_s: float = 0.005,
+        defer_s: float = 0.02,
     ) -> None:
         if timeout_s <= 0 or connect_timeout_s <= 0 or defer_s < 0:
             raise ValueError("Redis timeouts must be positive (and the deferral not negative)")
