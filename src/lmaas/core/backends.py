@@ -41,13 +41,16 @@ RUNTIMES: dict[tuple[Task, ModelFormat], tuple[str, ...]] = {
 a safetensors version exports the model to ONNX once, at load time, into the worker's cache."""
 
 
-def resolve_backend(task: str, fmt: str, backend: str = "auto") -> str:
+def resolve_backend(task: str, fmt: str, backend: str = "auto", device: str = "auto") -> str:
     """The library that serves a version of ``task`` in ``fmt`` with ``serving.backend``.
 
     Args:
         task: The version's task (a :class:`Task` value).
         fmt: Its format (a :class:`ModelFormat` value).
         backend: ``serving.backend``: ``auto``, ``torch`` or ``onnxruntime``.
+        device: ``serving.device`` as the manifest states it (``auto``, ``cpu``, ``cuda``...):
+            onnxruntime runs on the CPU only, so an explicit GPU is refused for it. (Workers
+            pass nothing: their device is the server's default when the manifest says auto.)
 
     Returns:
         ``torch``, ``onnxruntime`` or ``ctranslate2``.
@@ -67,14 +70,19 @@ def resolve_backend(task: str, fmt: str, backend: str = "auto") -> str:
             f"{_formats_of(task)}",
             param="backend",
         )
-    if backend == "auto":
-        return runtimes[0]
-    if backend in runtimes:
-        return backend
-    raise NotSupportedError(
-        f"{task} models in {fmt} format cannot run on {backend}: {_hint(task, fmt, runtimes)}",
-        param="backend",
-    )
+    runtime = runtimes[0] if backend == "auto" else backend
+    if runtime not in runtimes:
+        raise NotSupportedError(
+            f"{task} models in {fmt} format cannot run on {backend}: {_hint(task, fmt, runtimes)}",
+            param="backend",
+        )
+    if runtime == "onnxruntime" and device.startswith("cuda"):
+        raise NotSupportedError(
+            f"onnxruntime runs on the CPU in lmaas, not on {device}: set serving.device to "
+            "auto or cpu, or serve the model with serving.backend torch to use a GPU",
+            param="device",
+        )
+    return runtime
 
 
 def _runtimes(task: str, fmt: str) -> tuple[str, ...] | None:

@@ -228,7 +228,7 @@ class RegistryService:
             trust_remote_code=options.trust_remote_code,
         )
         name = name or plan.default_name
-        _check_backend(plan.facts.task, plan.format, options.serving.backend)
+        _check_backend(plan.facts.task, plan.format, options.serving)
         with self._store.staging() as stage:
             entries = self._copy(plan, stage, f"importing {name}", progress)
             fields: dict[str, Any] = {
@@ -511,15 +511,19 @@ def _serving_defaults(serving: dict[str, Any] | None, trust_remote_code: bool) -
     return defaults.model_copy(update={"options": options})
 
 
-def _check_backend(task: Task, fmt: ModelFormat, backend: str) -> None:
-    """Refuse a ``serving.backend`` no worker could load this version on.
+def _check_backend(task: Task, fmt: ModelFormat, serving: ServingDefaults) -> None:
+    """Refuse a ``serving.backend`` (or device) no worker could load this version on; a
+    version with its own runner (``serving.options.runner``) chooses for itself.
 
     Raises:
         InvalidRequestError: naming the backends that do serve it.
     """
+    if serving.options.get("runner"):
+        return
     try:
-        resolve_backend(task.value, fmt.value, backend)
+        resolve_backend(task.value, fmt.value, serving.backend, serving.device)
     except NotSupportedError as exc:
+        where = exc.param or "backend"
         raise InvalidRequestError(
-            f"invalid serving option backend: {exc.message}", param="backend"
+            f"invalid serving option {where}: {exc.message}", param=where
         ) from None

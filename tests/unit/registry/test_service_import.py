@@ -232,6 +232,11 @@ def test_a_backend_no_worker_could_load_is_refused(
     assert _store_entries(home) == []
     assert registry.import_model(str(src), serving={"backend": "torch"}).serving.backend == "torch"
     assert registry.import_model(str(onnx), serving={"backend": "onnxruntime"}).task is Task.TENSOR
+    with pytest.raises(InvalidRequestError, match="onnxruntime runs on the CPU") as caught:
+        registry.import_model(str(onnx), serving={"device": "cuda"})
+    assert caught.value.param == "device"
+    custom = {"backend": "onnxruntime", "options": {"runner": "my.module:factory"}}
+    assert registry.import_model(str(src), serving=custom).serving.backend == "onnxruntime"
 
 
 def test_ct2_directory(registry: RegistryService, tmp_path: Path) -> None:

@@ -140,6 +140,11 @@ def test_refusals_say_which_backend_works() -> None:
     with pytest.raises(NotSupportedError, match="'tf' is not one of auto, torch, onnxruntime"):
         resolve_backend("embedding", "onnx", "tf")
     assert resolve_backend("speech-to-text", "ct2") == "ctranslate2"
+    assert resolve_backend("speech-to-text", "ct2", device="cuda") == "ctranslate2"
+    assert resolve_backend("rerank", "safetensors", "onnxruntime", "cpu") == "onnxruntime"
+    with pytest.raises(NotSupportedError, match=r"set serving\.device to auto or cpu") as caught:
+        resolve_backend("rerank", "onnx", "auto", "cuda:1")
+    assert caught.value.param == "device"
 
 
 def test_the_worker_refuses_an_llm_on_onnxruntime(tmp_path: Path) -> None:
