@@ -139,6 +139,8 @@ def test_refusals_say_which_backend_works() -> None:
         resolve_backend("embedding", "onnx", "torch")
     with pytest.raises(NotSupportedError, match="'tf' is not one of auto, torch, onnxruntime"):
         resolve_backend("embedding", "onnx", "tf")
+    with pytest.raises(NotSupportedError, match="no runtime serves bogus models in onnx format"):
+        resolve_backend("bogus", "onnx")
     assert resolve_backend("speech-to-text", "ct2") == "ctranslate2"
     assert resolve_backend("speech-to-text", "ct2", device="cuda") == "ctranslate2"
     assert resolve_backend("rerank", "safetensors", "onnxruntime", "cpu") == "onnxruntime"
