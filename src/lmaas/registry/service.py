@@ -14,13 +14,15 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from lmaas.core.backends import resolve_backend
 from lmaas.core.errors import (
     ConflictError,
     InvalidRequestError,
     ModelNotFoundError,
+    NotSupportedError,
 )
 from lmaas.core.hashing import verify_file
-from lmaas.core.types import LATEST_ALIAS, Task, is_valid_name, parse_model_ref
+from lmaas.core.types import LATEST_ALIAS, ModelFormat, Task, is_valid_name, parse_model_ref
 from lmaas.registry.deployments_db import DeploymentStore
 from lmaas.registry.lifecycle_db import AliasInTransaction, AliasMove, LifecycleStore, StoredMetric
 from lmaas.registry.manifest import (
@@ -226,6 +228,7 @@ class RegistryService:
             trust_remote_code=options.trust_remote_code,
         )
         name = name or plan.default_name
+        _check_backend(plan.facts.task, plan.format, options.serving)
         with self._store.staging() as stage:
             entries = self._copy(plan, stage, f"importing {name}", progress)
             fields: dict[str, Any] = {
@@ -506,3 +509,21 @@ def _serving_defaults(serving: dict[str, Any] | None, trust_remote_code: bool) -
     if trust_remote_code:
         options[TRUST_REMOTE_CODE_OPTION] = "true"
     return defaults.model_copy(update={"options": options})
+
+
+def _check_backend(task: Task, fmt: ModelFormat, serving: ServingDefaults) -> None:
+    """Refuse a ``serving.backend`` (or device) no worker could load this version on; a
+    version with its own runner (``serving.options.runner``) chooses for itself.
+
+    Raises:
+        InvalidRequestError: naming the backends that do serve it.
+    """
+    if serving.options.get("runner"):
+        return
+    try:
+        resolve_backend(task.value, fmt.value, serving.backend, serving.device)
+    except NotSupportedError as exc:
+        where = exc.param or "backend"
+        raise InvalidRequestError(
+            f"invalid serving option {where}: {exc.message}", param=where
+        ) from None

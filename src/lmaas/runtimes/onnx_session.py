@@ -5,8 +5,9 @@ graph) never go into the model's version directory, which is immutable and check
 into the worker's cache directory (:func:`cache_dir`): ``WorkerSpec.cache_dir`` (the gateway
 sets ``<LMAAS_HOME>/cache/<name>/<version>``), else a per-user folder under the system temp
 directory. Each artifact sits in a folder named by a digest of its inputs (the model's files,
-the recipe, the library versions), so a stale graph is never reused, and it is written to a
-temporary name and renamed, so replicas that load at once never read half a file.
+the recipe, the library versions), so a stale graph is never reused; it is built by one worker
+at a time (a lock file) and written to a temporary name and renamed, so replicas that load at
+once never read half a file.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import onnxruntime as ort
@@ -118,18 +119,41 @@ def build_once(dest: Path, build: Callable[[Path], object]) -> Path:
     """Return ``dest``, calling ``build(tmp_path)`` first when it does not exist yet.
 
     ``build`` writes a complete file at the path it is given; it is then renamed to ``dest``
-    (atomic on one file system), so a reader never sees a partial graph.
+    (atomic on one file system), so a reader never sees a partial graph. Builders of the same
+    ``dest`` (replicas loading at once, in any process) take turns on a lock file beside it:
+    the first builds, the others wait and then find the graph (POSIX; elsewhere each builds
+    its own copy and the last rename wins).
     """
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        build(tmp)
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    with _exclusive(dest.parent / f".{dest.name}.lock"):
+        if dest.is_file():
+            return dest  # another worker built it while this one waited
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            build(tmp)
+            os.replace(tmp, dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
     return dest
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (released when the file closes, also when
+    the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, the rename alone keeps readers safe
+        yield
+        return
+    with open(lock_path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -134,7 +134,7 @@ def build_tiny_bf16(dest: Path, *, seed: int = 0) -> Path:
 def build_tiny_onnx_embedder(dest: Path, *, seed: int = 0) -> Path:
     """Write the tiny sentence-transformers embedder into ``dest`` with ``model.onnx`` as its
     only weights (exported by the same code the ONNX Runtime backend uses)."""
-    from lmaas.runtimes.embedding.onnx_export import export_encoder
+    from lmaas.runtimes.onnx_export import export_encoder
     from lmaas.testing.tiny_models import build_tiny_embedder
 
     build_tiny_embedder(dest, seed=seed)

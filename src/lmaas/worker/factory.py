@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 
+from lmaas.core.backends import resolve_backend
 from lmaas.core.errors import ModelLoadError
 from lmaas.core.messages import ModelInfo, WorkerSpec
 from lmaas.core.types import ModelFormat, Task
@@ -17,10 +18,14 @@ _GENERATION = {Task.CHAT.value, Task.COMPLETION.value}
 
 
 def create_runner(spec: WorkerSpec) -> Runner:
-    """Raises: ModelLoadError (custom runner not importable), NotSupportedError (no runtime)."""
+    """Raises: ModelLoadError (custom runner not importable), NotSupportedError (no runtime
+    serves the spec's task and format on its ``backend``)."""
     custom = spec.options.get("runner")
     if custom:
         return _custom_runner(custom, spec)
+    # The engine below is torch: a version that asks for another library fails here, as the
+    # catalog's runners do, instead of silently running on torch.
+    resolve_backend(spec.task, spec.format, spec.options.get("backend", "auto"))
     engine = spec.options.get("engine", "paged")
     if spec.task in _GENERATION and spec.format == ModelFormat.SAFETENSORS and engine == "paged":
         return _llm_engine(spec)

@@ -138,6 +138,25 @@ def test_onnxruntime_int8_records_size_latency_and_accuracy_delta(home: Path) ->
     assert metrics["parent_size_bytes"] == parent.size_bytes
 
 
+def test_compressing_a_version_served_on_onnxruntime(home: Path, tmp_path: Path) -> None:
+    """int8 torch weights cannot be exported: the child is served (and measured) on torch; a
+    pruned child keeps the parent's onnxruntime backend and is measured on it."""
+    model_dir = build_tiny_classifier(tmp_path / "cls", seed=6)
+    with _registry(home) as registry:
+        registry.import_model(str(model_dir), name="cls-ort", serving={"backend": "onnxruntime"})
+    data = str(_labelled(tmp_path / "labelled.jsonl"))
+    int8 = ["cls-ort", "--int8", "--name", "cls-ort-int8", "--data", data, *_job_args(home)]
+    assert compress.main(int8) == 0
+    prune = ["cls-ort", "--prune", "0.3", "--name", "cls-ort-pruned", "--data", data]
+    assert compress.main([*prune, *_job_args(home)]) == 0
+    with _registry(home) as registry:
+        quantized, pruned = registry.get("cls-ort-int8"), registry.get("cls-ort-pruned")
+        assert quantized.serving.backend == "torch"
+        assert pruned.serving.backend == "onnxruntime"
+        assert VersionProbe(version_spec(registry, quantized)).info.dtype == "int8"  # torch
+        assert VersionProbe(version_spec(registry, pruned)).info.dtype == "float32"
+
+
 def test_failed_text_parity_creates_no_version(
     home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -212,6 +212,33 @@ def test_serving_options_and_lineage(
         registry.import_model(str(src), serving={"surprise": 1})
 
 
+def test_a_backend_no_worker_could_load_is_refused(
+    registry: RegistryService, make_model_dir: MakeModelDir, tmp_path: Path, home: Path
+) -> None:
+    """The import checks serving.backend against the task and format (lmaas.core.backends):
+    a version that would only fail at load, or silently run elsewhere, is never stored."""
+    src = make_model_dir()
+    with pytest.raises(
+        InvalidRequestError,
+        match=r"completion models in safetensors format cannot run "
+        r"on onnxruntime: use serving\.backend auto or torch",
+    ) as caught:
+        registry.import_model(str(src), serving={"backend": "onnxruntime"})
+    assert caught.value.param == "backend"
+    onnx = tmp_path / "net.onnx"
+    onnx.write_bytes(b"\x08\x07not-really-onnx")
+    with pytest.raises(InvalidRequestError, match="tensor models in onnx format cannot run on"):
+        registry.import_model(str(onnx), serving={"backend": "torch"})
+    assert _store_entries(home) == []
+    assert registry.import_model(str(src), serving={"backend": "torch"}).serving.backend == "torch"
+    assert registry.import_model(str(onnx), serving={"backend": "onnxruntime"}).task is Task.TENSOR
+    with pytest.raises(InvalidRequestError, match="onnxruntime runs on the CPU") as caught:
+        registry.import_model(str(onnx), serving={"device": "cuda"})
+    assert caught.value.param == "device"
+    custom = {"backend": "onnxruntime", "options": {"runner": "my.module:factory"}}
+    assert registry.import_model(str(src), serving=custom).serving.backend == "onnxruntime"
+
+
 def test_ct2_directory(registry: RegistryService, tmp_path: Path) -> None:
     src = tmp_path / "whisper-ct2"
     src.mkdir()

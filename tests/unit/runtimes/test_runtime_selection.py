@@ -8,7 +8,9 @@ import pytest
 import torch
 from runtimes_helpers import make_spec
 
+from lmaas.core.backends import resolve_backend
 from lmaas.core.errors import ModelLoadError, NotSupportedError
+from lmaas.core.types import Task
 from lmaas.runtimes import device
 from lmaas.runtimes.catalog import create_runner
 from lmaas.runtimes.embedding.torch import TorchEmbeddingRunner
@@ -68,24 +70,92 @@ def test_missing_model_dir_is_a_load_error(tmp_path: Path) -> None:
         TorchEmbeddingRunner(make_spec(tmp_path / "nope", "embedding")).load()
 
 
-def test_catalog_picks_the_embedding_backend(tmp_path: Path) -> None:
-    from lmaas.runtimes.embedding.onnx import OnnxEmbeddingRunner
-    from lmaas.runtimes.tensor.onnx import OnnxTensorRunner
+_RUNNERS = {
+    "torch-llm": "lmaas.runtimes.llm.torch.TorchCausalLMRunner",
+    "torch-embed": "lmaas.runtimes.embedding.torch.TorchEmbeddingRunner",
+    "ort-embed": "lmaas.runtimes.embedding.onnx.OnnxEmbeddingRunner",
+    "torch-rerank": "lmaas.runtimes.rerank.torch.TorchRerankRunner",
+    "ort-rerank": "lmaas.runtimes.rerank.onnx.OnnxRerankRunner",
+    "torch-cls": "lmaas.runtimes.classification.torch.TorchTextClassificationRunner",
+    "ort-cls": "lmaas.runtimes.classification.onnx.OnnxTextClassificationRunner",
+    "torch-image": "lmaas.runtimes.vision.torch.TorchImageClassificationRunner",
+    "ort-image": "lmaas.runtimes.vision.onnx.OnnxImageClassificationRunner",
+    "torch-seq2seq": "lmaas.runtimes.seq2seq.torch.TorchSeq2SeqRunner",
+    "torch-speech": "lmaas.runtimes.speech.torch.TorchWhisperRunner",
+    "ct2-speech": "lmaas.runtimes.speech.ct2.CT2WhisperRunner",
+    "ort-tensor": "lmaas.runtimes.tensor.onnx.OnnxTensorRunner",
+}
 
-    def runner(fmt: str, backend: str, task: str = "embedding") -> object:
-        options = {} if backend == "auto" else {"backend": backend}
-        return create_runner(make_spec(tmp_path, task, format=fmt, options=options))
+# (task, format) → the runner of backend auto, torch, onnxruntime; None: refused.
+_TABLE = {
+    ("chat", "safetensors"): ("torch-llm", "torch-llm", None),
+    ("completion", "safetensors"): ("torch-llm", "torch-llm", None),
+    ("embedding", "safetensors"): ("torch-embed", "torch-embed", "ort-embed"),
+    ("embedding", "onnx"): ("ort-embed", None, "ort-embed"),
+    ("rerank", "safetensors"): ("torch-rerank", "torch-rerank", "ort-rerank"),
+    ("rerank", "onnx"): ("ort-rerank", None, "ort-rerank"),
+    ("classification", "safetensors"): ("torch-cls", "torch-cls", "ort-cls"),
+    ("classification", "onnx"): ("ort-cls", None, "ort-cls"),
+    ("image-classification", "safetensors"): ("torch-image", "torch-image", "ort-image"),
+    ("image-classification", "onnx"): ("ort-image", None, "ort-image"),
+    ("seq2seq", "safetensors"): ("torch-seq2seq", "torch-seq2seq", None),
+    ("speech-to-text", "safetensors"): ("torch-speech", "torch-speech", None),
+    ("speech-to-text", "ct2"): ("ct2-speech", None, None),
+    ("tensor", "onnx"): ("ort-tensor", None, "ort-tensor"),
+}
 
-    assert isinstance(runner("safetensors", "auto"), TorchEmbeddingRunner)
-    assert isinstance(runner("safetensors", "torch"), TorchEmbeddingRunner)
-    assert isinstance(runner("safetensors", "onnxruntime"), OnnxEmbeddingRunner)
-    assert isinstance(runner("onnx", "auto"), OnnxEmbeddingRunner)
-    assert isinstance(runner("onnx", "onnxruntime"), OnnxEmbeddingRunner)
-    assert isinstance(runner("onnx", "auto", "tensor"), OnnxTensorRunner)
-    with pytest.raises(NotSupportedError, match="backend 'torch'"):
-        runner("onnx", "torch")
-    with pytest.raises(NotSupportedError, match="backend 'onnxruntime'"):
-        runner("safetensors", "onnxruntime", "chat")
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "onnxruntime"])
+@pytest.mark.parametrize("fmt", ["safetensors", "onnx", "ct2"])
+@pytest.mark.parametrize("task", [t.value for t in Task])
+def test_every_task_format_and_backend(tmp_path: Path, task: str, fmt: str, backend: str) -> None:
+    """The catalog serves exactly the table of docs/onnx.md; everything else is refused with a
+    message naming what does work, never run on another library."""
+    options = {} if backend == "auto" else {"backend": backend}
+    spec = make_spec(tmp_path, task, format=fmt, options=options)
+    row = _TABLE.get((task, fmt))
+    expected = row[("auto", "torch", "onnxruntime").index(backend)] if row else None
+    if expected is None:
+        with pytest.raises(NotSupportedError) as caught:
+            create_runner(spec)
+        message = caught.value.message
+        assert caught.value.param == "backend"
+        if row is None:
+            assert f"no runtime serves {task} models in {fmt} format" in message
+        else:
+            assert f"{task} models in {fmt} format cannot run on {backend}: use" in message
+            assert f"runs on {resolve_backend(task, fmt)}" in message
+        return
+    runner = create_runner(spec)
+    assert f"{type(runner).__module__}.{type(runner).__name__}" == _RUNNERS[expected]
+
+
+def test_refusals_say_which_backend_works() -> None:
+    with pytest.raises(NotSupportedError, match=r"use serving.backend auto or torch \(runs on"):
+        resolve_backend("seq2seq", "safetensors", "onnxruntime")
+    with pytest.raises(NotSupportedError, match="or a version of the model in ct2 on ctranslate2"):
+        resolve_backend("speech-to-text", "safetensors", "onnxruntime")
+    with pytest.raises(NotSupportedError, match="in safetensors on torch or onnxruntime"):
+        resolve_backend("embedding", "onnx", "torch")
+    with pytest.raises(NotSupportedError, match="'tf' is not one of auto, torch, onnxruntime"):
+        resolve_backend("embedding", "onnx", "tf")
+    with pytest.raises(NotSupportedError, match="no runtime serves bogus models in onnx format"):
+        resolve_backend("bogus", "onnx")
+    assert resolve_backend("speech-to-text", "ct2") == "ctranslate2"
+    assert resolve_backend("speech-to-text", "ct2", device="cuda") == "ctranslate2"
+    assert resolve_backend("rerank", "safetensors", "onnxruntime", "cpu") == "onnxruntime"
+    with pytest.raises(NotSupportedError, match=r"set serving\.device to auto or cpu") as caught:
+        resolve_backend("rerank", "onnx", "auto", "cuda:1")
+    assert caught.value.param == "device"
+
+
+def test_the_worker_refuses_an_llm_on_onnxruntime(tmp_path: Path) -> None:
+    """The paged engine runs on torch: a chat version asking for onnxruntime fails at load."""
+    from lmaas.worker.factory import create_runner as create_worker_runner
+
+    spec = make_spec(tmp_path, "chat", options={"backend": "onnxruntime"})
+    with pytest.raises(NotSupportedError, match="chat models in safetensors format cannot run"):
+        create_worker_runner(spec)
 
 
 def test_catalog_serves_converted_sequence_classifiers_on_onnxruntime(tmp_path: Path) -> None:

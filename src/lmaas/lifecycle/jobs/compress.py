@@ -157,13 +157,16 @@ def compress(args: argparse.Namespace) -> int:
             transform = "prune"
             parameters = {"target_sparsity": args.prune, "fine_tune": False}
             extra = [metric("sparsity", sparsity, data.digest)]
-        before = measure(version_spec(registry, parent), data)
-        spec = worker_spec(parent.name, out, parent.task, ModelFormat.SAFETENSORS, options)
-        after = measure(spec, data)
-        parent_bytes, child_bytes = parent.size_bytes, dir_size(out)
-        metrics = comparison_metrics(before, after, parent_bytes, child_bytes, data.digest) + extra
         serving = parent.serving.model_dump()
         serving["options"] = options
+        if args.int8:  # int8 torch weights run on torch only, whatever the parent's backend
+            serving["backend"] = "torch"
+        before = measure(version_spec(registry, parent), data)
+        child_options = {**options, "backend": serving["backend"]}
+        spec = worker_spec(parent.name, out, parent.task, ModelFormat.SAFETENSORS, child_options)
+        after = measure(spec, data)  # on the backend the child will be served with
+        parent_bytes, child_bytes = parent.size_bytes, dir_size(out)
+        metrics = comparison_metrics(before, after, parent_bytes, child_bytes, data.digest) + extra
         manifest = register(
             registry, out, name=args.name or parent.name, task=parent.task,
             lineage=Lineage(parent=parent.ref, transform=transform, parameters=parameters),

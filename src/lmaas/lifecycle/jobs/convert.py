@@ -52,39 +52,15 @@ from lmaas.lifecycle.jobs.compress import load_float_model
 from lmaas.registry.manifest import Lineage, Manifest, MetricRecord
 from lmaas.runtimes.batching import run_batch
 from lmaas.runtimes.catalog import create_runner
+from lmaas.runtimes.onnx_export import (
+    export_encoder,
+    export_image_classifier,
+    export_sequence_classifier,
+    uses_segments,
+)
 from lmaas.runtimes.onnx_session import open_session
 
 GRAPH_FILE = "model.onnx"
-
-
-class _Logits(torch.nn.Module):
-    """The classifier with a plain tensor output (ONNX graphs have no ``ModelOutput``)."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.model(pixel_values=pixel_values).logits
-        return out
-
-
-def export_image_classifier(model: Any, shape: tuple[int, int, int], dest: Path) -> None:
-    """Export ``model`` (``[N, *shape]`` pixels → logits) with the dynamo exporter.
-
-    Raises:
-        InvalidRequestError: the exporter cannot trace the model.
-    """
-    example = (torch.zeros((2, *shape), dtype=torch.float32),)
-    try:
-        with onnx_export.quiet_exporter():
-            torch.onnx.export(
-                _Logits(model), example, str(dest), input_names=["pixel_values"],
-                output_names=["logits"], dynamo=True,
-                dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}}, optimize=True,
-            )  # fmt: skip
-    except Exception as exc:  # the exporter raises many types; all mean "cannot export"
-        raise InvalidRequestError(f"cannot export the model to ONNX: {exc}") from exc
 
 
 def parity(model: Any, graph: Path, pixels: torch.Tensor) -> tuple[float, float]:
@@ -248,7 +224,7 @@ def _image_graph(
 
     processor = transformers.AutoImageProcessor.from_pretrained(str(parent_dir))  # type: ignore[no-untyped-call]
     pixels = _sample_pixels(processor, data.images if data else None, args.samples)
-    export_image_classifier(model, tuple(pixels.shape[1:]), out / GRAPH_FILE)  # type: ignore[arg-type]
+    export_image_classifier(model, tuple(pixels.shape[1:]), out / GRAPH_FILE)
     onnx_export.compact_graph(out / GRAPH_FILE)
     diff, agreement = parity(model, out / GRAPH_FILE, pixels)
     return diff, agreement, len(pixels)
@@ -264,8 +240,6 @@ def _embedding_graph(
     random texts plus very short ones. The "agreement" is the share of samples whose vectors
     have cosine >= 1 - 1e-5."""
     import transformers
-
-    from lmaas.runtimes.embedding.onnx_export import export_encoder
 
     parent_spec = version_spec(registry, parent)
     parent_spec.options["backend"] = "torch"
@@ -313,7 +287,7 @@ def _text_graph(
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         str(parent_dir), local_files_only=True, trust_remote_code=trust
     )
-    segments = onnx_export.uses_segments(model, tokenizer)
+    segments = uses_segments(model, tokenizer)
     if data is not None:
         texts = [t for request in data.requests for t in request.texts or []]
         documents = None
@@ -321,7 +295,7 @@ def _text_graph(
         texts = onnx_export.random_texts(tokenizer, args.samples, seed=0)
         is_pairs = parent.task is Task.RERANK
         documents = onnx_export.random_texts(tokenizer, args.samples, seed=1) if is_pairs else None
-    onnx_export.export_sequence_classifier(model, segments, out / GRAPH_FILE)
+    export_sequence_classifier(model, segments, out / GRAPH_FILE)
     onnx_export.compact_graph(out / GRAPH_FILE)
     batches = onnx_export.sample_batches(model, tokenizer, texts, documents, segments)
     diff, agreement = onnx_export.text_parity(model, out / GRAPH_FILE, batches)

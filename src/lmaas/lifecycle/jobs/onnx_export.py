@@ -1,21 +1,12 @@
-"""ONNX export of sequence classifiers (text classifiers, cross-encoders), parity samples, and
-the compaction of exported graphs.
-
-The graph takes what the runner feeds (:meth:`~lmaas.runtimes.classification.sequence.
-SequenceClassifier.padded`): ``input_ids`` and ``attention_mask`` and, when the model uses
-segment ids (BERT pairs), ``token_type_ids``, all int64 ``[batch, seq]`` with both axes dynamic;
-it returns ``logits`` ``[batch, num_labels]``. The dynamo exporter is used: the TorchScript one
-bakes the traced sequence length into transformers' attention-mask code.
+"""What ``lmaas convert --onnx`` adds to the runtime's exporters
+(:mod:`lmaas.runtimes.onnx_export`, the same graphs a worker exports for
+``serving.backend: onnxruntime``): parity samples and checks, and the compaction of a graph
+before it is stored as a version.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import random
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,90 +14,12 @@ import numpy as np
 import torch
 
 from lmaas.core.errors import InvalidRequestError
+from lmaas.runtimes.onnx_export import input_names
 from lmaas.runtimes.onnx_session import open_session
 
 PARITY_MAX_TOKENS = 128
 """Sample rows are truncated to this many tokens (parity needs variety, not length)."""
 _CHUNK = 32
-
-
-@contextlib.contextmanager
-def quiet_exporter() -> Iterator[None]:
-    """Keep the exporter's chatter off the job's terminal: its progress lines (stdout), its
-    warnings about internals, and its log lines (``torch.onnx`` warns that torchvision is not
-    installed, which no lmaas export needs)."""
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        exporter_log.setLevel(level)
-
-
-class _Logits(torch.nn.Module):
-    """``input_ids, attention_mask`` → logits (ONNX graphs have no ``ModelOutput``)."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return out
-
-
-class _LogitsWithSegments(_Logits):
-    """``input_ids, attention_mask, token_type_ids`` → logits."""
-
-    def forward(  # type: ignore[override]
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
-    ) -> torch.Tensor:
-        out: torch.Tensor = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).logits
-        return out
-
-
-def uses_segments(model: Any, tokenizer: Any) -> bool:
-    """Whether the runner feeds ``token_type_ids`` (the torch runner's own rule)."""
-    return (
-        "token_type_ids" in getattr(tokenizer, "model_input_names", ())
-        and int(getattr(model.config, "type_vocab_size", 0) or 0) > 1
-    )
-
-
-def input_names(segments: bool) -> list[str]:
-    """The graph's input names."""
-    return ["input_ids", "attention_mask", *(["token_type_ids"] if segments else [])]
-
-
-def export_sequence_classifier(model: Any, segments: bool, dest: Path) -> None:
-    """Export ``model`` (a ``*ForSequenceClassification``) to ``dest``.
-
-    Raises:
-        InvalidRequestError: the exporter cannot trace the model.
-    """
-    names = input_names(segments)
-    wrapper = _LogitsWithSegments(model) if segments else _Logits(model)
-    example: tuple[torch.Tensor, ...] = (
-        torch.full((2, 8), 5),
-        torch.ones((2, 8), dtype=torch.long),
-    )
-    if segments:
-        example = (*example, torch.zeros((2, 8), dtype=torch.long))
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    try:
-        with quiet_exporter():
-            torch.onnx.export(
-                wrapper, example, str(dest), input_names=names, output_names=["logits"],
-                dynamo=True, dynamic_shapes={n: {0: batch, 1: seq} for n in names},
-                optimize=True,
-            )  # fmt: skip
-    except Exception as exc:  # the exporter raises many types; all mean "cannot export"
-        raise InvalidRequestError(f"cannot export the model to ONNX: {exc}") from exc
 
 
 _EXTERNAL_DATA_BYTES = 1 << 30

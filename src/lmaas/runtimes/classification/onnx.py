@@ -1,10 +1,17 @@
-"""Sequence classification with an ONNX graph (``lmaas convert --onnx``) on ONNX Runtime.
+"""Sequence classification (text classifiers, cross-encoders) on ONNX Runtime.
 
-The version directory is the torch one with ``model.onnx`` in place of the safetensors weights:
-``config.json`` (labels, problem type), the tokenizer files, and the graph (``input_ids``,
-``attention_mask`` and, for BERT-like models, ``token_type_ids``, int64 ``[batch, seq]`` →
-``logits`` ``[batch, num_labels]``). Tokenisation, padding, truncation and the probabilities are
-the torch runners', so clients see the same API, labels and numbers as for the parent version.
+Where the graph comes from:
+
+* an ``onnx`` version (``lmaas convert --onnx``): the torch directory with ``model.onnx`` in
+  place of the safetensors weights: ``config.json`` (labels, problem type), the tokenizer
+  files, and the graph (``input_ids``, ``attention_mask`` and, for BERT-like models,
+  ``token_type_ids``, int64 ``[batch, seq]`` → ``logits`` ``[batch, num_labels]``);
+* a ``safetensors`` version served with ``serving.backend: onnxruntime``: the same graph,
+  exported once at load time into the worker's cache (:mod:`lmaas.runtimes.onnx_export`).
+
+``serving.options.quantize`` (``int8``, ``int8-dynamic``) runs a cached int8 copy of the graph,
+as for embeddings. Tokenisation, padding, truncation and the probabilities are the torch
+runners', so clients see the same API, labels and numbers as on torch.
 """
 
 from __future__ import annotations
@@ -21,25 +28,32 @@ from lmaas.core.messages import WorkerSpec
 from lmaas.runtimes.classification.sequence import EncodedRow, SequenceClassifier
 from lmaas.runtimes.classification.torch import TorchTextClassificationRunner
 from lmaas.runtimes.hf_loading import load_hf_tokenizer
-from lmaas.runtimes.onnx_session import open_session, worker_threads
+from lmaas.runtimes.onnx_export import (
+    SEQUENCE_CLASSIFIER_RECIPE,
+    export_spec_sequence_classifier,
+    served_graph,
+)
+from lmaas.runtimes.onnx_session import open_session, quantize_option, worker_threads
 
 _log = logging.getLogger(__name__)
 
-GRAPH_FILE = "model.onnx"
 _INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
 
 
 class OnnxSequenceClassifier(SequenceClassifier):
-    """:class:`SequenceClassifier` with the forward pass on ONNX Runtime (CPU, float32).
+    """:class:`SequenceClassifier` with the forward pass on ONNX Runtime (CPU; float32, or int8
+    with ``quantize``).
 
     Args:
-        spec: The worker spec; ``num_threads`` sets the intra-op threads.
+        spec: The worker spec; options ``num_threads`` (intra-op threads) and ``quantize``.
     """
 
     def __init__(self, spec: WorkerSpec) -> None:
         super().__init__(spec)
         self._session: Any = None
         self._input_names: frozenset[str] = frozenset()
+        self.graph_path: Path | None = None
+        """The graph the session runs (the version's own, or a cached export)."""
 
     @property
     def loaded(self) -> bool:
@@ -49,10 +63,15 @@ class OnnxSequenceClassifier(SequenceClassifier):
         """Load the tokenizer, the config and the graph. Raises: ModelLoadError."""
         import transformers
 
+        quantize = quantize_option(self._spec.options)
+        graph = served_graph(
+            self._spec,
+            recipe=SEQUENCE_CLASSIFIER_RECIPE,
+            export=export_spec_sequence_classifier,
+            quantize=quantize,
+        )
+        self.graph_path = graph
         model_dir = Path(self._spec.model_dir)
-        graph = model_dir / GRAPH_FILE
-        if not graph.is_file():
-            raise ModelLoadError(f"{model_dir} has no {GRAPH_FILE}")
         tokenizer = load_hf_tokenizer(self._spec)
         try:
             config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
@@ -66,9 +85,9 @@ class OnnxSequenceClassifier(SequenceClassifier):
                 f"token_type_ids); this one takes {', '.join(sorted(names))}"
             )
         self._input_names = names
-        self.dtype = "float32"
+        self.dtype = "int8" if quantize else "float32"
         self._set_tokenizer(tokenizer, config, uses_token_types="token_type_ids" in names)
-        _log.info("loaded %s on onnxruntime", graph)
+        _log.info("loaded %s on onnxruntime (%s)", graph, self.dtype)
 
     def logits(self, rows: list[EncodedRow]) -> list[torch.Tensor]:
         """Float32 logits ``[num_labels]`` per row."""

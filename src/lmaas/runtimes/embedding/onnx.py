@@ -5,7 +5,7 @@ Where the graph comes from:
 * a version in ``onnx`` format (a directory with ``model.onnx`` beside the tokenizer and the
   sentence-transformers files) is run as it is;
 * a ``safetensors`` version served with ``serving.backend: onnxruntime`` is exported once, at
-  load time, into the worker's cache directory (see :mod:`lmaas.runtimes.onnx_session`) and the
+  load time, into the worker's cache directory (see :mod:`lmaas.runtimes.onnx_export`) and the
   cached graph is reused by later loads and other replicas.
 
 ``serving.options.quantize: int8`` runs an int8 copy of that graph instead (also cached):
@@ -32,27 +32,13 @@ from lmaas.core.messages import (
     ModelInfo,
     WorkerSpec,
 )
-from lmaas.core.types import ModelFormat
 from lmaas.runtimes.embedding.sentences import SentenceEmbedder, SentenceRunnerBase
 from lmaas.runtimes.hf_loading import load_hf_tokenizer
-from lmaas.runtimes.onnx_int8 import (
-    DYNAMIC_RECIPE,
-    INT8_RECIPE,
-    quantize_dynamic_int8,
-    quantize_int8,
-)
-from lmaas.runtimes.onnx_session import (
-    build_once,
-    cache_dir,
-    open_session,
-    quantize_option,
-    source_digest,
-    worker_threads,
-)
+from lmaas.runtimes.onnx_export import ENCODER_RECIPE, export_encoder, served_graph
+from lmaas.runtimes.onnx_session import open_session, quantize_option, worker_threads
 
 _log = logging.getLogger(__name__)
 
-GRAPH_FILENAME = "model.onnx"
 _OPTIONAL_INPUTS = frozenset({"attention_mask", "token_type_ids"})
 
 
@@ -83,7 +69,9 @@ class OnnxEmbeddingRunner(SentenceRunnerBase):
         """Load the tokenizer, find or build the graph, open the session. Raises: ModelLoadError."""
         tokenizer = load_hf_tokenizer(self._spec)
         quantize = quantize_option(self._spec.options)
-        self.graph_path = self._graph(quantize)
+        self.graph_path = served_graph(
+            self._spec, recipe=ENCODER_RECIPE, export=export_encoder, quantize=quantize
+        )
         self._session = open_session(self.graph_path, worker_threads(self._spec.options))
         hidden_size = self._check_signature(self._session)
         config = _read_config(Path(self._spec.model_dir))
@@ -123,30 +111,6 @@ class OnnxEmbeddingRunner(SentenceRunnerBase):
         if self._pooled_output:
             return list(self.sentences.normalize(vectors))
         return list(self.sentences.pool(vectors, torch.from_numpy(mask)))
-
-    def _graph(self, quantize: str | None) -> Path:
-        spec = self._spec
-        model_dir = Path(spec.model_dir)
-        if spec.format == ModelFormat.ONNX.value:
-            graph = model_dir / GRAPH_FILENAME
-            if not graph.is_file():
-                raise ModelLoadError(f"{model_dir.name} has no {GRAPH_FILENAME}")
-        else:
-            from lmaas.runtimes.embedding.onnx_export import EXPORT_RECIPE, export_encoder
-
-            folder = cache_dir(spec) / f"onnx-{source_digest(spec, EXPORT_RECIPE, _versions())}"
-            graph = build_once(folder / GRAPH_FILENAME, lambda tmp: export_encoder(spec, tmp))
-        if quantize is None:
-            return graph
-        dynamic = quantize == "int8-dynamic"
-        recipe = DYNAMIC_RECIPE if dynamic else INT8_RECIPE
-        digest = source_digest(spec, str(graph), recipe, _versions())
-        folder = cache_dir(spec) / f"{quantize}-{digest}"
-
-        def build(tmp: Path) -> int:
-            return quantize_dynamic_int8(graph, tmp) if dynamic else quantize_int8(graph, tmp)
-
-        return build_once(folder / "model.int8.onnx", build)
 
     def _check_signature(self, session: ort.InferenceSession) -> int | None:
         """Remember the graph's inputs and output; the hidden size if the graph states it."""
@@ -190,7 +154,3 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read {path}: {exc}") from exc
     return data if isinstance(data, dict) else {}
-
-
-def _versions() -> str:
-    return f"torch {torch.__version__} onnxruntime {ort.__version__}"

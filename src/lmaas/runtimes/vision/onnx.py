@@ -1,9 +1,16 @@
-"""Image classification with an ONNX graph (``lmaas convert --onnx``) on ONNX Runtime.
+"""Image classification on ONNX Runtime.
 
-The version directory is the torch one with ``model.onnx`` in place of the safetensors weights:
-``config.json`` (labels), ``preprocessor_config.json`` (the image processor) and the graph
-(``pixel_values`` ``[N, 3, H, W]`` → ``logits`` ``[N, C]``). Decoding and preprocessing are the
-torch runner's, so a client sees the same API, labels and inputs as for the parent version.
+Where the graph comes from:
+
+* an ``onnx`` version (``lmaas convert --onnx``): the torch directory with ``model.onnx`` in
+  place of the safetensors weights: ``config.json`` (labels), ``preprocessor_config.json`` (the
+  image processor) and the graph (``pixel_values`` ``[N, 3, H, W]`` → ``logits`` ``[N, C]``);
+* a ``safetensors`` version served with ``serving.backend: onnxruntime``: the same graph,
+  exported once at load time into the worker's cache (:mod:`lmaas.runtimes.onnx_export`).
+
+``serving.options.quantize`` (``int8``, ``int8-dynamic``) runs a cached int8 copy of the graph
+(MatMul and Gemm weights; convolutions stay float). Decoding and preprocessing are the torch
+runner's, so a client sees the same API, labels and inputs as on torch.
 """
 
 from __future__ import annotations
@@ -18,34 +25,37 @@ import torch
 
 from lmaas.core.errors import InternalError, ModelLoadError
 from lmaas.core.messages import ModelInfo, TensorSpec, WorkerSpec
-from lmaas.runtimes.onnx_session import open_session, worker_threads
-from lmaas.runtimes.vision.torch import TorchImageClassificationRunner
+from lmaas.runtimes.onnx_export import (
+    IMAGE_CLASSIFIER_RECIPE,
+    export_image_classifier,
+    float_spec,
+    served_graph,
+)
+from lmaas.runtimes.onnx_session import open_session, quantize_option, worker_threads
+from lmaas.runtimes.vision.torch import TorchImageClassificationRunner, load_image_classifier
 
 _log = logging.getLogger(__name__)
-
-GRAPH_FILE = "model.onnx"
 
 
 class OnnxImageClassificationRunner(TorchImageClassificationRunner):
     """:class:`TorchImageClassificationRunner` with the forward pass on ONNX Runtime.
 
     Args:
-        spec: The worker spec; ``num_threads`` sets the intra-op threads.
+        spec: The worker spec; options ``num_threads`` (intra-op threads) and ``quantize``.
     """
 
     def __init__(self, spec: WorkerSpec) -> None:
         super().__init__(spec)
         self._session: Any = None
         self._input_name = "pixel_values"
+        self.graph_path: Path | None = None
+        """The graph the session runs (the version's own, or a cached export)."""
 
     def load(self) -> ModelInfo:
         """Load the image processor, the labels and the graph. Raises: ModelLoadError."""
         import transformers
 
         model_dir = Path(self._spec.model_dir)
-        graph = model_dir / GRAPH_FILE
-        if not graph.is_file():
-            raise ModelLoadError(f"{model_dir} has no {GRAPH_FILE}")
         try:
             self._processor = transformers.AutoImageProcessor.from_pretrained(  # type: ignore[no-untyped-call]
                 str(model_dir), local_files_only=True
@@ -55,14 +65,18 @@ class OnnxImageClassificationRunner(TorchImageClassificationRunner):
             raise ModelLoadError(f"cannot load the image processor of {model_dir}: {exc}") from exc
         id2label = config.get("id2label") or {}
         self._labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
-        self._session = open_session(graph, worker_threads(self._spec.options))
-        self._input_name = self._session.get_inputs()[0].name
         self._pixel_shape = self._processed_shape()
+        quantize = quantize_option(self._spec.options)
+        self.graph_path = served_graph(
+            self._spec, recipe=IMAGE_CLASSIFIER_RECIPE, export=self._export, quantize=quantize
+        )
+        self._session = open_session(self.graph_path, worker_threads(self._spec.options))
+        self._input_name = self._session.get_inputs()[0].name
         channels, height, width = self._pixel_shape
-        _log.info("loaded %s on onnxruntime", graph)
+        _log.info("loaded %s on onnxruntime (%s)", self.graph_path, quantize or "float32")
         return ModelInfo(
             context_length=0,
-            dtype="float32",
+            dtype="int8" if quantize else "float32",
             device="cpu",
             labels=self._labels,
             inputs=[
@@ -75,6 +89,11 @@ class OnnxImageClassificationRunner(TorchImageClassificationRunner):
             ],
             max_batch_size=self._spec.max_batch_size,
         )
+
+    def _export(self, spec: WorkerSpec, dest: Path) -> None:
+        """Export the version's float32 classifier for pixels of the processor's shape."""
+        model, _ = load_image_classifier(float_spec(spec), torch.float32)
+        export_image_classifier(model, self._pixel_shape, dest)
 
     def health(self) -> bool:
         return self._session is not None

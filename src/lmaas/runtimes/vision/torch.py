@@ -72,7 +72,7 @@ class TorchImageClassificationRunner:
             else resolve_dtype(self._spec.dtype, self._device, prefer_float32_on_cpu=True)
         )
         configure_threads(num_threads_option(self._spec.options))
-        self._model, self._processor = _load(self._spec, self._dtype)
+        self._model, self._processor = load_image_classifier(self._spec, self._dtype)
         self._model.to(self._device)
         self._model.eval()
         id2label = self._model.config.id2label or {}
@@ -223,7 +223,7 @@ def _max_pixels_option(options: dict[str, str]) -> int:
     return value
 
 
-def _load(spec: WorkerSpec, dtype: torch.dtype) -> tuple[Any, Any]:
+def load_image_classifier(spec: WorkerSpec, dtype: torch.dtype) -> tuple[Any, Any]:
     """Load ``(model, image processor)`` locally, safetensors only, no remote code unless the
     import recorded ``--trust-remote-code``. Raises: ModelLoadError."""
     import transformers
