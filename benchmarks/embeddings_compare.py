@@ -15,6 +15,8 @@ sentence-transformers' (and of int8 to onnxruntime fp32), and the issue's bars a
 
     .venv/bin/python benchmarks/embeddings_compare.py [--quick] [--json out.json]
 
+``--repeat N`` runs N rounds (every system once per round, in turn) and reports medians, with
+each ratio's per-round range: single runs move by tens of percent on a shared 2-core machine.
 ``--quick`` (128 requests at concurrency 16, no infinity install) proves the script works; with
 ``--workdir`` kept between runs the ONNX exports are reused from the lmaas home's cache.
 """
@@ -48,6 +50,9 @@ from lmaas.registry.service import RegistryService
 _console = Console(stderr=True)
 LMAAS_SYSTEMS = {
     "lmaas-torch": {"backend": "torch"},
+    # bf16 matmuls on CPUs with avx512_bf16/AMX (auto stays float32 on a CPU for embeddings):
+    # reported beside the float32 systems, with its cosine to sentence-transformers.
+    "lmaas-torch-bf16": {"backend": "torch", "dtype": "bfloat16"},
     "lmaas-onnx-fp32": {"backend": "onnxruntime"},
     "lmaas-onnx-int8": {"backend": "onnxruntime", "options": {"quantize": "int8"}},
 }
@@ -76,6 +81,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="keep homes and logs here")
     parser.add_argument("--infinity-venv", type=Path, default=INFINITY_VENV)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per system")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds (each runs every system once, in turn); sentences/s and latencies are "
+        "the medians over rounds, ratios are also given per round",
+    )
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.requests = args.requests or (128 if args.quick else 2000)
@@ -200,6 +212,25 @@ def run_infinity(
         return {**summary, "command": cmd}, vectors
 
 
+def median_over_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each system's result with sentences/s and latencies replaced by their medians over the
+    rounds that succeeded (the last successful round's other fields); a system that never
+    succeeded keeps its last error."""
+    merged: dict[str, Any] = {}
+    for name in rounds[-1]:
+        good = [one[name] for one in rounds if name in one and "error" not in one[name]]
+        if not good:
+            merged[name] = rounds[-1][name]
+            continue
+        merged[name] = dict(good[-1])
+        for field in ("sentences_s", "p50_ms", "p99_ms", "duration_s"):
+            values = [g[field] for g in good if field in g]
+            if values:
+                merged[name][field] = float(np.median(values))
+        merged[name]["rounds_ok"] = len(good)
+    return merged
+
+
 def ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
     x, y = a.get("sentences_s"), b.get("sentences_s")
     return x / y if x and y else None
@@ -228,7 +259,7 @@ def summarize(results: dict[str, Any], vectors: dict[str, list[Any]], work: Path
 def print_report(results: dict[str, Any]) -> None:
     table = Table("system", "sent/s", "p50 ms", "p99 ms", "cos→ST min/mean", "note")
     for name, r in results.items():
-        if name in ("config", "ratios"):
+        if name in ("config", "ratios", "rounds"):
             continue
         if "error" in r:
             table.add_row(name, "-", "-", "-", "-", str(r["error"])[:120])
@@ -245,8 +276,15 @@ def print_report(results: dict[str, Any]) -> None:
         p99 = f"{r['p99_ms']:.1f}" if "p99_ms" in r else "-"
         table.add_row(name, f"{r['sentences_s']:.1f}", p50, p99, cos_text, note)
     Console().print(table)
+    rounds = results.get("rounds", [])
     for name, value in results["ratios"].items():
-        Console().print(f"  {name}: {'n/a' if value is None else f'{value:.2f}'}")
+        text = "n/a" if value is None else f"{value:.2f}"
+        a, _, b = name.partition(" / ")
+        b = b.split(" (")[0]
+        per_round = [r[a] / r[b] for r in rounds if r.get(a) and r.get(b)]
+        if per_round:
+            text += f" (per round {min(per_round):.2f}-{max(per_round):.2f})"
+        Console().print(f"  {name}: {text}")
 
 
 def orchestrate(args: argparse.Namespace) -> int:
@@ -266,13 +304,26 @@ def orchestrate(args: argparse.Namespace) -> int:
             }
         }
         vectors: dict[str, list[Any]] = {}
-        if "sentence-transformers" not in args.skip:
-            results["sentence-transformers"] = run_st(args, sentences, work)
-        for name in LMAAS_SYSTEMS:
-            if name not in args.skip:
-                results[name], vectors[name] = run_lmaas(args, name, sentences, work)
-        if "infinity" not in args.skip:
-            results["infinity"], vectors["infinity"] = run_infinity(args, sentences, work)
+        rounds: list[dict[str, Any]] = []
+        for index in range(max(1, args.repeat)):
+            if args.repeat > 1:
+                _console.print(f"[bold]round {index + 1} of {args.repeat}[/]")
+            one: dict[str, Any] = {}
+            if "sentence-transformers" not in args.skip:
+                one["sentence-transformers"] = run_st(args, sentences, work)
+            for name in LMAAS_SYSTEMS:
+                if name not in args.skip:
+                    one[name], vecs = run_lmaas(args, name, sentences, work)
+                    vectors.setdefault(name, vecs)
+            if "infinity" not in args.skip:
+                one["infinity"], vecs = run_infinity(args, sentences, work)
+                vectors.setdefault("infinity", vecs)
+            rounds.append(one)
+        results.update(median_over_rounds(rounds))
+        if len(rounds) > 1:
+            results["rounds"] = [
+                {name: r.get("sentences_s") for name, r in one.items()} for one in rounds
+            ]
         summarize(results, vectors, work)
         print_report(results)
         if args.json:

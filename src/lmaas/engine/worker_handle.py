@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -70,6 +71,24 @@ class SupervisionPolicy:
     max_restarts: int = 10
     max_in_flight: int = 256
     stop_timeout_s: float = 10.0
+
+
+WORKER_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""Set in a worker's environment unless the operator's environment sets them.
+
+``OMP_WAIT_POLICY=PASSIVE``: the OpenMP threads of torch sleep when a parallel region ends
+instead of spinning for the next one. A worker shares the cores with the gateway, the other
+workers and its own tokenising threads; spinning threads take those cores while waiting, and
+when the cores are oversubscribed a parallel region waits for a descheduled thread. Measured on
+the 2-core development machine under load (``benchmarks/embeddings_compare.py``, torch
+backend): 8 sentences/s spinning, 51 passive (``docs/benchmarks.md``). onnxruntime sessions get
+the same from ``session.intra_op.allow_spinning=0``."""
+
+
+def worker_environment() -> dict[str, str]:
+    """The environment a worker process starts with: the gateway's, plus
+    :data:`WORKER_ENV_DEFAULTS` where it does not say otherwise."""
+    return {**WORKER_ENV_DEFAULTS, **os.environ}
 
 
 @dataclass(slots=True)
@@ -312,6 +331,7 @@ class WorkerHandle:
             "lmaas.worker",
             str(spec_file),
             stdin=asyncio.subprocess.DEVNULL,
+            env=worker_environment(),
         )
         _log.info("started worker pid %s for %s", process.pid, self.name)
         return _Incarnation(process=process, requests=requests, results=results)

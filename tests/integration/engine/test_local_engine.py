@@ -221,3 +221,26 @@ def test_draining_refuses_new_requests(tmp_path: Path) -> None:
             await engine.embed("echo", EmbedRequest("x", texts=["a"]))
 
     _run([_deployment("echo", ECHO, Task.COMPLETION, tmp_path)], body)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+@pytest.mark.parametrize("operator_value", [None, "ACTIVE"])
+def test_workers_sleep_between_parallel_regions_unless_the_operator_says_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, operator_value: str | None
+) -> None:
+    if operator_value is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", operator_value)
+
+    async def body(engine: LocalEngineClient) -> None:
+        assert await engine.wait_ready(30)
+        pid = engine.handle("echo").worker_pid
+        assert pid is not None
+        assert _environ(pid)["OMP_WAIT_POLICY"] == (operator_value or "PASSIVE")
+
+    _run([_deployment("echo", ECHO, Task.COMPLETION, tmp_path)], body)
