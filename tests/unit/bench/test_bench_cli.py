@@ -49,3 +49,11 @@ def test_bench_serve_counts_an_unreachable_server_as_failures_with_httpx_too() -
     )  # fmt: skip
     assert result.exit_code == 1
     assert "ConnectError" in result.stderr
+
+
+def test_bench_serve_refuses_a_base_url_without_a_scheme() -> None:
+    result = CliRunner().invoke(
+        app, ["bench", "serve", "--base-url", "127.0.0.1:8000", "--model", "m"]
+    )
+    assert result.exit_code == 2
+    assert "base_url must be http://host[:port]" in result.stderr
