@@ -65,6 +65,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--phase-timeout", type=float, default=900.0, help="seconds per phase")
     parser.add_argument(
+        "--client",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="the load generator's HTTP client (lmaas bench serve --client) [raw: least CPU]",
+    )
+    parser.add_argument(
         "--skip",
         action="append",
         default=[],
@@ -129,6 +135,7 @@ def bench(
         "output_len": args.output_len,
         "seed": 0,
         "timeout_s": args.phase_timeout,
+        "client": args.client,
         **kw,
     }
     scenarios = {
@@ -148,6 +155,7 @@ def bench(
             out[name] = {"error": f"timed out after {args.phase_timeout:.0f} s"}
             continue
         out[name] = result_dict(result)
+        out[name]["client"] = config.client
         tpot_ms = result.summary.latency["tpot"].mean_ms
         out[name]["decode_tok_s"] = 1000.0 / tpot_ms if tpot_ms > 0 else 0.0
     return out

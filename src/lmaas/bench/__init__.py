@@ -1,7 +1,8 @@
 """Serving benchmarks: a load generator for OpenAI-compatible servers and roofline helpers.
 
-The load generator (:func:`run_benchmark`) is plain Python over httpx; :mod:`lmaas.bench.roofline`
-needs torch and imports it only when its functions run.
+The load generator (:func:`run_benchmark`) is plain Python: a raw HTTP/1.1 client on asyncio
+by default (:mod:`lmaas.bench.rawclient`), httpx on request; :mod:`lmaas.bench.roofline` needs
+torch and imports it only when its functions run.
 """
 
 from lmaas.bench.metrics import Aggregate, LatencyStats, RequestOutcome

@@ -1,8 +1,10 @@
 """``lmaas bench serve``: an HTTP load generator for any OpenAI-compatible server.
 
-One ``httpx.AsyncClient`` (HTTP/1.1, as many connections as the concurrency) on one event loop
-sends streamed completion requests with ``ignore_eos`` and ``max_tokens = output_len``, at a
-fixed concurrency or with Poisson arrivals, and times every SSE chunk. The metric definitions
+One client on one event loop (HTTP/1.1, as many keep-alive connections as the concurrency; the
+cheap :class:`~lmaas.bench.rawclient.RawStreamClient` by default, ``httpx`` on request or for
+``https``, see :mod:`lmaas.bench.transport`) sends streamed completion requests with
+``ignore_eos`` and ``max_tokens = output_len``, at a fixed concurrency or with Poisson arrivals,
+and times every SSE chunk. The metric definitions
 are those of ``vllm bench serve`` (see :mod:`lmaas.bench.metrics`), so numbers taken here
 compare with numbers taken by vLLM's client against the same server.
 """
@@ -10,14 +12,15 @@ compare with numbers taken by vLLM's client against the same server.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from time import perf_counter
-
-import httpx
+from time import perf_counter, process_time
+from typing import Literal
+from urllib.parse import urlsplit
 
 from lmaas.bench.metrics import PERCENTILES, Aggregate, RequestOutcome, aggregate
 from lmaas.bench.prompts import (
@@ -28,11 +31,18 @@ from lmaas.bench.prompts import (
     tokenized_prompts,
     word_prompts,
 )
-from lmaas.bench.sse import SSEDecoder, StreamTimer
+from lmaas.bench.rawclient import RawStreamClient
+from lmaas.bench.sse import StreamTimer
+from lmaas.bench.transport import HttpxStreamClient, StreamClient, StreamFailure
 from lmaas.core.errors import InvalidRequestError
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 """The endpoints the load generator speaks."""
+
+ClientKind = Literal["raw", "httpx"]
+CLIENTS: tuple[ClientKind, ...] = ("raw", "httpx")
+"""``raw``: :class:`~lmaas.bench.rawclient.RawStreamClient` (http only, a few times less CPU);
+``httpx``: :class:`~lmaas.bench.transport.HttpxStreamClient` (the reference; https too)."""
 
 _MAX_ERROR_CHARS = 500
 
@@ -78,8 +88,11 @@ class BenchConfig:
     extra_body: dict[str, object] = field(default_factory=dict)
     """Merged into every request body (for a peer's own parameters)."""
     percentiles: tuple[float, ...] = PERCENTILES
+    client: ClientKind = "raw"
+    """Which HTTP client sends the requests (see :data:`CLIENTS`)."""
 
     def __post_init__(self) -> None:
+        self._check_url()
         if self.endpoint not in ENDPOINTS:
             raise InvalidRequestError(
                 f"endpoint {self.endpoint!r} is not one of {', '.join(ENDPOINTS)}",
@@ -101,6 +114,24 @@ class BenchConfig:
                 f"be positive and warmup ({self.warmup}) not negative"
             )
 
+    def _check_url(self) -> None:
+        if self.client not in CLIENTS:
+            raise InvalidRequestError(
+                f"client {self.client!r} is not one of {', '.join(CLIENTS)}", param="client"
+            )
+        url = urlsplit(self.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise InvalidRequestError(
+                f"base_url must be http://host[:port] or https://..., got {self.base_url!r}",
+                param="base_url",
+            )
+        if url.scheme == "https" and self.client == "raw":
+            raise InvalidRequestError(
+                f"the raw client speaks plain http only; for {self.base_url} use the httpx "
+                "client (--client httpx)",
+                param="client",
+            )
+
 
 @dataclass(slots=True, frozen=True)
 class BenchResult:
@@ -110,6 +141,9 @@ class BenchResult:
     started_at: datetime
     summary: Aggregate
     outcomes: list[RequestOutcome]
+    client_cpu_s: float = 0.0
+    """CPU time of this process (``time.process_time``) during the measured requests: what
+    the load generator itself took from the machine."""
 
 
 OnOutcome = Callable[[RequestOutcome], None]
@@ -129,13 +163,8 @@ async def run_benchmark(config: BenchConfig, on_outcome: OnOutcome | None = None
     """
     tokenizer = HFTokenizer.load(config.tokenizer) if config.tokenizer else None
     prompts = make_prompts(config, config.num_prompts, config.seed, tokenizer)
-    limit = config.max_concurrency or config.num_prompts
-    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
-    timeout = httpx.Timeout(config.timeout_s, connect=30.0)
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    async with httpx.AsyncClient(
-        base_url=config.base_url, limits=limits, timeout=timeout, headers=headers
-    ) as client:
+    client = open_client(config)
+    try:
         sender = _Sender(client, config, tokenizer)
         if config.warmup:
             warm = make_prompts(config, config.warmup, config.seed + 1, tokenizer)
@@ -144,11 +173,22 @@ async def run_benchmark(config: BenchConfig, on_outcome: OnOutcome | None = None
             config.num_prompts, config.request_rate, config.burstiness, config.seed
         )
         started_at = datetime.now(UTC)
-        start_s = perf_counter()
+        start_s, start_cpu_s = perf_counter(), process_time()
         outcomes = await sender.run_all(prompts, offsets, on_outcome)
-        duration_s = perf_counter() - start_s
+        duration_s, cpu_s = perf_counter() - start_s, process_time() - start_cpu_s
+    finally:
+        await client.aclose()
     summary = aggregate(outcomes, duration_s, config.percentiles)
-    return BenchResult(config, started_at, summary, outcomes)
+    return BenchResult(config, started_at, summary, outcomes, cpu_s)
+
+
+def open_client(config: BenchConfig) -> StreamClient:
+    """The client ``config.client`` names, for ``config.endpoint`` of ``config.base_url``."""
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    if config.client == "httpx":
+        limit = config.max_concurrency or config.num_prompts
+        return HttpxStreamClient(config.base_url, config.endpoint, headers, config.timeout_s, limit)
+    return RawStreamClient(config.base_url, config.endpoint, headers, config.timeout_s)
 
 
 def make_prompts(
@@ -183,7 +223,7 @@ def request_body(config: BenchConfig, prompt: Prompt) -> dict[str, object]:
 
 @dataclass(slots=True)
 class _Sender:
-    client: httpx.AsyncClient
+    client: StreamClient
     config: BenchConfig
     tokenizer: HFTokenizer | None
 
@@ -215,30 +255,14 @@ class _Sender:
         outcome = RequestOutcome(start_s=perf_counter())
         outcome.prompt_tokens = prompt.num_tokens if prompt.exact else 0
         timer = StreamTimer(outcome)
-        body = request_body(self.config, prompt)
+        body = json.dumps(request_body(self.config, prompt), separators=(",", ":"))
         try:
-            await self._stream(body, timer)
-        except ValueError as exc:
+            await self.client.stream(body.encode(), timer)
+        except (ValueError, StreamFailure) as exc:
             outcome.error = _short(str(exc))
-            return outcome
-        except httpx.HTTPError as exc:
-            outcome.error = _short(f"{type(exc).__name__}: {exc}".rstrip(": "))
             return outcome
         self._finish(prompt, timer)
         return outcome
-
-    async def _stream(self, body: dict[str, object], timer: StreamTimer) -> None:
-        decoder = SSEDecoder()
-        async with self.client.stream("POST", self.config.endpoint, json=body) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                raise ValueError(f"HTTP {response.status_code}: {text.strip()}")
-            async for line in response.aiter_lines():
-                now_s = perf_counter()
-                for payload in decoder.feed(line):
-                    timer.on_payload(payload, now_s)
-            for payload in decoder.flush():
-                timer.on_payload(payload, perf_counter())
 
     def _finish(self, prompt: Prompt, timer: StreamTimer) -> None:
         outcome = timer.outcome
