@@ -275,6 +275,33 @@ def test_n_best_beams_are_the_choices(
         assert sum(d.prompt_tokens > 0 for d in deltas) == 1
 
 
+def test_min_tokens_and_stop_strings_under_beam_search(
+    seq2seq_dirs: dict[str, Path], runners: dict[str, TorchSeq2SeqRunner]
+) -> None:
+    """min_tokens holds every beam's EOS back as generate(min_new_tokens=...) does; a stop
+    string cuts the best beam's text and its token count."""
+    runner, path = runners["marian"], seq2seq_dirs["marian"]
+    eos = hf_model(path)[0].generation_config.eos_token_id
+    stop = frequent_token(path)
+    kwargs: dict[str, Any] = {"num_beams": 3, "max_new_tokens": MAX_TOKENS}
+    params = SamplingParams(
+        max_tokens=MAX_TOKENS, temperature=0.0, num_beams=3, min_tokens=4, stop_token_ids=[stop]
+    )
+    runner.add_request(GenerateRequest("min", params, prompt=INPUTS[1]))
+    run = drive(runner)
+    (expected,) = hf_beams(path, INPUTS[1], min_new_tokens=4, eos_token_id=[eos, stop], **kwargs)
+    assert run.ids["min"] == expected and len(expected) >= 4
+    (full,) = hf_beams(path, INPUTS[0], **kwargs)
+    text = decode(path, full, {eos})
+    cut = text[len(text) // 2 : len(text) // 2 + 2]
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, num_beams=3, stop=[cut])
+    runner.add_request(GenerateRequest("cut", params, prompt=INPUTS[0]))
+    run = drive(runner)
+    (delta,) = run.deltas["cut"]
+    assert delta.text == text[: text.index(cut)] and delta.finish_reason == "stop"
+    assert delta.num_new_tokens == len(run.ids["cut"]) <= len(full)
+
+
 def test_abort_frees_the_beams_and_spares_the_others(
     seq2seq_dirs: dict[str, Path], runners: dict[str, TorchSeq2SeqRunner]
 ) -> None:
