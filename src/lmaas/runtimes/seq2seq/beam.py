@@ -3,9 +3,9 @@
 :class:`BeamSearch` keeps the running beams and the finished hypotheses of one request; the
 runner decodes its ``num_beams`` rows in the same batched decoder forward as every other row and
 hands :meth:`BeamSearch.advance` their processed next-token log-probabilities. The arithmetic
-follows ``GenerationMixin._beam_search`` (transformers 4.50+) step for step, with the same
-tensor shapes and operations, so that the selection, ties included, is the one ``generate(
-num_beams=k, do_sample=False)`` makes:
+follows ``GenerationMixin._beam_search`` (checked against transformers 5.24) step for step,
+with the same tensor shapes and operations, so that the selection, ties included, is the one
+``generate(num_beams=k, do_sample=False)`` makes:
 
 * each step keeps the top ``max(2, 1 + number of stop ids) * num_beams`` continuations of all
   beams by accumulated log-probability; of these, the best ``num_beams`` that did not hit a stop
