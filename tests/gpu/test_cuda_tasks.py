@@ -135,10 +135,13 @@ def test_seq2seq_on_cuda_matches_cpu(tmp_path: Path) -> None:
         greedy = SamplingParams(max_tokens=16, temperature=0.0)
         for i, prompt in enumerate(["hello there", "a much longer input sentence", "x"]):
             runner.add_request(GenerateRequest(f"{device}{i}", greedy, prompt=prompt))
+            # Beam search: its rows are gathered by beam origin on the device each step.
+            beams = SamplingParams(max_tokens=16, temperature=0.0, num_beams=4, n=2)
+            runner.add_request(GenerateRequest(f"{device}b{i}", beams, prompt=prompt))
         out: dict[str, str] = {}
         while runner.has_work():
             for delta in runner.step():
-                key = delta.request_id.removeprefix(device)
+                key = f"{delta.request_id.removeprefix(device)}.{delta.index}"
                 out[key] = out.get(key, "") + delta.text
         texts[device] = out
     assert texts[DEVICE] == texts["cpu"]

@@ -56,6 +56,10 @@ class ChatMessage(msgspec.Struct, frozen=True):
     content: str
 
 
+MAX_NUM_BEAMS = 16
+"""The widest beam search a request may ask for (``num_beams``)."""
+
+
 class SamplingParams(msgspec.Struct, frozen=True):
     """Decoding parameters, already validated by the API layer."""
 
@@ -87,6 +91,13 @@ class SamplingParams(msgspec.Struct, frozen=True):
     response_format: str | None = None
     """The JSON text of the OpenAI ``response_format`` object (json_object / json_schema), or
     None for free text."""
+    num_beams: int | None = None
+    """Beam search width, seq2seq models only (1..:data:`MAX_NUM_BEAMS`; 1: no beam search).
+    None: the model's default; a seq2seq checkpoint's ``generation_config`` ``num_beams`` when
+    the request does not sample (temperature 0)."""
+    length_penalty: float | None = None
+    """Beam search only, HF semantics: a finished beam's score is its log-probability divided
+    by ``length ** length_penalty``. None: the checkpoint's (1.0 unless it sets one)."""
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, tag="generate"):

@@ -59,6 +59,19 @@ def _greedy_reference(path: Path, text: str, max_new_tokens: int) -> str:
     return str(tokenizer.decode(out[0], skip_special_tokens=True))
 
 
+def _beam_reference(path: Path, text: str, max_new_tokens: int, **kwargs: object) -> list[str]:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(path), dtype=torch.float32)
+    with torch.no_grad():
+        out = model.generate(
+            **tokenizer(text, return_tensors="pt"),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            **kwargs,
+        )
+    return [str(t) for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
 def _png(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
@@ -102,6 +115,54 @@ def test_completions_on_seq2seq_stream_and_not(
         assert streamed == whole.choices[0].text
         assert chunks[-1].usage is not None
         assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_beam_search_returns_generates_text(
+    s2v_server: ServerProcess, model_dirs: dict[str, Path]
+) -> None:
+    """num_beams as an extra body parameter: generate()'s text; n=2 the two best beams;
+    streamed, the text comes as one chunk at the end; usage counts the returned tokens."""
+    client = OpenAI(base_url=f"{s2v_server.base_url}/v1", api_key="unused", max_retries=0)
+    prompt, path = PROMPTS[0], model_dirs["s2s"]
+    beams = _beam_reference(path, prompt, 8, num_beams=4, num_return_sequences=2)
+    whole = client.completions.create(
+        model="tiny-s2s", prompt=prompt, max_tokens=8, extra_body={"num_beams": 4}
+    )
+    assert whole.choices[0].text == beams[0]
+    two = client.completions.create(
+        model="tiny-s2s", prompt=prompt, max_tokens=8, n=2, extra_body={"num_beams": 4}
+    )
+    assert [c.text for c in two.choices] == beams
+    assert two.usage is not None and whole.usage is not None
+    assert whole.usage.completion_tokens <= 8 < two.usage.completion_tokens <= 16
+    chunks = list(
+        client.completions.create(
+            model="tiny-s2s",
+            prompt=prompt,
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"num_beams": 4},
+        )
+    )
+    texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+    assert texts == [beams[0]]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    with pytest.raises(BadRequestError, match="temperature"):
+        client.completions.create(
+            model="tiny-s2s", prompt=prompt, temperature=0.7, extra_body={"num_beams": 4}
+        )
+    with pytest.raises(BadRequestError, match="num_beams"):
+        client.completions.create(model="tiny-s2s", prompt=prompt, n=3, extra_body={"num_beams": 2})
+    url = f"{s2v_server.base_url}/v2/models/tiny-s2s/infer"
+    body = {
+        "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": [prompt]}],
+        "parameters": {"max_tokens": 8, "num_beams": 4},
+    }
+    reply = httpx.post(url, json=body, timeout=30)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["outputs"][0]["data"] == [beams[0]]
 
 
 def test_seq2seq_refusals_keep_the_worker_up(s2v_server: ServerProcess) -> None:

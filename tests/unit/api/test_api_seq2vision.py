@@ -27,6 +27,7 @@ def vision_engine() -> FakeEngineClient:
         [
             FakeModelSpec("fake-s2s", Task.SEQ2SEQ),
             FakeModelSpec("fake-vision", Task.IMAGE_CLASSIFICATION),
+            FakeModelSpec("fake-completion", Task.COMPLETION),
         ]
     )
 
@@ -56,6 +57,81 @@ async def test_completions_serve_seq2seq_models(vclient: httpx.AsyncClient) -> N
     reply = await vclient.post("/v1/completions", json=body)
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["text"].strip()
+
+
+async def test_seq2seq_decodes_like_generate_unless_asked_to_sample(
+    vclient: httpx.AsyncClient, vision_engine: FakeEngineClient
+) -> None:
+    """No temperature: 0 (the checkpoint's decoding, its num_beams included); num_beams,
+    length_penalty and n reach the worker as given."""
+    body = {"model": "fake-s2s", "prompt": "translate this", "max_tokens": 5}
+    assert (await vclient.post("/v1/completions", json=body)).status_code == 200
+    sent = vision_engine.last_generate
+    assert sent is not None
+    assert sent.sampling.temperature == 0.0 and sent.sampling.num_beams is None
+    beams = {**body, "num_beams": 4, "length_penalty": 0.6, "n": 2, "stream": True}
+    reply = await vclient.post("/v1/completions", json=beams)
+    assert reply.status_code == 200, reply.text
+    sent = vision_engine.last_generate
+    assert sent is not None
+    assert (sent.sampling.num_beams, sent.sampling.length_penalty) == (4, 0.6)
+    assert sent.sampling.n == 2 and sent.sampling.temperature == 0.0
+    sampled = {**body, "temperature": 0.7, "num_beams": 1}
+    assert (await vclient.post("/v1/completions", json=sampled)).status_code == 200
+    assert vision_engine.last_generate is not None
+    assert vision_engine.last_generate.sampling.temperature == 0.7
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "param"),
+    [
+        ("fake-s2s", {"num_beams": 0}, "num_beams"),
+        ("fake-s2s", {"num_beams": 17}, "num_beams"),
+        ("fake-s2s", {"num_beams": 2.5}, "num_beams"),
+        ("fake-s2s", {"length_penalty": 11}, "length_penalty"),
+        ("fake-completion", {"num_beams": 4}, "num_beams"),
+        ("fake-completion", {"length_penalty": 1.0}, "length_penalty"),
+    ],
+)
+async def test_bad_beam_parameters_are_400(
+    vclient: httpx.AsyncClient, model: str, extra: dict[str, object], param: str
+) -> None:
+    body = {"model": model, "prompt": "translate this", "max_tokens": 5, **extra}
+    reply = await vclient.post("/v1/completions", json=body)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
+
+
+async def test_num_beams_1_is_fine_for_any_model(vclient: httpx.AsyncClient) -> None:
+    body = {"model": "fake-completion", "prompt": "a b", "max_tokens": 2, "num_beams": 1}
+    assert (await vclient.post("/v1/completions", json=body)).status_code == 200
+
+
+async def test_v2_beam_parameters(
+    vclient: httpx.AsyncClient, vision_engine: FakeEngineClient
+) -> None:
+    meta = (await vclient.get("/v2/models/fake-s2s")).json()
+    assert {"name": "num_beams", "datatype": "INT32", "shape": [1]} in meta["inputs"]
+    text = {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["a b"]}
+    body = {"inputs": [text], "parameters": {"num_beams": 3, "length_penalty": 2.0}}
+    assert (await vclient.post("/v2/models/fake-s2s/infer", json=body)).status_code == 200
+    sent = vision_engine.last_generate
+    assert sent is not None and sent.sampling.temperature == 0.0
+    assert (sent.sampling.num_beams, sent.sampling.length_penalty) == (3, 2.0)
+    scalar = {"name": "num_beams", "datatype": "INT32", "shape": [1], "data": [2]}
+    reply = await vclient.post("/v2/models/fake-s2s/infer", json={"inputs": [text, scalar]})
+    assert reply.status_code == 200, reply.text
+    assert vision_engine.last_generate is not None
+    assert vision_engine.last_generate.sampling.num_beams == 2
+    for model, parameters in (
+        ("fake-s2s", {"num_beams": 40}),
+        ("fake-completion", {"num_beams": 2}),
+    ):
+        body = {"inputs": [text], "parameters": parameters}
+        reply = await vclient.post(f"/v2/models/{model}/infer", json=body)
+        assert reply.status_code == 400 and "num_beams" in reply.json()["error"]
+    completion_meta = (await vclient.get("/v2/models/fake-completion")).json()
+    assert "num_beams" not in {i["name"] for i in completion_meta["inputs"]}
 
 
 async def test_chat_on_a_seq2seq_model_is_refused_clearly(vclient: httpx.AsyncClient) -> None:

@@ -96,6 +96,12 @@ def test_context_overflow_is_refused_quoting_the_numbers(
         llama_runner.add_request(GenerateRequest("r", SamplingParams(), prompt_token_ids=[7] * 512))
     assert excinfo.value.param == "prompt"
     assert not llama_runner.has_work()
+    with pytest.raises(InvalidRequestError) as excinfo:
+        llama_runner.add_request(
+            GenerateRequest("r", SamplingParams(length_penalty=1.0), prompt_token_ids=[7])
+        )
+    assert excinfo.value.param == "length_penalty"
+    assert not llama_runner.has_work()
 
 
 def test_max_tokens_none_runs_to_the_end_of_the_context(llama_runner: TorchCausalLMRunner) -> None:

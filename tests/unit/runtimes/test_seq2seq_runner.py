@@ -20,7 +20,7 @@ from lmaas.registry.inspection import inspect_model_dir
 from lmaas.registry.sources import plan_directory
 from lmaas.runtimes.catalog import create_runner
 from lmaas.runtimes.seq2seq.torch import TorchSeq2SeqRunner
-from lmaas.testing.tiny_seq2seq import SHAPES, build_tiny_seq2seq
+from lmaas.testing.tiny_seq2seq import SHAPES
 
 INPUTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -28,12 +28,6 @@ INPUTS = [
     "Application developers call it with the clients they already use, every single day.",
 ]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
-
-
-@pytest.fixture(scope="session")
-def seq2seq_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-seq2seq")
-    return {shape: build_tiny_seq2seq(root / shape, shape) for shape in SHAPES}
 
 
 @pytest.fixture(scope="session")

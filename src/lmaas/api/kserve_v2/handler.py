@@ -18,7 +18,13 @@ from lmaas.api.kserve_v2.tensors import InferInput, Tensor
 from lmaas.api.services import ApiServices
 from lmaas.api.sse import aclose_quietly
 from lmaas.core.errors import DeadlineExceededError, InvalidRequestError, NotSupportedError
-from lmaas.core.messages import EmbedRequest, EmbedResult, GenerateRequest, SamplingParams
+from lmaas.core.messages import (
+    MAX_NUM_BEAMS,
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    SamplingParams,
+)
 from lmaas.core.types import Task
 from lmaas.engine.protocol import ServedModel
 
@@ -32,6 +38,8 @@ GENERATION_PARAMS: dict[str, str] = {
     "ignore_eos": "BOOL",
 }
 """Optional scalar inputs (or request ``parameters``) of generation models."""
+BEAM_PARAMS: dict[str, str] = {"num_beams": "INT32", "length_penalty": "FP32"}
+"""Further optional scalar inputs of seq2seq models (beam search)."""
 
 
 class GenerationParams(BaseModel):
@@ -40,13 +48,16 @@ class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     max_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    """None: 1, or 0 for seq2seq models (the checkpoint's decoding, beam search included)."""
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=-1, le=1 << 20)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     min_tokens: int = Field(default=0, ge=0, le=1 << 20)
     ignore_eos: bool = False
     stop: list[str] = Field(default_factory=list, max_length=8)
+    num_beams: int | None = Field(default=None, ge=1, le=MAX_NUM_BEAMS)
+    length_penalty: float | None = Field(default=None, ge=-10.0, le=10.0)
 
 
 def _io(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
@@ -66,7 +77,7 @@ def signature(model: ServedModel) -> tuple[list[dict[str, Any]], list[dict[str, 
         dim = model.info.embedding_dim if model.info and model.info.embedding_dim else -1
         return [_io("text", "BYTES", [-1])], [_io("embedding", "FP32", [-1, dim])]
     if model.task.generates_text or model.task is Task.SEQ2SEQ:
-        optional = [_io(name, dt, [1]) for name, dt in GENERATION_PARAMS.items()]
+        optional = [_io(name, dt, [1]) for name, dt in _scalar_params(model).items()]
         return [_io("text_input", "BYTES", [1]), *optional], [_io("text_output", "BYTES", [1])]
     return text_heads.default_signature(model) or ([], [])
 
@@ -132,9 +143,15 @@ async def infer_embedding(
     return [OutputTensor("embedding", "FP32", [result.num_inputs, result.dim], raw=result.data)]
 
 
-def _sampling(request: InferInput) -> SamplingParams:
+def _scalar_params(model: ServedModel) -> dict[str, str]:
+    if model.task is Task.SEQ2SEQ:
+        return {**GENERATION_PARAMS, **BEAM_PARAMS}
+    return GENERATION_PARAMS
+
+
+def _sampling(request: InferInput, model: ServedModel) -> SamplingParams:
     values: dict[str, Any] = dict(request.parameters)
-    for name in GENERATION_PARAMS:
+    for name in _scalar_params(model):
         tensor = request.inputs.get(name)
         if tensor is not None:
             if len(tensor.values) != 1:
@@ -146,23 +163,32 @@ def _sampling(request: InferInput) -> SamplingParams:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise InvalidRequestError(f"invalid value for '{where}': {first['msg']}") from None
-    greedy = params.temperature == 0.0
+    seq2seq = model.task is Task.SEQ2SEQ
+    if not seq2seq and (params.num_beams not in (None, 1) or params.length_penalty is not None):
+        raise InvalidRequestError(
+            "num_beams and length_penalty (beam search) are supported for seq2seq models only"
+        )
+    default_temperature = 0.0 if seq2seq else 1.0
+    temperature = default_temperature if params.temperature is None else params.temperature
+    greedy = temperature == 0.0
     return SamplingParams(
         max_tokens=params.max_tokens,
-        temperature=params.temperature,
+        temperature=temperature,
         top_p=1.0 if greedy else params.top_p,
         top_k=1 if greedy else max(params.top_k, 0),
         seed=params.seed,
         stop=[s for s in params.stop if s],
         ignore_eos=params.ignore_eos,
         min_tokens=params.min_tokens,
+        num_beams=params.num_beams,
+        length_penalty=params.length_penalty,
     )
 
 
 async def infer_generation(
     services: ApiServices, model: ServedModel, request: InferInput, request_id: str
 ) -> list[OutputTensor]:
-    tensor = _check_inputs(request, "text_input", {"text_input", *GENERATION_PARAMS})
+    tensor = _check_inputs(request, "text_input", {"text_input", *_scalar_params(model)})
     if tensor.shape not in ([1], [1, 1]):
         raise InvalidRequestError(
             f"input 'text_input' must have shape [1] or [1, 1], got {tensor.shape}"
@@ -171,7 +197,7 @@ async def infer_generation(
     if not prompt:
         raise InvalidRequestError("input 'text_input' is empty")
     generate = GenerateRequest(
-        request_id, _sampling(request), prompt=prompt, add_generation_prompt=False
+        request_id, _sampling(request, model), prompt=prompt, add_generation_prompt=False
     )
     text = await _collect_text(services, model.ref, generate)
     return [OutputTensor("text_output", "BYTES", [1], values=[text.encode("utf-8", "replace")])]

@@ -17,7 +17,8 @@ from lmaas.api.openai.base import (
     reject_set,
 )
 from lmaas.core.errors import InvalidRequestError
-from lmaas.core.messages import SamplingParams
+from lmaas.core.messages import MAX_NUM_BEAMS, SamplingParams
+from lmaas.core.types import Task
 from lmaas.engine.protocol import ServedModel
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
@@ -54,6 +55,12 @@ class SamplingFields(OpenAIBaseModel):
     """vLLM extra: HF-style penalty over prompt and output (1 disables)."""
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     response_format: dict[str, Any] | None = None
+    num_beams: int | None = Field(default=None, ge=1, le=MAX_NUM_BEAMS)
+    """lmaas extra, seq2seq models only: beam search width (1: none); None: the checkpoint's
+    ``generation_config`` for a request that does not sample."""
+    length_penalty: float | None = Field(default=None, ge=-10.0, le=10.0)
+    """lmaas extra, seq2seq beam search only: a hypothesis scores ``logprob / length **
+    length_penalty``; None: the checkpoint's."""
     user: str | None = None
     chat_template: Any = None
     """Never honoured: a template from a request could run arbitrary Jinja."""
@@ -67,7 +74,10 @@ class SamplingFields(OpenAIBaseModel):
     def to_sampling(
         self, model: ServedModel, max_tokens: int | None, logprobs: int | None = None
     ) -> SamplingParams:
-        """Validated :class:`SamplingParams`; temperature 0 means greedy.
+        """Validated :class:`SamplingParams`; temperature 0 means greedy (or beam search).
+
+        ``temperature`` defaults to 1, and to 0 for seq2seq models: a translation or summary
+        decodes as the checkpoint's ``generate()`` does unless the request asks to sample.
 
         Args:
             logprobs: None for none, 0 for the sampled token's only, k for the top k too.
@@ -77,7 +87,11 @@ class SamplingFields(OpenAIBaseModel):
         """
         reject_set(self.common_rejections())
         self._check_lengths(model, max_tokens)
-        temperature = 1.0 if self.temperature is None else self.temperature
+        seq2seq = model.task is Task.SEQ2SEQ
+        if not seq2seq:
+            self._reject_beams(model)
+        default_temperature = 0.0 if seq2seq else 1.0
+        temperature = default_temperature if self.temperature is None else self.temperature
         greedy = temperature == 0.0
         top_k = self.top_k if self.top_k is not None and self.top_k > 0 else 0
         return SamplingParams(
@@ -97,7 +111,22 @@ class SamplingFields(OpenAIBaseModel):
             logprobs=logprobs,
             n=self.n or 1,
             response_format=response_format_json(self.response_format),
+            num_beams=self.num_beams,
+            length_penalty=self.length_penalty,
         )
+
+    def _reject_beams(self, model: ServedModel) -> None:
+        beams = {
+            "num_beams": self.num_beams not in (None, 1),
+            "length_penalty": self.length_penalty is not None,
+        }
+        for name, is_set in beams.items():
+            if is_set:
+                raise InvalidRequestError(
+                    f"'{name}' (beam search) is supported for seq2seq models only; "
+                    f"'{model.name}' is a {model.task.value} model",
+                    param=name,
+                )
 
     def _check_lengths(self, model: ServedModel, max_tokens: int | None) -> None:
         context = model.info.context_length if model.info else None

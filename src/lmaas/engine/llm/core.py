@@ -28,7 +28,7 @@ from lmaas.engine.llm.protocol import ModelRunner, PromptProcessor
 from lmaas.engine.llm.scheduler import Scheduler, SchedulerConfig
 from lmaas.engine.llm.sequence import SchedSequence
 from lmaas.runtimes.llm.batch import Sampled, SamplingConfig, TokenGuide
-from lmaas.runtimes.llm.prompt import resolve_max_tokens
+from lmaas.runtimes.llm.prompt import refuse_beam_search, resolve_max_tokens
 from lmaas.runtimes.llm.sequence import FINISH_STOP, GenerationSequence
 
 _log = logging.getLogger("lmaas.engine.llm")
@@ -137,6 +137,7 @@ class LLMEngine:
         scheduler, prompts, info = self._loaded()
         if request.request_id in self._by_request:
             raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
+        refuse_beam_search(request)
         prompt_ids = prompts.prompt_ids(request)
         # A small KV budget can hold less than the model's context: the cache is the limit then.
         context_length = min(info.context_length, scheduler.max_seq_len)

@@ -18,6 +18,23 @@ class TokenEncoder(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
 
+def refuse_beam_search(request: GenerateRequest) -> None:
+    """Beam search is served for seq2seq models only: a causal LM refuses it, never ignores it.
+
+    Raises:
+        InvalidRequestError: ``num_beams > 1`` or a ``length_penalty``.
+    """
+    params = request.sampling
+    for name, is_set in (
+        ("num_beams", params.num_beams not in (None, 1)),
+        ("length_penalty", params.length_penalty is not None),
+    ):
+        if is_set:
+            raise InvalidRequestError(
+                f"'{name}' (beam search) is supported for seq2seq models only", param=name
+            )
+
+
 def prompt_param(request: GenerateRequest) -> str:
     """The request field that holds the prompt, for error reports."""
     if request.messages is not None:

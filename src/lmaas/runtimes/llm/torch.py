@@ -28,7 +28,12 @@ from lmaas.runtimes.device import (
 from lmaas.runtimes.hf_loading import load_hf_model
 from lmaas.runtimes.llm.chat_template import ChatTemplate
 from lmaas.runtimes.llm.hf_prompt import chat_template_of, eos_token_ids_of
-from lmaas.runtimes.llm.prompt import build_prompt_ids, resolve_context_length, resolve_max_tokens
+from lmaas.runtimes.llm.prompt import (
+    build_prompt_ids,
+    refuse_beam_search,
+    resolve_context_length,
+    resolve_max_tokens,
+)
 from lmaas.runtimes.llm.sampling import make_generator, sample_token
 from lmaas.runtimes.llm.sequence import GenerationSequence
 
@@ -115,6 +120,7 @@ class TorchCausalLMRunner:
             r.seq.request_id == request.request_id for r in self._waiting
         ):
             raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
+        refuse_beam_search(request)
         ids = build_prompt_ids(request, self._tokenizer, self._template, self._vocab_size)
         max_tokens = resolve_max_tokens(request, len(ids), self._context_length)
         seq = GenerationSequence(

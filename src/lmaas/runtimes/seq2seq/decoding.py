@@ -5,10 +5,16 @@ their weights: Marian may never emit ``<pad>`` (``bad_words_ids``), BART's first
 to ``<s>`` (``forced_bos_token_id``) and the last allowed one to ``</s>``
 (``forced_eos_token_id``), summarisers set ``min_length`` and ``no_repeat_ngram_size``. These
 rules are applied here exactly as ``transformers``' logits processors apply them in
-``generate()``, so greedy serving gives the tokens ``model.generate(do_sample=False)`` gives.
+``generate()``: to the one sequence of greedy or sampled decoding, and to every beam of beam
+search (:mod:`lmaas.runtimes.seq2seq.beam`).
 
-Beam search (``num_beams > 1``), ``length_penalty`` and the config's ``repetition_penalty`` are
-not applied: the server decodes greedily or by sampling, one token per step.
+The config also sets the defaults of a request that names none: ``num_beams`` (Marian opus-mt
+and BART summarisers ship 4), ``length_penalty``, ``early_stopping`` (True, False or
+``"never"``) and the output length (``max_new_tokens``, else ``max_length`` minus the decoder
+start token). A request that does not sample decodes with the checkpoint's ``num_beams``, so
+the server gives the tokens ``model.generate(do_sample=False)`` gives, beam search included.
+Not applied: the config's ``repetition_penalty``, ``num_beam_groups`` (diverse beam search) and
+``do_sample`` (a request samples when it sets ``temperature > 0``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,13 @@ class DecodingRules:
     min_length: int = 0
     """HF semantics: EOS is banned while the decoder ids (start token included) are fewer."""
     no_repeat_ngram_size: int = 0
+    num_beams: int = 1
+    """The checkpoint's beam search width, for requests that do not sample."""
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    """HF semantics: True, False or ``"never"``."""
+    max_new_tokens: int | None = None
+    """The checkpoint's output length; None: the decoder's maximum."""
 
     def forced_token(self, position: int, max_tokens: int, ignore_eos: bool) -> int | None:
         """The token the rules force at output ``position`` (None: the model chooses)."""
@@ -105,7 +118,32 @@ def read_decoding_rules(model_config: Any, generation_config: Any) -> DecodingRu
         banned_ids=single,
         min_length=int(getattr(generation_config, "min_length", 0) or 0),
         no_repeat_ngram_size=int(getattr(generation_config, "no_repeat_ngram_size", 0) or 0),
+        num_beams=max(1, int(getattr(generation_config, "num_beams", 1) or 1)),
+        length_penalty=float(_setting(generation_config, "length_penalty", 1.0)),
+        early_stopping=_early_stopping(_setting(generation_config, "early_stopping", False)),
+        max_new_tokens=_max_new_tokens(generation_config),
     )
+
+
+def _setting(generation_config: Any, name: str, default: Any) -> Any:
+    value = getattr(generation_config, name, None)
+    return default if value is None else value
+
+
+def _early_stopping(value: Any) -> bool | str:
+    if value in (True, False, "never"):
+        return bool(value) if isinstance(value, bool) else "never"
+    raise ValueError(f"generation_config early_stopping must be true, false or 'never': {value!r}")
+
+
+def _max_new_tokens(generation_config: Any) -> int | None:
+    """The output length the config asks for: ``max_new_tokens``, else ``max_length`` less the
+    decoder start token (``generate()`` counts it in ``max_length``)."""
+    new = getattr(generation_config, "max_new_tokens", None)
+    if new is not None:
+        return max(1, int(new))
+    total = getattr(generation_config, "max_length", None)
+    return None if total is None else max(1, int(total) - 1)
 
 
 def _optional_int(value: Any) -> int | None:
@@ -119,8 +157,8 @@ def _first(value: Any) -> int | None:
 
 
 def _warn_unapplied(generation_config: Any) -> None:
-    if int(getattr(generation_config, "num_beams", 1) or 1) > 1:
-        _log.warning("generation_config num_beams > 1 is not applied: serving decodes greedily")
+    if int(getattr(generation_config, "num_beam_groups", 1) or 1) > 1:
+        _log.warning("generation_config num_beam_groups > 1 is not applied (plain beam search)")
     penalty = getattr(generation_config, "repetition_penalty", 1.0)
     if penalty not in (None, 1.0):
         _log.warning("generation_config repetition_penalty=%s is not applied", penalty)

@@ -8,6 +8,12 @@ positions of Marian and BART stay right without per-row position ids, which thos
 accept. A step runs one batched decoder forward per cohort; rows that finish are dropped from
 their cohort's cache (``batch_select_indices``). Greedy output equals
 ``model.generate(do_sample=False)`` token for token (tests check it for each shape).
+
+Beam search (:mod:`lmaas.runtimes.seq2seq.beam`) gives a request ``num_beams`` rows of its
+cohort: the encoder runs once per request and its output is repeated for the beams, and after
+each step the cohort's rows (encoder output, mask and KV cache) are gathered by the beams'
+origins, which reorders the beams and drops finished requests in one index. A beam request
+sends nothing until it ends, then one delta per returned hypothesis (``n`` of them, as choices).
 """
 
 from __future__ import annotations
@@ -31,28 +37,49 @@ from lmaas.runtimes.device import (
 )
 from lmaas.runtimes.hf_loading import load_hf_model
 from lmaas.runtimes.llm.sampling import make_generator, sample_token
-from lmaas.runtimes.llm.sequence import FINISH_LENGTH, GenerationSequence
+from lmaas.runtimes.llm.sequence import FINISH_LENGTH, FINISH_STOP, GenerationSequence
+from lmaas.runtimes.seq2seq.beam import BeamSearch, beam_log_probs
 from lmaas.runtimes.seq2seq.decoding import DecodingRules, read_decoding_rules
+from lmaas.runtimes.seq2seq.params import (
+    check_sampling,
+    encoder_input_ids,
+    max_input_tokens,
+    resolve_beams,
+    resolve_max_tokens,
+)
 
 _log = logging.getLogger(__name__)
 _WARMUP_ID = "__lmaas_warmup__"
-_UNSET_LIMIT = 1_000_000
-"""Tokenizers without a maximum length report a huge ``model_max_length``."""
 
 
 class _Entry:
-    """One request: its decoding state, encoder input and random stream."""
+    """One request: its decoding state, encoder input, random stream and beams (if any)."""
 
-    __slots__ = ("forced_eos", "generator", "input_ids", "sent_first", "seq")
+    __slots__ = ("beam", "forced_eos", "generator", "input_ids", "sent_first", "seq")
 
     def __init__(
-        self, seq: GenerationSequence, input_ids: list[int], generator: torch.Generator | None
+        self,
+        seq: GenerationSequence,
+        input_ids: list[int],
+        generator: torch.Generator | None,
+        beam: BeamSearch | None,
     ) -> None:
         self.seq = seq
         self.input_ids = input_ids
         self.generator = generator
+        self.beam = beam
         self.sent_first = False
         self.forced_eos = False
+
+    @property
+    def num_rows(self) -> int:
+        return 1 if self.beam is None else self.beam.settings.num_beams
+
+    def last_ids(self, start_id: int) -> list[int]:
+        """The decoder input of each of the request's rows."""
+        if self.beam is None:
+            return [self.seq.output_ids[-1] if self.seq.output_ids else start_id]
+        return [beam[-1] if beam else start_id for beam in self.beam.beams]
 
 
 class _Cohort:
@@ -68,16 +95,29 @@ class _Cohort:
         self.encoder_mask = encoder_mask
         self.cache: Any = None
 
-    def keep(self, rows: list[int]) -> None:
-        """Drop every row not in ``rows`` (finished or aborted sequences)."""
-        if len(rows) == len(self.entries):
+    @property
+    def num_rows(self) -> int:
+        return int(self.encoder_hidden.shape[0]) if self.entries else 0
+
+    def select(self, entries: list[_Entry], rows: list[int]) -> None:
+        """Keep ``entries``, whose rows are the old ``rows`` in order (a row may repeat: a beam
+        that two new beams extend)."""
+        if rows == list(range(self.num_rows)):
             return
         index = torch.tensor(rows, dtype=torch.long, device=self.encoder_hidden.device)
-        self.entries = [self.entries[i] for i in rows]
+        self.entries = entries
         self.encoder_hidden = self.encoder_hidden.index_select(0, index)
         self.encoder_mask = self.encoder_mask.index_select(0, index)
         if self.cache is not None and rows:
             self.cache.batch_select_indices(index)
+
+    def rows_of(self) -> list[tuple[_Entry, int]]:
+        """Each entry with its first row."""
+        out, start = [], 0
+        for entry in self.entries:
+            out.append((entry, start))
+            start += entry.num_rows
+        return out
 
 
 class TorchSeq2SeqRunner:
@@ -85,10 +125,11 @@ class TorchSeq2SeqRunner:
 
     Implements :class:`lmaas.runtimes.base.GenerationRunner`. The request's ``prompt`` is the
     encoder input (the text to translate or summarise); the output streams as text deltas,
-    detokenised incrementally. Sampling supports temperature, top-k, top-p, seed, stop strings,
-    stop token ids, ``min_tokens`` and ``ignore_eos``; logprobs, ``n > 1``, penalties, logit bias,
-    min-p and ``response_format`` are refused with a 400. On a CPU, ``dtype=auto`` stays in
-    float32 (T5 overflows in float16).
+    detokenised incrementally. Decoding is greedy, sampled (temperature, top-k, top-p, seed) or
+    beam search (``num_beams``, the checkpoint's by default; ``n`` up to ``num_beams`` returns
+    the best beams as choices), with stop strings, stop token ids, ``min_tokens`` and
+    ``ignore_eos``; logprobs, penalties, logit bias, min-p and ``response_format`` are refused
+    with a 400. On a CPU, ``dtype=auto`` stays in float32 (T5 overflows in float16).
 
     Args:
         spec: The worker spec (model dir, device, dtype, context length, max batch size).
@@ -129,7 +170,7 @@ class TorchSeq2SeqRunner:
             raise ModelLoadError(str(exc)) from exc
         self._vocab_size = int(config.vocab_size)
         self._pad_id = int(config.pad_token_id if config.pad_token_id is not None else 0)
-        self._max_input_tokens = _max_input_tokens(config, self._tokenizer, self._spec)
+        self._max_input_tokens = max_input_tokens(config, self._tokenizer, self._spec)
         decoder_limit = getattr(config, "max_position_embeddings", None)
         self._max_output_tokens = int(decoder_limit or self._max_input_tokens)
         _log.info("loaded %s on %s (%s)", self._spec.model_dir, self._device, dtype)
@@ -160,34 +201,46 @@ class TorchSeq2SeqRunner:
             raise ModelNotReadyError("the model is not loaded yet")
         if self._is_known(request.request_id):
             raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
-        _check_sampling(request.sampling)
-        input_ids = self._input_ids(request)
-        max_tokens = self._max_tokens(request.sampling)
-        seq = GenerationSequence(
-            request.request_id,
+        params = request.sampling
+        check_sampling(params)
+        input_ids = encoder_input_ids(
+            request, self._tokenizer, self._vocab_size, self._max_input_tokens
+        )
+        max_tokens = resolve_max_tokens(params, self._rules, self._max_output_tokens)
+        beams = resolve_beams(params, self._rules, max_tokens)
+        beam = None if beams is None else BeamSearch(beams, self._device)
+        seq = self._sequence(request.request_id, params, max_tokens)
+        generator = make_generator(params.seed, self._device) if beam is None else None
+        self._waiting.append(_Entry(seq, input_ids, generator, beam))
+
+    def _sequence(
+        self, request_id: str, params: SamplingParams, max_tokens: int
+    ) -> GenerationSequence:
+        return GenerationSequence(
+            request_id,
             # The decoder start token is the detokeniser's left context, not the encoder input.
             [self._rules.decoder_start_id],
-            request.sampling,
+            params,
             max_tokens,
             self._tokenizer,
             self._rules.eos_ids,
         )
-        generator = make_generator(request.sampling.seed, self._device)
-        self._waiting.append(_Entry(seq, input_ids, generator))
 
     def abort(self, request_id: str) -> None:
         """Drop a request, waiting or running; unknown ids are ignored."""
         self._waiting = deque(e for e in self._waiting if e.seq.request_id != request_id)
         for cohort in self._cohorts:
-            rows = [i for i, e in enumerate(cohort.entries) if e.seq.request_id != request_id]
-            cohort.keep(rows)
+            kept = [(e, r) for e, r in cohort.rows_of() if e.seq.request_id != request_id]
+            rows = [r + i for e, r in kept for i in range(e.num_rows)]
+            cohort.select([e for e, _ in kept], rows)
         self._cohorts = [c for c in self._cohorts if c.entries]
 
     def has_work(self) -> bool:
         return bool(self._cohorts or self._waiting)
 
     def num_running(self) -> int:
-        return sum(len(c.entries) for c in self._cohorts)
+        """Decoder rows in flight: one per sequence, ``num_beams`` per beam search."""
+        return sum(c.num_rows for c in self._cohorts)
 
     def stats(self) -> dict[str, int]:
         return {
@@ -203,8 +256,14 @@ class TorchSeq2SeqRunner:
         """Admit waiting requests (one encoder pass), then decode one token for every row."""
         room = max(1, self._spec.max_batch_size) - self.num_running()
         admitted: list[_Entry] = []
-        while self._waiting and len(admitted) < room:
+        num_rows = 0
+        while self._waiting:
+            need = self._waiting[0].num_rows
+            # A beam search wider than the batch still runs: alone.
+            if num_rows + need > room and (admitted or self._cohorts):
+                break
             admitted.append(self._waiting.popleft())
+            num_rows += need
         if admitted:
             self._cohorts.append(self._encode(admitted))
         deltas: list[SeqDelta] = []
@@ -222,15 +281,18 @@ class TorchSeq2SeqRunner:
             mask[row, : len(entry.input_ids)] = 1
         input_ids, mask = input_ids.to(self._device), mask.to(self._device)
         hidden = self._encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        if any(e.beam is not None for e in entries):
+            # Beams share their request's encoder pass; each beam gets a row of its own.
+            rows = [i for i, e in enumerate(entries) for _ in range(e.num_rows)]
+            index = torch.tensor(rows, dtype=torch.long, device=self._device)
+            hidden, mask = hidden.index_select(0, index), mask.index_select(0, index)
         return _Cohort(entries, hidden, mask)
 
     def _decode_step(self, cohort: _Cohort) -> list[SeqDelta]:
         from transformers.modeling_outputs import BaseModelOutput
 
-        last_ids = [
-            e.seq.output_ids[-1] if e.seq.output_ids else self._rules.decoder_start_id
-            for e in cohort.entries
-        ]
+        start_id = self._rules.decoder_start_id
+        last_ids = [token for e in cohort.entries for token in e.last_ids(start_id)]
         decoder_input = torch.tensor(last_ids, dtype=torch.long, device=self._device)[:, None]
         # transformers renamed ``past_key_values`` to ``cache`` (5.2x); take whichever the
         # installed version's model accepts.
@@ -245,13 +307,26 @@ class TorchSeq2SeqRunner:
         cohort.cache = out.cache if self._takes_cache else out.past_key_values
         logits = out.logits[:, -1].float()
         deltas: list[SeqDelta] = []
-        keep: list[int] = []
-        for row, entry in enumerate(cohort.entries):
-            delta = self._advance(entry, logits[row])
-            deltas.append(delta)
-            if delta.finish_reason is None:
-                keep.append(row)
-        cohort.keep(keep)
+        kept: list[_Entry] = []
+        rows: list[int] = []
+        for entry, row in cohort.rows_of():
+            if entry.beam is None:
+                delta = self._advance(entry, logits[row])
+                deltas.append(delta)
+                if delta.finish_reason is None:
+                    kept.append(entry)
+                    rows.append(row)
+                continue
+            log_probs = beam_log_probs(
+                entry.beam, logits[row : row + entry.num_rows], self._rules, entry.seq.params
+            )
+            origins = entry.beam.advance(log_probs)
+            if entry.beam.done:
+                deltas.extend(self._beam_results(entry))
+            else:
+                kept.append(entry)
+                rows.extend(row + origin for origin in origins)
+        cohort.select(kept, rows)
         return deltas
 
     def _advance(self, entry: _Entry, logits: torch.Tensor) -> SeqDelta:
@@ -273,82 +348,52 @@ class TorchSeq2SeqRunner:
             changes["finish_reason"] = FINISH_LENGTH
         return msgspec.structs.replace(delta, **changes) if changes else delta
 
+    def _beam_results(self, entry: _Entry) -> list[SeqDelta]:
+        """One final delta per returned hypothesis: its whole text, as choice ``index``."""
+        assert entry.beam is not None
+        deltas = []
+        request_id, params = entry.seq.request_id, entry.seq.params
+        for index, token_ids in enumerate(entry.beam.best()):
+            seq = (
+                entry.seq
+                if index == 0
+                else self._sequence(request_id, params, entry.seq.max_tokens)
+            )
+            parts: list[str] = []
+            for token_id in token_ids:
+                parts.append(seq.append(token_id).text)
+                if seq.finish_reason is not None:
+                    break
+            if seq.finish_reason is None:  # a hypothesis slot no beam filled
+                parts.append(seq.close(FINISH_STOP))
+            reason = seq.finish_reason
+            if self._forced_eos_at_limit(seq):
+                reason = FINISH_LENGTH
+            deltas.append(
+                SeqDelta(
+                    request_id,
+                    "".join(parts),
+                    num_new_tokens=len(seq.output_ids),
+                    finish_reason=reason,
+                    prompt_tokens=len(entry.input_ids) if index == 0 else 0,
+                    index=index,
+                )
+            )
+        return deltas
+
+    def _forced_eos_at_limit(self, seq: GenerationSequence) -> bool:
+        """The config forced EOS because max_tokens ran out: the output was cut."""
+        forced = self._rules.forced_eos_id
+        ids = seq.output_ids
+        return (
+            forced is not None
+            and not seq.params.ignore_eos
+            and len(ids) == seq.max_tokens
+            and ids[-1] == forced
+        )
+
     # ------------------------------------------------------------------ validation
 
     def _is_known(self, request_id: str) -> bool:
         entries = [*self._waiting, *(e for c in self._cohorts for e in c.entries)]
         return any(e.seq.request_id == request_id for e in entries)
-
-    def _input_ids(self, request: GenerateRequest) -> list[int]:
-        if request.messages is not None:
-            raise InvalidRequestError(
-                "seq2seq models take a prompt, not chat messages; use /v1/completions",
-                param="messages",
-            )
-        if request.prompt_token_ids is not None:
-            ids = list(request.prompt_token_ids)
-            bad = [i for i in ids if not 0 <= i < self._vocab_size]
-            if bad:
-                raise InvalidRequestError(
-                    f"prompt token id {bad[0]} is outside the vocabulary [0, {self._vocab_size})",
-                    param="prompt",
-                )
-        elif request.prompt:
-            ids = self._tokenizer.encode(request.prompt, add_special_tokens=True)
-        else:
-            ids = []
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        if len(ids) > self._max_input_tokens:
-            raise InvalidRequestError(
-                f"This model's maximum input length is {self._max_input_tokens} tokens, but the "
-                f"prompt has {len(ids)} tokens. Please shorten the prompt.",
-                param="prompt",
-            )
-        return list(ids)
-
-    def _max_tokens(self, params: SamplingParams) -> int:
-        if params.max_tokens is None:
-            return self._max_output_tokens
-        if not 1 <= params.max_tokens <= self._max_output_tokens:
-            raise InvalidRequestError(
-                f"max_tokens must lie in 1..{self._max_output_tokens} for this model, "
-                f"got {params.max_tokens}",
-                param="max_tokens",
-            )
-        return params.max_tokens
-
-
-def _check_sampling(params: SamplingParams) -> None:
-    """Refuse the sampling features this runner does not implement, naming the parameter."""
-    unsupported = {
-        "n": params.n != 1,
-        "logprobs": params.logprobs is not None,
-        "response_format": params.response_format is not None,
-        "logit_bias": bool(params.logit_bias),
-        "presence_penalty": params.presence_penalty != 0.0,
-        "frequency_penalty": params.frequency_penalty != 0.0,
-        "repetition_penalty": params.repetition_penalty != 1.0,
-        "min_p": params.min_p > 0.0,
-    }
-    for name, is_set in unsupported.items():
-        if is_set:
-            raise InvalidRequestError(f"'{name}' is not supported for seq2seq models", param=name)
-
-
-def _max_input_tokens(config: Any, tokenizer: Any, spec: WorkerSpec) -> int:
-    """The encoder's input limit: the model's positions, the tokenizer's maximum and the
-    served ``context_length``, whichever is smallest (T5 has relative positions: no model
-    limit of its own)."""
-    limits = [
-        int(getattr(config, "max_position_embeddings", 0) or 0),
-        int(getattr(config, "n_positions", 0) or 0),
-        int(getattr(tokenizer, "model_max_length", 0) or 0),
-        spec.context_length or 0,
-    ]
-    positive = [limit for limit in limits if 0 < limit < _UNSET_LIMIT]
-    if not positive:
-        raise ModelLoadError(
-            "cannot tell the encoder's maximum input length; set the context_length option"
-        )
-    return min(positive)

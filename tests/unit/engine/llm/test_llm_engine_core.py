@@ -135,6 +135,9 @@ def test_limits_are_refused_with_clear_errors() -> None:
         engine.add_request(_request("big", " ".join(["w3"] * 10), max_tokens=10))
     with pytest.raises(InvalidRequestError, match="empty"):
         engine.add_request(_request("empty", ""))
+    with pytest.raises(InvalidRequestError, match="seq2seq models only") as beams:
+        engine.add_request(_request("beams", "w1", num_beams=2))
+    assert beams.value.param == "num_beams"
     engine.add_request(_request("a", "w1", max_tokens=4))
     with pytest.raises(InvalidRequestError, match="duplicate"):
         engine.add_request(_request("a", "w1"))
