@@ -73,22 +73,30 @@ class SupervisionPolicy:
     stop_timeout_s: float = 10.0
 
 
-WORKER_ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
-"""Set in a worker's environment unless the operator's environment sets them.
+PASSIVE_OPENMP = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""Set in the environment of a worker of a one-result task (embeddings, rerank, classification,
+speech, vision, seq2seq, tensors) unless the operator's environment sets it.
 
-``OMP_WAIT_POLICY=PASSIVE``: the OpenMP threads of torch sleep when a parallel region ends
-instead of spinning for the next one. A worker shares the cores with the gateway, the other
-workers and its own tokenising threads; spinning threads take those cores while waiting, and
-when the cores are oversubscribed a parallel region waits for a descheduled thread. Measured on
-the 2-core development machine under load (``benchmarks/embeddings_compare.py``, torch
-backend): 8 sentences/s spinning, 51 passive (``docs/benchmarks.md``). onnxruntime sessions get
-the same from ``session.intra_op.allow_spinning=0``."""
+The OpenMP threads of torch then sleep when a parallel region ends instead of spinning for the
+next one. Such a worker runs a forward pass per dynamic batch and tokenises / post-processes on
+helper threads, beside the gateway on the same cores: spinning threads take those cores while
+waiting, and when the cores are oversubscribed a parallel region waits for a descheduled
+thread. Measured on the 2-core development machines (``benchmarks/embeddings_compare.py``,
+torch backend, ``docs/benchmarks.md``): under load 8 sentences/s spinning, 51 passive; quiet,
+76-87 by default, 94-103 passive. LLM workers keep OpenMP's default: their step loop runs
+parallel regions back to back, and passive waiting cost 8% of batch throughput and 11% of
+single-stream decode speed there (``compare_llm.py``, 2026-11-28). onnxruntime sessions never
+spin (``session.intra_op.allow_spinning=0``)."""
+
+_SPINNING_TASKS = frozenset({"chat", "completion"})
 
 
-def worker_environment() -> dict[str, str]:
-    """The environment a worker process starts with: the gateway's, plus
-    :data:`WORKER_ENV_DEFAULTS` where it does not say otherwise."""
-    return {**WORKER_ENV_DEFAULTS, **os.environ}
+def worker_environment(task: str) -> dict[str, str]:
+    """The environment a worker process of ``task`` starts with: the gateway's, plus
+    :data:`PASSIVE_OPENMP` for one-result tasks where the gateway's does not say otherwise."""
+    if task in _SPINNING_TASKS:
+        return dict(os.environ)
+    return {**PASSIVE_OPENMP, **os.environ}
 
 
 @dataclass(slots=True)
@@ -331,7 +339,7 @@ class WorkerHandle:
             "lmaas.worker",
             str(spec_file),
             stdin=asyncio.subprocess.DEVNULL,
-            env=worker_environment(),
+            env=worker_environment(self.spec.task),
         )
         _log.info("started worker pid %s for %s", process.pid, self.name)
         return _Incarnation(process=process, requests=requests, results=results)

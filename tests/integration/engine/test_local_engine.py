@@ -228,9 +228,22 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
 
 
-@pytest.mark.parametrize("operator_value", [None, "ACTIVE"])
-def test_workers_sleep_between_parallel_regions_unless_the_operator_says_otherwise(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, operator_value: str | None
+@pytest.mark.parametrize(
+    ("task", "runner", "operator_value", "expected"),
+    [
+        (Task.EMBEDDING, EMBED, None, "PASSIVE"),
+        (Task.EMBEDDING, EMBED, "ACTIVE", "ACTIVE"),
+        (Task.COMPLETION, ECHO, None, None),
+        (Task.COMPLETION, ECHO, "PASSIVE", "PASSIVE"),
+    ],
+)
+def test_one_result_workers_sleep_between_parallel_regions_unless_told_otherwise(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    task: Task,
+    runner: str,
+    operator_value: str | None,
+    expected: str | None,
 ) -> None:
     if operator_value is None:
         monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
@@ -239,8 +252,8 @@ def test_workers_sleep_between_parallel_regions_unless_the_operator_says_otherwi
 
     async def body(engine: LocalEngineClient) -> None:
         assert await engine.wait_ready(30)
-        pid = engine.handle("echo").worker_pid
+        pid = engine.handle("m").worker_pid
         assert pid is not None
-        assert _environ(pid)["OMP_WAIT_POLICY"] == (operator_value or "PASSIVE")
+        assert _environ(pid).get("OMP_WAIT_POLICY") == expected
 
-    _run([_deployment("echo", ECHO, Task.COMPLETION, tmp_path)], body)
+    _run([_deployment("m", runner, task, tmp_path)], body)
