@@ -16,22 +16,13 @@ from lmaas.bench.openloop import (
     schedule,
 )
 from lmaas.core.errors import InvalidRequestError
+from tests.unit.bench.loopback import read_request
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 async def _read_request(reader: asyncio.StreamReader) -> bool:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return False
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    await reader.readexactly(length)
-    return True
+    return await read_request(reader) is not None
 
 
 def _answering(delay_s: float, status: int = 200, lock: asyncio.Lock | None = None) -> Handler:

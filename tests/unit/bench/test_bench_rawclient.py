@@ -12,6 +12,7 @@ from lmaas.bench.metrics import RequestOutcome
 from lmaas.bench.rawclient import RawStreamClient
 from lmaas.bench.sse import StreamTimer
 from lmaas.bench.transport import StreamFailure
+from tests.unit.bench.loopback import read_request
 
 Reply = Callable[[asyncio.StreamWriter, int], Awaitable[bool]]
 """Answers request number n of a connection; False closes the connection."""
@@ -37,17 +38,10 @@ def _chunk(data: bytes) -> bytes:
 
 
 async def _read_request(reader: asyncio.StreamReader, seen: list[bytes]) -> bool:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return False
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    seen.append(head + await reader.readexactly(length))
-    return True
+    request = await read_request(reader)
+    if request is not None:
+        seen.append(request)
+    return request is not None
 
 
 def _streaming(num_tokens: int = 3, piece_bytes: int = 0) -> Reply:
