@@ -377,6 +377,7 @@ class RespClient:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         address = self.address
+        connection: _Connection | None = None
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 if address.path is not None:
@@ -401,12 +402,15 @@ class RespClient:
                 for command in login:
                     await connection.send(encode_command(command))
         except (OSError, TimeoutError) as exc:
+            if connection is not None:  # timed out while logging in
+                connection.close()
             where = address.path or f"{address.host}:{address.port}"
             raise RedisConnectionError(
                 f"cannot connect to Redis at {where}: {exc or type(exc).__name__}"
             ) from None
         except RedisReplyError as exc:
-            connection.close()
+            if connection is not None:
+                connection.close()
             raise RedisConnectionError(f"Redis refused the login: {exc}") from None
         return connection
 
@@ -439,7 +443,7 @@ class RespClient:
 
     async def run_script(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """``EVALSHA`` the script (loading it first if Redis does not know it)."""
-        command: list[Arg] = ["EVALSHA", script.sha, len(keys), *keys, *args]
+        command = _evalsha(script, keys, args)
         try:
             return await self.execute(*command)
         except RedisReplyError as exc:
@@ -458,8 +462,7 @@ class RespClient:
         connection = self._connection
         if connection is None or not connection.alive:
             return asyncio.ensure_future(self.run_script(script, keys, args))
-        command: list[Arg] = ["EVALSHA", script.sha, len(keys), *keys, *args]
-        first = connection.send(encode_command(command), deferred=True)
+        first = connection.send(encode_command(_evalsha(script, keys, args)), deferred=True)
         result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
         def done(sent: asyncio.Future[Any]) -> None:
@@ -486,6 +489,10 @@ class RespClient:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+def _evalsha(script: Script, keys: Sequence[str], args: Sequence[Arg]) -> list[Arg]:
+    return ["EVALSHA", script.sha, len(keys), *keys, *args]
 
 
 def _copy_outcome(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
