@@ -22,6 +22,7 @@ from lmaas.runtimes.device import (
 )
 from lmaas.runtimes.embedding.sentences import SentenceEmbedder, SentenceRunnerBase
 from lmaas.runtimes.hf_loading import load_hf_model
+from lmaas.runtimes.packed import PackedEncoder, packed_option
 
 _log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ class TorchEmbeddingRunner(SentenceRunnerBase):
     length. Tokenisation, pooling, normalisation and the maximum length are the
     :class:`~lmaas.runtimes.embedding.sentences.SentenceEmbedder`'s (shared with the ONNX Runtime
     runner), so results match ``SentenceTransformer.encode``. On a CPU, ``dtype=auto`` stays in
-    float32.
+    float32. Encoders of the families in :data:`lmaas.runtimes.packed.PACKED_FAMILIES` run on
+    packed rows (no padding in the linear layers; option ``packed: "false"`` turns it off).
 
     Args:
         spec: The worker spec; ``options["matryoshka_dims"]`` (e.g. ``"64,128"``) lists the
@@ -44,6 +46,7 @@ class TorchEmbeddingRunner(SentenceRunnerBase):
     def __init__(self, spec: WorkerSpec) -> None:
         super().__init__(spec)
         self._model: Any = None
+        self._packed: PackedEncoder | None = None
         self._device = torch.device("cpu")
 
     def load(self) -> ModelInfo:
@@ -54,6 +57,8 @@ class TorchEmbeddingRunner(SentenceRunnerBase):
         self._model, tokenizer = load_hf_model(self._spec, "AutoModel", dtype)
         self._model.to(self._device)
         self._model.eval()
+        if packed_option(self._spec.options) and PackedEncoder.supports(self._model):
+            self._packed = PackedEncoder(self._model)
         config = self._model.config
         self._sentences = SentenceEmbedder.from_spec(
             self._spec,
@@ -62,7 +67,13 @@ class TorchEmbeddingRunner(SentenceRunnerBase):
             max_positions=getattr(config, "max_position_embeddings", None),
             vocab_size=int(config.vocab_size),
         )
-        _log.info("loaded %s on %s (%s)", Path(self._spec.model_dir), self._device, dtype)
+        _log.info(
+            "loaded %s on %s (%s, %s rows)",
+            Path(self._spec.model_dir),
+            self._device,
+            dtype_name(dtype),
+            "packed" if self._packed is not None else "padded",
+        )
         return self._sentences.model_info(
             dtype=dtype_name(dtype),
             device=str(self._device),
@@ -76,6 +87,10 @@ class TorchEmbeddingRunner(SentenceRunnerBase):
     def forward(self, payloads: list[list[int]]) -> list[torch.Tensor]:
         if self._model is None:
             raise InternalError("the model is not loaded")
+        if self._packed is not None:
+            tokens, packing = self._packed.hidden(payloads)
+            rows = self.sentences.pool(packing.unpack(tokens), packing.mask())
+            return list(rows.cpu())
         ids, mask = self.sentences.pad(payloads)
         input_ids = torch.from_numpy(ids).to(self._device)
         attention_mask = torch.from_numpy(mask).to(self._device)

@@ -1,0 +1,199 @@
+"""Encoders run on packed rows: no padding in the linear layers.
+
+A dynamic batch of sentences of different lengths padded to the longest spends the padded
+positions' share of every linear layer for nothing (a batch of 32 rows of 8-64 tokens is often
+a third padding). Here the rows are concatenated into one sequence of ``T`` real tokens: the
+embeddings, the linear layers, the layer norms and the activations run on ``[1, T, hidden]``
+(each token exactly once), and only attention, which must not mix rows, sees them apart: each
+layer's queries, keys and values are scattered into a padded ``[rows, heads, longest, dim]``
+view for one masked SDPA call and gathered back (attention is a small part of an encoder's
+work at these lengths; the scatter and gather are memory copies of ``T`` rows).
+
+It plugs into the model through transformers' attention interface (the model's own modules,
+weights and activations run unchanged), so it applies to the encoder families whose only
+cross-token operation is that attention call and whose position ids are plain per-row ranges:
+``PACKED_FAMILIES``. Any other model (or an option ``packed: "false"``) runs padded as before.
+Results equal the padded forward to float rounding (tests compare both and
+sentence-transformers).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmaas.core.errors import ModelLoadError
+
+_log = logging.getLogger(__name__)
+
+ATTENTION = "lmaas_packed"
+"""The name the packed attention is registered under in transformers."""
+
+# model_type -> offset of the first position id (RoBERTa-style models count positions from
+# padding_idx + 1).
+PACKED_FAMILIES: dict[str, str] = {
+    "bert": "zero",
+    "roberta": "after_padding",
+    "xlm-roberta": "after_padding",
+    "camembert": "after_padding",
+    "electra": "zero",
+}
+
+
+def packed_option(options: Mapping[str, str]) -> bool:
+    """The serving option ``packed`` (default true). Raises: ModelLoadError."""
+    raw = options.get("packed", "true").strip().lower()
+    if raw not in ("true", "false"):
+        raise ModelLoadError(f"option packed={raw[:20]!r} must be true or false")
+    return raw == "true"
+
+
+@dataclass(frozen=True, slots=True)
+class Packing:
+    """Where each packed token sits in the padded ``[rows, longest]`` view."""
+
+    lengths: tuple[int, ...]
+    longest: int
+    flat_index: torch.Tensor
+    """``[T]``: row * longest + position of every packed token."""
+    key_mask: torch.Tensor
+    """``[rows, 1, 1, longest]`` bool: True where a key is a real token."""
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """``[T, ...]`` → ``[rows, longest, ...]`` with zeros at padded positions."""
+        out = packed.new_zeros((self.rows * self.longest, *packed.shape[1:]))
+        out.index_copy_(0, self.flat_index, packed)
+        return out.view(self.rows, self.longest, *packed.shape[1:])
+
+    def mask(self) -> torch.Tensor:
+        """``[rows, longest]`` int64, 1 on real tokens (the padded forward's attention mask)."""
+        return self.key_mask.view(self.rows, self.longest).to(torch.int64)
+
+
+def make_packing(lengths: Sequence[int], device: torch.device) -> Packing:
+    longest = max(lengths)
+    starts = torch.arange(len(lengths), dtype=torch.int64) * longest
+    counts = torch.tensor(list(lengths), dtype=torch.int64)
+    positions = _ranges(counts)
+    flat = torch.repeat_interleave(starts, counts) + positions
+    key_mask = torch.arange(longest).unsqueeze(0) < counts.unsqueeze(1)
+    return Packing(
+        lengths=tuple(int(n) for n in lengths),
+        longest=longest,
+        flat_index=flat.to(device),
+        key_mask=key_mask.view(len(lengths), 1, 1, longest).to(device),
+    )
+
+
+def _ranges(counts: torch.Tensor) -> torch.Tensor:
+    """``[0..n0), [0..n1), ...`` concatenated."""
+    total = int(counts.sum())
+    offsets = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return torch.arange(total, dtype=torch.int64) - offsets
+
+
+def packed_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature over ``[1, heads, T, dim]`` packed tensors;
+    the :class:`Packing` comes in ``kwargs["lmaas_packing"]``. Returns ``[1, T, heads, dim]``."""
+    packing: Packing | None = kwargs.get("lmaas_packing")
+    if packing is None:  # not a packed call (e.g. a warm-up through the plain forward)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    heads, dim = query.shape[1], query.shape[3]
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # [1, h, T, d] -> [rows, h, longest, d]
+        return packing.unpack(x[0].transpose(0, 1)).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(
+        padded(query), padded(key), padded(value), attn_mask=packing.key_mask, scale=scaling
+    )  # [rows, h, longest, d]
+    flat = out.transpose(1, 2).reshape(packing.rows * packing.longest, heads, dim)
+    return flat.index_select(0, packing.flat_index).unsqueeze(0), None
+
+
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION, packed_attention)
+    # Masks as for SDPA: a packed call has no padding mask (so none is built), a plain padded
+    # call through the same model gets its usual one.
+    AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    _registered = True
+
+
+class PackedEncoder:
+    """Runs a transformers encoder on packed rows; see the module docstring.
+
+    Args:
+        model: A loaded transformers encoder (``AutoModel`` or a head model) of a family in
+            ``PACKED_FAMILIES``.
+    """
+
+    def __init__(self, model: Any) -> None:
+        _register()
+        config = model.config
+        self._model = model
+        self._first_position = (
+            int(config.pad_token_id) + 1
+            if PACKED_FAMILIES[config.model_type] == "after_padding"
+            else 0
+        )
+        model.set_attn_implementation(ATTENTION)
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        config = getattr(model, "config", None)
+        return getattr(config, "model_type", None) in PACKED_FAMILIES and not getattr(
+            config, "is_decoder", False
+        )
+
+    def hidden(
+        self, rows: Sequence[Sequence[int]], token_types: Sequence[Sequence[int]] | None = None
+    ) -> tuple[torch.Tensor, Packing]:
+        """The last hidden state of each token, ``[T, hidden]``, and the packing."""
+        device = next(self._model.parameters()).device
+        packing = make_packing([len(r) for r in rows], torch.device("cpu"))
+        ids = torch.tensor([i for r in rows for i in r], dtype=torch.int64).unsqueeze(0)
+        positions = _ranges(torch.tensor(packing.lengths)) + self._first_position
+        # Token types always given: the model's default buffer is only max_positions long.
+        if token_types is None:
+            types = torch.zeros_like(ids)
+        else:
+            types = torch.tensor([t for r in token_types for t in r], dtype=torch.int64)
+            types = types.unsqueeze(0)
+        if device.type != "cpu":
+            packing = make_packing(packing.lengths, device)
+        out = self._model(
+            input_ids=ids.to(device),
+            position_ids=positions.unsqueeze(0).to(device),
+            token_type_ids=types.to(device),
+            lmaas_packing=packing,
+        )
+        return out.last_hidden_state[0], packing

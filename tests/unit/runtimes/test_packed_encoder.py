@@ -1,0 +1,150 @@
+"""Encoders on packed rows (lmaas.runtimes.packed) against the padded forward and
+sentence-transformers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from runtimes_helpers import make_spec
+from sentence_transformers import SentenceTransformer
+
+from lmaas.core.errors import ModelLoadError
+from lmaas.core.messages import EmbedRequest, EmbedResult, RequestError
+from lmaas.runtimes.embedding.torch import TorchEmbeddingRunner
+from lmaas.runtimes.packed import PackedEncoder, make_packing
+
+TEXTS = [
+    "Hi",
+    "The quick brown fox jumps over the lazy dog.",
+    "A cat sat on the mat. " * 40,  # truncated at 128
+    "Embeddings map sentences to vectors.",
+    "ok",
+    "Packed rows never pay for padding in the linear layers of the encoder.",
+]
+
+
+def _matrix(result: EmbedResult | RequestError) -> np.ndarray:
+    assert isinstance(result, EmbedResult), result
+    return np.frombuffer(result.data, dtype="<f4").reshape(result.num_inputs, result.dim)
+
+
+def _embed(model_dir: Path, texts: list[str], **options: str) -> np.ndarray:
+    runner = TorchEmbeddingRunner(
+        make_spec(model_dir, task="embedding", max_batch_size=8, options=options)
+    )
+    runner.load()
+    [result] = runner.embed([EmbedRequest("r", texts=texts)])
+    return _matrix(result)
+
+
+def _as_family(source: Path, dest: Path, family: str) -> Path:
+    """The tiny BERT embedder's tokenizer and sentence-transformers files around a random
+    encoder of another packed family."""
+    shutil.copytree(source, dest)
+    bert = transformers.AutoConfig.from_pretrained(str(source))
+    common = {
+        "vocab_size": bert.vocab_size,
+        "hidden_size": bert.hidden_size,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": bert.intermediate_size,
+        "pad_token_id": 0,
+    }
+    if family == "roberta":  # positions count from padding_idx + 1
+        config: object = transformers.RobertaConfig(
+            **common, max_position_embeddings=bert.max_position_embeddings + 2, type_vocab_size=1
+        )
+        model: torch.nn.Module = transformers.RobertaModel(config)  # type: ignore[arg-type]
+    else:
+        config = transformers.ElectraConfig(
+            **common, embedding_size=32, max_position_embeddings=bert.max_position_embeddings
+        )
+        model = transformers.ElectraModel(config)  # type: ignore[arg-type]
+    torch.manual_seed(5)
+    model.save_pretrained(str(dest), safe_serialization=True)  # type: ignore[operator]
+    return dest
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra"])
+def test_packed_rows_equal_padded_rows_and_sentence_transformers(
+    tiny_embedder_dir: Path, tmp_path: Path, family: str
+) -> None:
+    model_dir = (
+        tiny_embedder_dir
+        if family == "bert"
+        else _as_family(tiny_embedder_dir, tmp_path / family, family)
+    )
+    packed = _embed(model_dir, TEXTS)
+    padded = _embed(model_dir, TEXTS, packed="false")
+    np.testing.assert_allclose(packed, padded, atol=2e-5, rtol=1e-4)
+    expected = SentenceTransformer(str(model_dir), device="cpu").encode(
+        TEXTS, convert_to_numpy=True
+    )
+    cosines = (packed * expected).sum(1) / (
+        np.linalg.norm(packed, axis=1) * np.linalg.norm(expected, axis=1)
+    )
+    assert cosines.min() >= 1 - 1e-5
+
+
+def test_the_loaded_runner_says_which_layout_it_runs(
+    tiny_embedder_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="lmaas.runtimes.embedding.torch")
+    _embed(tiny_embedder_dir, ["hello"])
+    _embed(tiny_embedder_dir, ["hello"], packed="false")
+    layouts = [r.getMessage().rsplit("(", 1)[1] for r in caplog.records if "loaded" in r.message]
+    assert layouts == ["float32, packed rows)", "float32, padded rows)"]
+
+
+def test_a_batch_longer_in_total_than_the_position_table(tiny_embedder_dir: Path) -> None:
+    # 40 rows of ~128 tokens: ~5,000 packed tokens against a position table of 512.
+    texts = ["A cat sat on the mat. " * 40] * 39 + ["short"]
+    packed = _embed(tiny_embedder_dir, texts)
+    padded = _embed(tiny_embedder_dir, texts, packed="false")
+    np.testing.assert_allclose(packed, padded, atol=2e-5, rtol=1e-4)
+
+
+def test_a_bad_packed_option_is_a_load_error(tiny_embedder_dir: Path) -> None:
+    runner = TorchEmbeddingRunner(
+        make_spec(tiny_embedder_dir, task="embedding", options={"packed": "maybe"})
+    )
+    with pytest.raises(ModelLoadError, match="packed"):
+        runner.load()
+
+
+def test_other_encoders_are_not_packed(tmp_path: Path) -> None:
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2))
+    assert not PackedEncoder.supports(gpt2)
+    decoder = transformers.BertConfig(
+        is_decoder=True, num_hidden_layers=1, hidden_size=32, num_attention_heads=2
+    )
+    assert not PackedEncoder.supports(transformers.BertModel(decoder))
+
+
+def test_packing_places_each_token_in_its_row() -> None:
+    packing = make_packing([3, 1, 2], torch.device("cpu"))
+    assert packing.flat_index.tolist() == [0, 1, 2, 3, 6, 7]
+    assert packing.mask().tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    rows = packing.unpack(torch.arange(6.0).unsqueeze(1))[..., 0]
+    assert rows.tolist() == [[0, 1, 2], [3, 0, 0], [4, 5, 0]]
+
+
+def test_an_unpacked_call_through_the_registered_attention_is_plain_sdpa(
+    tiny_embedder_dir: Path,
+) -> None:
+    # The attention is registered per model: a forward without a packing (e.g. another
+    # library's call) must still work, padded, with its mask.
+    model = transformers.AutoModel.from_pretrained(str(tiny_embedder_dir)).eval()
+    reference = transformers.AutoModel.from_pretrained(str(tiny_embedder_dir)).eval()
+    PackedEncoder(model)
+    ids = torch.tensor([[2, 10, 11, 12, 3], [2, 13, 3, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.inference_mode():
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-4)
