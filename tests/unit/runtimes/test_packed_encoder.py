@@ -16,7 +16,7 @@ from sentence_transformers import SentenceTransformer
 from lmaas.core.errors import ModelLoadError
 from lmaas.core.messages import EmbedRequest, EmbedResult, RequestError
 from lmaas.runtimes.embedding.torch import TorchEmbeddingRunner
-from lmaas.runtimes.packed import PackedEncoder, make_packing
+from lmaas.runtimes.packed import PackedEncoder, make_packing, packed_attention
 
 TEXTS = [
     "Hi",
@@ -126,12 +126,37 @@ def test_other_encoders_are_not_packed(tmp_path: Path) -> None:
     assert not PackedEncoder.supports(transformers.BertModel(decoder))
 
 
-def test_packing_places_each_token_in_its_row() -> None:
-    packing = make_packing([3, 1, 2], torch.device("cpu"))
+def test_packing_places_each_token_in_its_row_and_its_attention_group() -> None:
+    packing = make_packing([3, 1, 2], torch.device("cpu"), group_rows=2)
     assert packing.flat_index.tolist() == [0, 1, 2, 3, 6, 7]
     assert packing.mask().tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
     rows = packing.unpack(torch.arange(6.0).unsqueeze(1))[..., 0]
     assert rows.tolist() == [[0, 1, 2], [3, 0, 0], [4, 5, 0]]
+    # Rows by length: (1, 2) in one group padded to 2, (3) alone, unpadded.
+    short, long = packing.groups
+    assert (short.rows, short.longest, long.rows, long.longest) == (2, 2, 1, 3)
+    assert short.gather.tolist() == [3, 0, 4, 5]  # row 1 (token 3, a pad), row 2 (tokens 4, 5)
+    assert short.real.tolist() == [0, 2, 3] and short.tokens.tolist() == [3, 4, 5]
+    assert long.gather.tolist() == [0, 1, 2] and long.tokens.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("group_rows", [1, 3, 64])
+def test_grouped_attention_equals_one_padded_sdpa(group_rows: int) -> None:
+    torch.manual_seed(0)
+    lengths = [5, 1, 9, 3, 7, 2, 9]
+    heads, dim, total = 2, 4, sum(lengths)
+    q, k, v = (torch.randn(1, heads, total, dim) for _ in range(3))
+    packing = make_packing(lengths, torch.device("cpu"), group_rows=group_rows)
+    got, _ = packed_attention(None, q, k, v, None, lmaas_packing=packing)
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        return packing.unpack(x[0].transpose(0, 1)).transpose(1, 2)
+
+    want = torch.nn.functional.scaled_dot_product_attention(
+        padded(q), padded(k), padded(v), attn_mask=packing.key_mask
+    )
+    want = want.transpose(1, 2).reshape(-1, heads, dim).index_select(0, packing.flat_index)
+    torch.testing.assert_close(got[0], want, atol=1e-6, rtol=1e-5)
 
 
 def test_an_unpacked_call_through_the_registered_attention_is_plain_sdpa(
