@@ -159,3 +159,18 @@ def test_a_foreign_module_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ModelLoadError, match=r"my_package\.Dense"):
         _runner(model_dir)
+
+
+def test_token_ids_are_the_tokenizers_own(tiny_embedder_dir: Path) -> None:
+    # The runner tokenises with a truncating copy of the fast tokenizer's Rust core: the ids
+    # must be exactly those of ``tokenizer(texts, truncation=True, max_length=...)``.
+    runner = _runner(tiny_embedder_dir)
+    sentences = runner.sentences
+    texts = [*TEXTS, "x " * 500, "émoji 🙂 and 中文 text", "trailing spaces   "]
+    prepared = sentences.prepare(EmbedRequest("r", texts=texts))
+    got = [ids for _, ids in prepared.rows]
+    want = sentences.tokenizer(
+        [t.strip() for t in texts], truncation=True, max_length=sentences.max_length
+    )["input_ids"]
+    assert got == [list(ids) for ids in want]
+    assert max(len(ids) for ids in got) == sentences.max_length

@@ -69,6 +69,9 @@ class SentenceEmbedder:
         self.pad_id = int(tokenizer.pad_token_id or 0)
         self._tokenizer_lock = threading.Lock()
         """A fast tokenizer's truncation settings are per object: one caller at a time."""
+        self._rust = _truncating_copy(tokenizer, max_length)
+        """The fast tokenizer's Rust core with truncation set once (no lock, ~10x less CPU per
+        call than ``tokenizer(...)``); None for a slow tokenizer."""
 
     @classmethod
     def from_spec(
@@ -185,6 +188,8 @@ class SentenceEmbedder:
             raise InvalidRequestError("input must not contain empty strings", param="input")
         # sentence-transformers strips (and optionally lower-cases) before tokenising.
         cleaned = [t.strip().lower() if self.config.do_lower_case else t.strip() for t in texts]
+        if self._rust is not None:
+            return [encoding.ids for encoding in self._rust.encode_batch(cleaned)]
         with self._tokenizer_lock:
             encoded = self.tokenizer(cleaned, truncation=True, max_length=self.max_length)
         return [list(ids) for ids in encoded["input_ids"]]
@@ -200,6 +205,21 @@ class SentenceEmbedder:
                     param="input",
                 )
         return [ids[: self.max_length] for ids in token_ids]
+
+
+def _truncating_copy(tokenizer: Any, max_length: int) -> Any:
+    """A copy of a fast tokenizer's ``tokenizers.Tokenizer`` that truncates to ``max_length``
+    and never pads (what ``tokenizer(texts, truncation=True, max_length=...)`` does for single
+    texts), or None when the tokenizer has no Rust core."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_padding()
+    copy.enable_truncation(max_length)
+    return copy
 
 
 def _max_length(config: SentenceEncoderConfig, tokenizer: Any, max_positions: int | None) -> int:
