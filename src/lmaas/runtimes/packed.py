@@ -21,7 +21,7 @@ sentence-transformers).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +87,8 @@ class Packing:
     key_mask: torch.Tensor
     """``[rows, 1, 1, longest]`` bool: True where a key is a real token."""
     groups: tuple[_Group, ...]
+    starts: torch.Tensor
+    """``[rows]``: the packed index of each row's first token."""
 
     @property
     def rows(self) -> int:
@@ -101,6 +103,11 @@ class Packing:
         out = packed.new_zeros((self.rows * self.longest, *packed.shape[1:]))
         out.index_copy_(0, self.flat_index, packed)
         return out.view(self.rows, self.longest, *packed.shape[1:])
+
+    def firsts(self, packed: torch.Tensor) -> torch.Tensor:
+        """``[T, ...]`` → ``[rows, 1, ...]``: each row's first token (what classification heads
+        read: ``[CLS]`` / ``<s>``)."""
+        return packed.index_select(0, self.starts).unsqueeze(1)
 
     def mask(self) -> torch.Tensor:
         """``[rows, longest]`` int64, 1 on real tokens (the padded forward's attention mask)."""
@@ -139,6 +146,7 @@ def make_packing(
         flat_index=flat.to(device),
         key_mask=key_mask.view(len(lengths), 1, 1, longest).to(device),
         groups=tuple(groups),
+        starts=starts.to(device),
     )
 
 
@@ -201,6 +209,30 @@ def _register() -> None:
     # call through the same model gets its usual one.
     AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     _registered = True
+
+
+_FIRST_TOKEN_HEADS = frozenset(
+    {
+        "RobertaForSequenceClassification",
+        "XLMRobertaForSequenceClassification",
+        "CamembertForSequenceClassification",
+        "ElectraForSequenceClassification",
+    }
+)
+
+
+def classification_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The head of a sequence-classification model as a function of each row's first token
+    ``[rows, 1, hidden]`` → logits, or None where it is not known to read only that token."""
+    name = type(model).__name__
+    if name == "BertForSequenceClassification":
+        bert, dropout, classifier = model.bert, model.dropout, model.classifier
+        if bert.pooler is None:
+            return None
+        return lambda first: classifier(dropout(bert.pooler(first)))
+    if name in _FIRST_TOKEN_HEADS:
+        return model.classifier  # type: ignore[no-any-return]
+    return None
 
 
 class PackedEncoder:

@@ -15,8 +15,10 @@ from sentence_transformers import SentenceTransformer
 
 from lmaas.core.errors import ModelLoadError
 from lmaas.core.messages import EmbedRequest, EmbedResult, RequestError
+from lmaas.runtimes.classification.sequence import EncodedRow, SequenceClassifier
 from lmaas.runtimes.embedding.torch import TorchEmbeddingRunner
 from lmaas.runtimes.packed import PackedEncoder, make_packing, packed_attention
+from lmaas.testing.tiny_text_heads import build_tiny_classifier
 
 TEXTS = [
     "Hi",
@@ -173,3 +175,46 @@ def test_an_unpacked_call_through_the_registered_attention_is_plain_sdpa(
         got = model(input_ids=ids, attention_mask=mask).last_hidden_state
         want = reference(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-4)
+
+
+def _classifier_as_roberta(source: Path, dest: Path) -> Path:
+    shutil.copytree(source, dest)
+    bert = transformers.AutoConfig.from_pretrained(str(source))
+    config = transformers.RobertaConfig(
+        vocab_size=bert.vocab_size,
+        hidden_size=bert.hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=bert.intermediate_size,
+        pad_token_id=0,
+        max_position_embeddings=bert.max_position_embeddings + 2,
+        type_vocab_size=1,
+        id2label=bert.id2label,
+    )
+    torch.manual_seed(6)
+    model = transformers.RobertaForSequenceClassification(config)
+    model.save_pretrained(str(dest), safe_serialization=True)
+    return dest
+
+
+def _logits(classifier: SequenceClassifier, rows: list[EncodedRow]) -> np.ndarray:
+    return torch.stack(classifier.logits(rows)).numpy()
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_classification_heads_on_packed_rows_equal_padded_rows(tmp_path: Path, family: str) -> None:
+    source = build_tiny_classifier(tmp_path / "bert", seed=4)
+    model_dir = source if family == "bert" else _classifier_as_roberta(source, tmp_path / family)
+    runners = []
+    for options in ({}, {"packed": "false"}):
+        classifier = SequenceClassifier(
+            make_spec(model_dir, task="classification", options=options)
+        )
+        classifier.load()
+        runners.append(classifier)
+    packed, padded = runners
+    assert packed._packed is not None and padded._packed is None
+    rows = packed.encode_texts(TEXTS) + packed.encode_pairs("a query", TEXTS[:4])
+    if family == "bert":  # pairs carry segment ids 0 / 1
+        assert any(1 in (row.token_type_ids or []) for row in rows)
+    np.testing.assert_allclose(_logits(packed, rows), _logits(padded, rows), atol=2e-5, rtol=1e-4)

@@ -2,8 +2,9 @@
 
 Both tasks run the same network (``AutoModelForSequenceClassification``): a classifier tokenises
 one text per row, a cross-encoder one (query, document) pair per row. This module loads the model,
-tokenises into rows of token ids, runs right-padded batches and returns each row's logits; the
-runners turn logits into scores or probabilities.
+tokenises into rows of token ids, runs batches (packed rows for the families of
+:mod:`lmaas.runtimes.packed`, else right-padded) and returns each row's logits; the runners turn
+logits into scores or probabilities.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from lmaas.runtimes.device import (
 )
 from lmaas.runtimes.hf_loading import load_hf_model
 from lmaas.runtimes.int8_weights import wants_int8
+from lmaas.runtimes.packed import PackedEncoder, classification_head, packed_option
 
 _log = logging.getLogger(__name__)
 
@@ -59,6 +62,9 @@ class SequenceClassifier:
         self._device = torch.device("cpu")
         self._pad_id = 0
         self._uses_token_types = False
+        self._packed: tuple[PackedEncoder, Callable[[torch.Tensor], torch.Tensor]] | None = None
+        """The encoder on packed rows and the head over each row's first token, for the
+        families :mod:`lmaas.runtimes.packed` knows (option ``packed: "false"``: padded)."""
         self.max_length = 0
         """Longest row in tokens (special tokens included); longer inputs are truncated."""
         self.dtype = "float32"
@@ -90,7 +96,17 @@ class SequenceClassifier:
         self._model = model.to(self._device).eval()
         self.dtype = "int8" if int8 else dtype_name(dtype)
         self._set_tokenizer(tokenizer, model.config, uses_token_types=None)
-        _log.info("loaded %s on %s (%s)", self._spec.model_dir, self._device, dtype)
+        head = classification_head(model)
+        if packed_option(self._spec.options) and head is not None:
+            if PackedEncoder.supports(model.base_model):
+                self._packed = (PackedEncoder(model.base_model), head)
+        _log.info(
+            "loaded %s on %s (%s, %s rows)",
+            self._spec.model_dir,
+            self._device,
+            self.dtype,
+            "packed" if self._packed is not None else "padded",
+        )
 
     def _set_tokenizer(self, tokenizer: Any, config: Any, *, uses_token_types: bool | None) -> None:
         """Remember the tokenizer and what the config says (labels, lengths, segment ids).
@@ -140,6 +156,11 @@ class SequenceClassifier:
         """Float32 logits ``[num_labels]`` per row, on the CPU."""
         if self._model is None:
             raise InternalError("the model is not loaded")
+        if self._packed is not None:
+            encoder, head = self._packed
+            types = [r.token_type_ids or [0] * len(r.input_ids) for r in rows]
+            tokens, packing = encoder.hidden([r.input_ids for r in rows], types)
+            return list(head(packing.firsts(tokens)).float().cpu())
         inputs = {name: tensor.to(self._device) for name, tensor in self.padded(rows).items()}
         logits = self._model(**inputs).logits.float().cpu()
         return list(logits)
