@@ -97,9 +97,9 @@ class SequenceClassifier:
         self.dtype = "int8" if int8 else dtype_name(dtype)
         self._set_tokenizer(tokenizer, model.config, uses_token_types=None)
         head = classification_head(model)
-        if packed_option(self._spec.options) and head is not None:
-            if PackedEncoder.supports(model.base_model):
-                self._packed = (PackedEncoder(model.base_model), head)
+        packable = head is not None and PackedEncoder.supports(model.base_model)
+        if packed_option(self._spec.options) and head is not None and packable:
+            self._packed = (PackedEncoder(model.base_model), head)
         _log.info(
             "loaded %s on %s (%s, %s rows)",
             self._spec.model_dir,
