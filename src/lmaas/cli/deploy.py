@@ -13,16 +13,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from lmaas.bootstrap.deployments import open_deployments
 from lmaas.bootstrap.settings import Settings
+from lmaas.cli.common import fail, load_settings
 from lmaas.cli.governance import cli_actor
 from lmaas.core.errors import LmaasError
 from lmaas.engine.deploy import GateResult
@@ -36,11 +36,6 @@ from lmaas.lifecycle.deployments import (
 from lmaas.registry.deployments_db import DeploymentChange
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
-    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code=code)
-
-
 @contextmanager
 def _service(home: Path | None) -> Iterator[tuple[DeploymentService, Settings]]:
     # Imported here: the wiring pulls in the HTTP app (FastAPI), which every other CLI command
@@ -48,14 +43,14 @@ def _service(home: Path | None) -> Iterator[tuple[DeploymentService, Settings]]:
     from lmaas.bootstrap.wiring import open_registry
 
     try:
-        settings = Settings(home=home) if home is not None else Settings()
+        settings = load_settings(home)
         registry = open_registry(settings)
-    except (LmaasError, ValidationError) as exc:
-        _fail(exc.message if isinstance(exc, LmaasError) else str(exc))
+    except LmaasError as exc:
+        fail(exc.message)
     try:
         yield open_deployments(settings, registry), settings
     except LmaasError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     finally:
         registry.close()
 
@@ -281,7 +276,7 @@ def _wait(
                 shown[gateway.gateway] = line
                 console.print(f"  {escape(line)}", soft_wrap=True)
         if fleet.errors:
-            _fail(f"servers could not {goal} {name}: " + "; ".join(fleet.errors))
+            fail(f"servers could not {goal} {name}: " + "; ".join(fleet.errors))
         elapsed = time.monotonic() - started
         if not fleet.gateways:
             console.print(
@@ -298,7 +293,7 @@ def _wait(
             return fleet
         if elapsed >= timeout_s:
             pending = [g.describe() for g in fleet.gateways if not g.done]
-            _fail(
+            fail(
                 f"timed out after {timeout_s:g} s waiting for the servers to {goal} {name}; "
                 "still: " + "; ".join(pending),
                 code=2,

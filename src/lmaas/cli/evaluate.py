@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -25,7 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from lmaas.bootstrap.settings import Settings
+from lmaas.cli.common import load_settings
 from lmaas.core.errors import LmaasError
 from lmaas.lifecycle.eval_jobs import EvalJobSpec, run_evaluation
 
@@ -52,11 +51,7 @@ def eval_command(
 ) -> None:
     """Evaluate a model version on a data set; the metrics are stored on the version."""
     stderr = Console(stderr=True)
-    try:
-        settings = Settings(home=home) if home is not None else Settings()
-    except ValidationError as exc:
-        stderr.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(1) from None
+    settings = load_settings(home)
     spec = EvalJobSpec(
         model=model,
         data=data.expanduser().resolve(),

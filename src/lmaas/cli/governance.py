@@ -11,16 +11,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from lmaas.bootstrap.governance import open_governance
-from lmaas.bootstrap.settings import Settings
+from lmaas.cli.common import fail, load_settings
 from lmaas.core.errors import LmaasError
 from lmaas.gateway.limits import Limits
 from lmaas.gateway.quotas import Quota, QuotaMetric, parse_quota, quotas_text
@@ -153,24 +152,18 @@ def _merged(
     )
 
 
-def _fail(message: str) -> NoReturn:
-    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code=1)
-
-
 @contextmanager
 def _governance(home: Path | None) -> Iterator[GovernanceService]:
     """Open the service of ``home``; any LmaasError becomes one red line and exit code 1."""
     try:
-        settings = Settings(home=home) if home is not None else Settings()
-        service = open_governance(settings)
+        service = open_governance(load_settings(home))
         service.actor = cli_actor()
-    except (LmaasError, ValidationError) as exc:
-        _fail(exc.message if isinstance(exc, LmaasError) else str(exc))
+    except LmaasError as exc:
+        fail(exc.message)
     try:
         yield service
     except LmaasError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     finally:
         service.close()
 

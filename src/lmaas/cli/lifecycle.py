@@ -22,7 +22,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import ValidationError
 
-from lmaas.bootstrap.settings import Settings
+from lmaas.cli.common import load_settings
 from lmaas.lifecycle.job_params import (
     CompressParams,
     ConvertParams,
@@ -77,11 +77,7 @@ DigitsOption = Annotated[
 
 def run_job(module: str, args: list[str], home: Path | None) -> None:
     """Run ``python -m lmaas.lifecycle.jobs.<module> ARGS`` and exit with its status."""
-    try:
-        settings = Settings(home=home) if home is not None else Settings()
-    except ValidationError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from exc
+    settings = load_settings(home)
     settings.home.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", f"lmaas.lifecycle.jobs.{module}", *args,

@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
-from rich.markup import escape
 
 from lmaas import __version__
 from lmaas.bootstrap.settings import Settings
 from lmaas.cli.bench import bench_app
+from lmaas.cli.common import load_settings
 from lmaas.cli.deploy import deploy_command
 from lmaas.cli.evaluate import eval_command
 from lmaas.cli.governance import keys_app, tenants_app
@@ -45,13 +44,7 @@ _err = Console(stderr=True)
 
 
 def _settings(home: Path | None, no_auth: bool = False, **server: object) -> Settings:
-    try:
-        base = Settings()
-    except ValidationError as exc:  # a bad LMAAS_* variable: name it, no traceback
-        for error in exc.errors():
-            name = "LMAAS_" + "__".join(str(part) for part in error["loc"]).upper()
-            _err.print(f"[red]error:[/] bad setting {name}: {escape(error['msg'])}")
-        raise typer.Exit(2) from None
+    base = load_settings()
     update: dict[str, object] = {}
     if home is not None:
         update["home"] = home

@@ -26,7 +26,7 @@ from rich.table import Table
 from sqlalchemy.orm import Session
 
 from lmaas.bootstrap.deployments import audit_deployment_change
-from lmaas.bootstrap.settings import Settings
+from lmaas.cli.common import load_settings
 from lmaas.cli.governance import cli_actor
 from lmaas.core.errors import LmaasError
 from lmaas.core.types import Task
@@ -87,8 +87,8 @@ def _audited(session: Session, move: AliasMove) -> None:
 def _registry(home: Path | None) -> Iterator[RegistryService]:
     """Open the registry of ``home``; any LmaasError becomes one red line and exit code 1."""
     stderr = Console(stderr=True)
+    settings = load_settings(home)
     try:
-        settings = Settings(home=home) if home is not None else Settings()
         service = RegistryService(
             settings.home,
             settings.resolved_database_url(),
@@ -97,7 +97,7 @@ def _registry(home: Path | None) -> Iterator[RegistryService]:
                 alias_follower(audit_deployment_change, cli_actor()), _audited
             ),
         )
-    except (LmaasError, ValidationError) as exc:
+    except LmaasError as exc:
         _fail(stderr, str(exc))
     try:
         yield service

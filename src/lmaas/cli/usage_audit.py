@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from lmaas.bootstrap.settings import Settings
-from lmaas.cli.governance import HomeOption, JsonOption, _fail, _governance
+from lmaas.cli.common import fail, load_settings
+from lmaas.cli.governance import HomeOption, JsonOption, _governance
 from lmaas.core.errors import LmaasError
 from lmaas.gateway.usage import (
     GROUP_BY_FIELDS,
@@ -31,10 +31,7 @@ audit_app = typer.Typer(
 
 
 def _settings(home: Path | None) -> Settings:
-    try:
-        return Settings(home=home) if home is not None else Settings()
-    except ValidationError as exc:
-        _fail(str(exc))
+    return load_settings(home)
 
 
 def usage(
@@ -63,13 +60,13 @@ def usage(
 ) -> None:
     """Usage aggregated by tenant / key / model / day: requests, tokens, audio, images."""
     if output not in ("table", "json", "csv"):
-        _fail(f"--format must be table, json or csv, not {output!r}")
+        fail(f"--format must be table, json or csv, not {output!r}")
     settings = _settings(home)
     try:
         query = usage_query(group_by, since, until, tenant, key, model)
         store = SqlUsageStore(settings.resolved_database_url())
     except LmaasError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     try:
         rows = store.aggregate(query)
     finally:

@@ -175,3 +175,25 @@ def test_serve_names_a_bad_setting_without_a_traceback(
     assert result.exit_code == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not home.exists()  # refused before anything was created
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["keys", "list"],
+        ["models", "list"],
+        ["usage"],
+        ["audit", "verify"],
+        ["deploy", "list"],
+        ["eval", "m:1", "--data", "d.jsonl"],
+        ["compress", "m:1", "--int8"],
+    ],
+)
+def test_every_command_names_a_bad_setting_the_same_way(
+    home: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    monkeypatch.setenv("LMAAS_LIMITS__BACKEND", "etcd")
+    result = CliRunner().invoke(app, [*command, "--home", str(home)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert "bad setting LMAAS_LIMITS__BACKEND: " in result.stderr
+    assert "Traceback" not in result.stderr
