@@ -7,6 +7,8 @@ the same graph:
 
 * encoders (embeddings): ``input_ids``, ``attention_mask`` → ``last_hidden_state``
   ``[batch, seq, hidden]`` (pooling stays outside the graph, shared with the torch runner);
+  encoders of the packed families (:mod:`lmaas.runtimes.packed`) on packed rows instead
+  (``PACKED_ENCODER_INPUTS`` → ``[T, hidden]``), with no padding in the linear layers;
 * sequence classifiers (text classification, cross-encoder rerank): ``input_ids``,
   ``attention_mask`` and, when the model uses segment ids (BERT pairs), ``token_type_ids`` →
   ``logits`` ``[batch, num_labels]``;
@@ -44,6 +46,14 @@ from lmaas.runtimes.onnx_int8 import (
     quantize_int8,
 )
 from lmaas.runtimes.onnx_session import build_once, cache_dir, source_digest
+from lmaas.runtimes.packed import (
+    PACKED_FAMILIES,
+    PackedEncoder,
+    first_position,
+    graph_inputs,
+    graph_packing,
+    packed_option,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -51,6 +61,7 @@ GRAPH_FILENAME = "model.onnx"
 """The graph's name in an ``onnx`` version directory and in the cache."""
 
 ENCODER_RECIPE = "encoder-last-hidden-state/dynamo/v1"
+PACKED_ENCODER_RECIPE = "encoder-packed-last-hidden-state/dynamo/v1"
 SEQUENCE_CLASSIFIER_RECIPE = "sequence-classifier-logits/dynamo/v1"
 IMAGE_CLASSIFIER_RECIPE = "image-classifier-logits/dynamo/v1"
 """Names of how each exporter builds a graph; part of the cache key, so a change to an
@@ -124,7 +135,7 @@ def export_module(
     dest: Path,
     *,
     input_names: list[str],
-    dynamic_axes: dict[str, tuple[str, ...]],
+    dynamic_axes: dict[str, tuple[str | None, ...]],
 ) -> None:
     """Export ``module`` (tensors in, one tensor out) to ``dest`` with the dynamo exporter.
 
@@ -134,14 +145,19 @@ def export_module(
         example: Inputs to trace with (every dynamic axis at least 2 long).
         dest: The graph file.
         input_names: One per ``example`` tensor.
-        dynamic_axes: Input name → names of its leading dynamic axes (``("batch", "seq")``).
+        dynamic_axes: Input name → names of its leading axes (``("batch", "seq")``); None for
+            a static one; the same name on several inputs is one shared size.
 
     Raises:
         ModelLoadError: the exporter cannot trace the model.
     """
     dims: dict[str, Any] = {}
     shapes = {
-        name: {i: dims.setdefault(axis, torch.export.Dim(axis)) for i, axis in enumerate(axes)}
+        name: {
+            i: dims.setdefault(axis, torch.export.Dim(axis))
+            for i, axis in enumerate(axes)
+            if axis is not None
+        }
         for name, axes in dynamic_axes.items()
     }
     num_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -187,6 +203,86 @@ def export_encoder(spec: WorkerSpec, dest: Path) -> None:
     export_module(
         _LastHiddenState(model), _token_example(2), dest, input_names=list(TOKEN_INPUTS[:2]),
         dynamic_axes={name: ("batch", "seq") for name in TOKEN_INPUTS[:2]},
+    )  # fmt: skip
+
+
+PACKED_ENCODER_INPUTS = (
+    "input_ids", "position_ids", "token_type_ids", "gather", "key_mask", "flat_index",
+)  # fmt: skip
+"""A packed encoder graph's inputs: ``[1, T]`` ids, positions and segment ids of the packed
+tokens, then :func:`lmaas.runtimes.packed.graph_inputs` (``gather [rows, longest]``,
+``key_mask [rows, longest]`` bool, ``flat_index [T]``); its output is ``[T, hidden]``."""
+
+
+class _PackedLastHiddenState(torch.nn.Module):
+    """The encoder on packed rows (:mod:`lmaas.runtimes.packed`) with plain tensors in and out."""
+
+    output_name = "last_hidden_state"
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+        PackedEncoder(model)  # registers the packed attention and switches the model to it
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        gather: torch.Tensor,
+        key_mask: torch.Tensor,
+        flat_index: torch.Tensor,
+    ) -> torch.Tensor:
+        out: torch.Tensor = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            token_type_ids=token_type_ids,
+            lmaas_packing=graph_packing(gather, key_mask, flat_index),
+        ).last_hidden_state[0]
+        return out
+
+
+def packed_encoder_export(spec: WorkerSpec) -> bool:
+    """Whether :func:`export_packed_encoder` applies: a ``safetensors`` version of a packed
+    family (``config.json``'s ``model_type``), option ``packed`` not false."""
+    if spec.format == ModelFormat.ONNX.value or not packed_option(spec.options):
+        return False
+    config = Path(spec.model_dir) / "config.json"
+    try:
+        model_type = msgspec.json.decode(config.read_bytes()).get("model_type")
+    except (OSError, msgspec.DecodeError, AttributeError):
+        return False
+    return model_type in PACKED_FAMILIES
+
+
+def export_packed_encoder(spec: WorkerSpec, dest: Path) -> None:
+    """Export the float32 encoder of ``spec.model_dir`` on packed rows to ``dest``.
+
+    Raises:
+        ModelLoadError: the model cannot be loaded or exported.
+    """
+    model, _ = load_hf_model(float_spec(spec), "AutoModel", torch.float32)
+    if not PackedEncoder.supports(model):
+        raise ModelLoadError(f"{type(model).__name__} cannot run on packed rows")
+    lengths = [8, 5]  # every dynamic size at least 2, T != rows * longest
+    total = sum(lengths)
+    positions = torch.cat([torch.arange(n) for n in lengths]) + first_position(
+        model.config.model_type, model.config.pad_token_id
+    )
+    packed = graph_inputs(lengths)
+    example = (
+        torch.full((1, total), 5, dtype=torch.long), positions.unsqueeze(0),
+        torch.zeros((1, total), dtype=torch.long),
+        packed["gather"], packed["key_mask"], packed["flat_index"],
+    )  # fmt: skip
+    axes = {
+        "input_ids": (None, "tokens"), "position_ids": (None, "tokens"),
+        "token_type_ids": (None, "tokens"), "gather": ("rows", "longest"),
+        "key_mask": ("rows", "longest"), "flat_index": ("tokens",),
+    }  # fmt: skip
+    export_module(
+        _PackedLastHiddenState(model), example, dest,
+        input_names=list(PACKED_ENCODER_INPUTS), dynamic_axes=axes,
     )  # fmt: skip
 
 

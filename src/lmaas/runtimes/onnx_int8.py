@@ -191,6 +191,9 @@ def _calibration_feeds(model: Any) -> list[dict[str, np.ndarray]] | None:
             vocab = int(table.dims[0]) if table is not None else 0
     if vocab < 2:
         return None
+    names = {i.name for i in inputs}
+    if names == set(_PACKED_INPUTS):
+        return _packed_calibration_feeds(vocab)
     known = {"input_ids", "attention_mask", "token_type_ids"}
     if any(i.name not in known for i in inputs):
         return None
@@ -199,12 +202,36 @@ def _calibration_feeds(model: Any) -> list[dict[str, np.ndarray]] | None:
     for rows, tokens in _CALIBRATION_SHAPES:
         ids = rng.integers(1, vocab, (rows, tokens), dtype=np.int64)
         feed = {"input_ids": ids}
-        names = {i.name for i in inputs}
         if "attention_mask" in names:
             feed["attention_mask"] = np.ones_like(ids)
         if "token_type_ids" in names:
             feed["token_type_ids"] = np.zeros_like(ids)
         feeds.append(feed)
+    return feeds
+
+
+_PACKED_INPUTS = (
+    "input_ids", "position_ids", "token_type_ids", "gather", "key_mask", "flat_index",
+)  # fmt: skip
+"""A packed encoder graph's inputs (``lmaas.runtimes.onnx_export.PACKED_ENCODER_INPUTS``)."""
+
+
+def _packed_calibration_feeds(vocab: int) -> list[dict[str, np.ndarray]]:
+    """The calibration batches of :data:`_CALIBRATION_SHAPES` as packed rows."""
+    from lmaas.runtimes.packed import graph_inputs
+
+    rng = np.random.default_rng(0)
+    feeds = []
+    for rows, tokens in _CALIBRATION_SHAPES:
+        ids = rng.integers(1, vocab, (1, rows * tokens), dtype=np.int64)
+        # Positions from 0 (a RoBERTa-style table starts at pad + 1): the search looks at each
+        # channel's peak over every token, which a shift of two positions barely moves.
+        positions = np.tile(np.arange(tokens, dtype=np.int64), rows)[None]
+        packing = {k: v.numpy() for k, v in graph_inputs([tokens] * rows).items()}
+        feeds.append(
+            {"input_ids": ids, "position_ids": positions, "token_type_ids": np.zeros_like(ids)}
+            | packing
+        )
     return feeds
 
 

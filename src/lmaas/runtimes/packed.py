@@ -71,8 +71,9 @@ class _Group:
     """``[rows, 1, 1, longest]`` bool: True where a key is a real token."""
     real: torch.Tensor
     """Padded slots that hold a real token."""
-    tokens: torch.Tensor
-    """The packed index of each of those tokens (same order)."""
+    tokens: torch.Tensor | None
+    """The packed index of each of those tokens (same order); None when the group holds every
+    token in packed order (``real`` is then the packing's ``flat_index``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +93,11 @@ class Packing:
 
     @property
     def rows(self) -> int:
-        return len(self.lengths)
+        return self.key_mask.shape[0]  # no int(): a symbolic size while exporting
 
     @property
     def tokens(self) -> int:
-        return int(self.flat_index.shape[0])
+        return self.flat_index.shape[0]  # no int(): a symbolic size while exporting
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """``[T, ...]`` → ``[rows, longest, ...]`` with zeros at padded positions."""
@@ -190,8 +191,46 @@ def packed_attention(
             padded(q), padded(k), padded(v), attn_mask=group.key_mask, scale=scaling
         )  # [rows, h, longest, d]
         flat = attended.transpose(1, 2).reshape(group.rows * group.longest, heads * dim)
+        if group.tokens is None:  # one group, rows in packed order (an exported graph)
+            return flat.index_select(0, group.real).view(1, total, heads, dim), None
         out.index_copy_(0, group.tokens, flat.index_select(0, group.real))
     return out.view(1, total, heads, dim), None
+
+
+def graph_packing(
+    gather: torch.Tensor, key_mask: torch.Tensor, flat_index: torch.Tensor
+) -> Packing:
+    """The packing of an exported graph, from its inputs: one attention group of every row in
+    packed order (an ONNX graph has no per-batch Python loop), padded to the longest row.
+
+    Args:
+        gather: ``[rows, longest]`` int64: the packed token at each padded slot (pads: 0).
+        key_mask: ``[rows, longest]`` bool: True on real tokens.
+        flat_index: ``[T]`` int64: the padded slot (``row * longest + position``) of each
+            packed token.
+    """
+    rows, longest = key_mask.shape[0], key_mask.shape[1]
+    mask = key_mask.view(rows, 1, 1, longest)
+    group = _Group(
+        rows=rows, longest=longest, gather=gather.reshape(-1), key_mask=mask, real=flat_index,
+        tokens=None,
+    )  # fmt: skip
+    return Packing(
+        lengths=(), longest=longest, flat_index=flat_index, key_mask=mask, groups=(group,),
+        starts=flat_index[:0],
+    )  # fmt: skip
+
+
+def graph_inputs(lengths: Sequence[int]) -> dict[str, torch.Tensor]:
+    """``gather``, ``key_mask``, ``flat_index`` for rows of ``lengths`` in packed order (what
+    :func:`graph_packing` reads)."""
+    counts = torch.tensor(list(lengths), dtype=torch.int64)
+    longest = int(counts.max())
+    slots = torch.arange(longest).unsqueeze(0)
+    key_mask = slots < counts.unsqueeze(1)
+    gather = torch.where(key_mask, (torch.cumsum(counts, 0) - counts).unsqueeze(1) + slots, 0)
+    flat = torch.repeat_interleave(torch.arange(len(lengths)) * longest, counts) + _ranges(counts)
+    return {"gather": gather, "key_mask": key_mask, "flat_index": flat}
 
 
 _registered = False
@@ -235,6 +274,14 @@ def classification_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor] | 
     return None
 
 
+def first_position(model_type: str | None, pad_token_id: int | None) -> int:
+    """The position id of a row's first token: 0, or ``pad_token_id + 1`` for the RoBERTa-style
+    families (their position table starts after the padding index)."""
+    if model_type is not None and PACKED_FAMILIES.get(model_type) == "after_padding":
+        return int(pad_token_id or 0) + 1
+    return 0
+
+
 class PackedEncoder:
     """Runs a transformers encoder on packed rows; see the module docstring.
 
@@ -247,11 +294,7 @@ class PackedEncoder:
         _register()
         config = model.config
         self._model = model
-        self._first_position = (
-            int(config.pad_token_id) + 1
-            if PACKED_FAMILIES[config.model_type] == "after_padding"
-            else 0
-        )
+        self._first_position = first_position(config.model_type, config.pad_token_id)
         model.set_attn_implementation(ATTENTION)
 
     @staticmethod

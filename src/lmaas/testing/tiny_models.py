@@ -295,6 +295,7 @@ def build_tiny_embedder(
     hidden_size: int = 64,
     num_layers: int = 2,
     max_seq_length: int = 128,
+    family: str = "bert",
 ) -> Path:
     """Write a random-weight BERT encoder in sentence-transformers layout into ``dest``.
 
@@ -306,6 +307,9 @@ def build_tiny_embedder(
         pooling: ``mean``, ``cls``, ``max`` or ``lasttoken``.
         hidden_size, num_layers: Model shape.
         max_seq_length: Longer inputs are truncated by the serving runtime.
+        family: ``bert``, ``roberta`` (positions count from ``pad_token_id + 1``, one segment
+            type) or ``electra`` (embeddings narrower than the hidden size, projected); the
+            same WordPiece tokenizer either way.
 
     Returns:
         ``dest``.
@@ -314,13 +318,24 @@ def build_tiny_embedder(
 
     _build_wordpiece_tokenizer(dest)
     vocab_size = Tokenizer.from_file(str(dest / "tokenizer.json")).get_vocab_size()
-    config = transformers.BertConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=4, intermediate_size=hidden_size * 2,
-        max_position_embeddings=_MAX_POSITIONS, pad_token_id=0,
-    )  # fmt: skip
+    shape: dict[str, Any] = {
+        "vocab_size": vocab_size, "hidden_size": hidden_size, "num_hidden_layers": num_layers,
+        "num_attention_heads": 4, "intermediate_size": hidden_size * 2, "pad_token_id": 0,
+        "max_position_embeddings": _MAX_POSITIONS,
+    }  # fmt: skip
     torch.manual_seed(seed)
-    model = transformers.BertModel(config)
+    model: Any
+    if family == "roberta":
+        shape.update(max_position_embeddings=_MAX_POSITIONS + 2, type_vocab_size=1)
+        model = transformers.RobertaModel(transformers.RobertaConfig(**shape))
+    elif family == "electra":
+        model = transformers.ElectraModel(
+            transformers.ElectraConfig(**shape, embedding_size=hidden_size // 2)
+        )
+    elif family == "bert":
+        model = transformers.BertModel(transformers.BertConfig(**shape))
+    else:
+        raise ValueError(f"unknown encoder family {family!r}: bert, roberta or electra")
     model.save_pretrained(str(dest), safe_serialization=True)
     _sentence_transformers_files(
         dest, hidden_size, normalize=normalize, pooling=pooling, max_seq_length=max_seq_length

@@ -15,6 +15,7 @@ from lmaas.core.messages import EmbedRequest, EmbedResult, RequestError
 from lmaas.runtimes.catalog import create_runner
 from lmaas.runtimes.embedding.onnx import OnnxEmbeddingRunner
 from lmaas.runtimes.embedding.torch import TorchEmbeddingRunner
+from lmaas.runtimes.onnx_export import PACKED_ENCODER_INPUTS
 from lmaas.testing.tiny_models import build_tiny_embedder
 
 TEXTS = [
@@ -174,3 +175,47 @@ def test_bad_options_and_graphs_are_load_errors(tmp_path: Path) -> None:
         OnnxEmbeddingRunner(make_spec(model_dir, task="embedding", options=options)).load()
     with pytest.raises(ModelLoadError, match=r"no model\.onnx"):
         OnnxEmbeddingRunner(make_spec(model_dir, task="embedding", format="onnx")).load()
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_the_export_runs_packed_rows_unless_told_not_to(tmp_path: Path, family: str) -> None:
+    """Packed families export a packed graph (no padding in its linear layers); the option
+    ``packed=false`` exports the padded one; both equal the torch runner."""
+    import onnx
+
+    model_dir = build_tiny_embedder(tmp_path / family, seed=7, family=family)
+    vectors = {}
+    for packed in ("true", "false"):
+        options = {"backend": "onnxruntime", "packed": packed}
+        runner = OnnxEmbeddingRunner(
+            make_spec(model_dir, task="embedding", options=options, cache_dir=str(tmp_path / "c"))
+        )
+        runner.load()
+        assert runner.graph_path is not None
+        inputs = [i.name for i in onnx.load(str(runner.graph_path)).graph.input]
+        assert inputs == (
+            list(PACKED_ENCODER_INPUTS) if packed == "true" else ["input_ids", "attention_mask"]
+        )
+        vectors[packed] = _embed(runner)
+    torch_runner = TorchEmbeddingRunner(make_spec(model_dir, task="embedding"))
+    torch_runner.load()
+    np.testing.assert_allclose(vectors["true"], _embed(torch_runner), atol=1e-5)
+    np.testing.assert_allclose(vectors["true"], vectors["false"], atol=1e-5)
+
+
+def test_int8_of_a_packed_graph_is_calibrated_on_packed_rows(
+    exported: tuple[Path, OnnxEmbeddingRunner],
+) -> None:
+    import onnx
+
+    from lmaas.runtimes.onnx_int8 import _calibration_feeds
+
+    _, runner = exported
+    assert runner.graph_path is not None
+    feeds = _calibration_feeds(onnx.load(str(runner.graph_path)))
+    assert feeds is not None and set(feeds[0]) == set(PACKED_ENCODER_INPUTS)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(runner.graph_path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, feeds[-1])
+    assert out.shape == (feeds[-1]["input_ids"].shape[1], 64)

@@ -18,6 +18,7 @@ from lmaas.core.messages import EmbedRequest, EmbedResult, RequestError
 from lmaas.runtimes.classification.sequence import EncodedRow, SequenceClassifier
 from lmaas.runtimes.embedding.torch import TorchEmbeddingRunner
 from lmaas.runtimes.packed import PackedEncoder, make_packing, packed_attention
+from lmaas.testing.tiny_models import build_tiny_embedder
 from lmaas.testing.tiny_text_heads import build_tiny_classifier
 
 TEXTS = [
@@ -44,43 +45,11 @@ def _embed(model_dir: Path, texts: list[str], **options: str) -> np.ndarray:
     return _matrix(result)
 
 
-def _as_family(source: Path, dest: Path, family: str) -> Path:
-    """The tiny BERT embedder's tokenizer and sentence-transformers files around a random
-    encoder of another packed family."""
-    shutil.copytree(source, dest)
-    bert = transformers.AutoConfig.from_pretrained(str(source))
-    common = {
-        "vocab_size": bert.vocab_size,
-        "hidden_size": bert.hidden_size,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": bert.intermediate_size,
-        "pad_token_id": 0,
-    }
-    if family == "roberta":  # positions count from padding_idx + 1
-        config: object = transformers.RobertaConfig(
-            **common, max_position_embeddings=bert.max_position_embeddings + 2, type_vocab_size=1
-        )
-        model: torch.nn.Module = transformers.RobertaModel(config)  # type: ignore[arg-type]
-    else:
-        config = transformers.ElectraConfig(
-            **common, embedding_size=32, max_position_embeddings=bert.max_position_embeddings
-        )
-        model = transformers.ElectraModel(config)  # type: ignore[arg-type]
-    torch.manual_seed(5)
-    model.save_pretrained(str(dest), safe_serialization=True)  # type: ignore[operator]
-    return dest
-
-
 @pytest.mark.parametrize("family", ["bert", "roberta", "electra"])
 def test_packed_rows_equal_padded_rows_and_sentence_transformers(
-    tiny_embedder_dir: Path, tmp_path: Path, family: str
+    tmp_path: Path, family: str
 ) -> None:
-    model_dir = (
-        tiny_embedder_dir
-        if family == "bert"
-        else _as_family(tiny_embedder_dir, tmp_path / family, family)
-    )
+    model_dir = build_tiny_embedder(tmp_path / family, seed=5, family=family)
     packed = _embed(model_dir, TEXTS)
     padded = _embed(model_dir, TEXTS, packed="false")
     np.testing.assert_allclose(packed, padded, atol=2e-5, rtol=1e-4)

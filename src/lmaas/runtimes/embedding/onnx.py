@@ -34,8 +34,17 @@ from lmaas.core.messages import (
 )
 from lmaas.runtimes.embedding.sentences import SentenceEmbedder, SentenceRunnerBase
 from lmaas.runtimes.hf_loading import load_hf_tokenizer
-from lmaas.runtimes.onnx_export import ENCODER_RECIPE, export_encoder, served_graph
+from lmaas.runtimes.onnx_export import (
+    ENCODER_RECIPE,
+    PACKED_ENCODER_INPUTS,
+    PACKED_ENCODER_RECIPE,
+    export_encoder,
+    export_packed_encoder,
+    packed_encoder_export,
+    served_graph,
+)
 from lmaas.runtimes.onnx_session import open_session, quantize_option, worker_threads
+from lmaas.runtimes.packed import first_position, graph_inputs, make_packing
 
 _log = logging.getLogger(__name__)
 
@@ -62,6 +71,9 @@ class OnnxEmbeddingRunner(SentenceRunnerBase):
         self._input_names: frozenset[str] = frozenset()
         self._output_name = ""
         self._pooled_output = False
+        self._packed = False
+        """The graph runs packed rows (``PACKED_ENCODER_INPUTS``; :mod:`lmaas.runtimes.packed`)."""
+        self._first_position = 0
         self.graph_path: Path | None = None
         """The graph the session runs (the imported one, or a cached export)."""
 
@@ -69,9 +81,11 @@ class OnnxEmbeddingRunner(SentenceRunnerBase):
         """Load the tokenizer, find or build the graph, open the session. Raises: ModelLoadError."""
         tokenizer = load_hf_tokenizer(self._spec)
         quantize = quantize_option(self._spec.options)
-        self.graph_path = served_graph(
-            self._spec, recipe=ENCODER_RECIPE, export=export_encoder, quantize=quantize
-        )
+        if packed_encoder_export(self._spec):
+            recipe, export = PACKED_ENCODER_RECIPE, export_packed_encoder
+        else:
+            recipe, export = ENCODER_RECIPE, export_encoder
+        self.graph_path = served_graph(self._spec, recipe=recipe, export=export, quantize=quantize)
         self._session = open_session(self.graph_path, worker_threads(self._spec.options))
         hidden_size = self._check_signature(self._session)
         config = _read_config(Path(self._spec.model_dir))
@@ -86,7 +100,13 @@ class OnnxEmbeddingRunner(SentenceRunnerBase):
         )
         if self._pooled_output and len(self._sentences.config.pooling_modes) != 1:
             raise ModelLoadError("the graph returns pooled vectors; it cannot pool again")
-        _log.info("loaded %s on onnxruntime (%s)", self.graph_path, quantize or "float32")
+        self._first_position = first_position(config.get("model_type"), config.get("pad_token_id"))
+        _log.info(
+            "loaded %s on onnxruntime (%s, %s rows)",
+            self.graph_path,
+            quantize or "float32",
+            "packed" if self._packed else "padded",
+        )
         return self._sentences.model_info(
             dtype="int8" if quantize else "float32",
             device="cpu",
@@ -99,6 +119,8 @@ class OnnxEmbeddingRunner(SentenceRunnerBase):
     def forward(self, payloads: list[list[int]]) -> list[torch.Tensor]:
         if self._session is None:
             raise InternalError("the model is not loaded")
+        if self._packed:
+            return self._forward_packed(payloads)
         ids, mask = self.sentences.pad(payloads)
         feeds = {"input_ids": ids}
         if "attention_mask" in self._input_names:
@@ -112,9 +134,33 @@ class OnnxEmbeddingRunner(SentenceRunnerBase):
             return list(self.sentences.normalize(vectors))
         return list(self.sentences.pool(vectors, torch.from_numpy(mask)))
 
+    def _forward_packed(self, payloads: list[list[int]]) -> list[torch.Tensor]:
+        assert self._session is not None
+        lengths = [len(ids) for ids in payloads]
+        ids = np.fromiter((i for row in payloads for i in row), np.int64, sum(lengths))[None]
+        positions = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])[None]
+        packing = graph_inputs(lengths)
+        feeds = {
+            "input_ids": ids,
+            "position_ids": positions + self._first_position,
+            "token_type_ids": np.zeros_like(ids),
+            **{name: tensor.numpy() for name, tensor in packing.items()},
+        }
+        (out,) = self._session.run([self._output_name], feeds)
+        tokens = torch.from_numpy(np.asarray(out, dtype=np.float32))  # [T, hidden]
+        rows = make_packing(lengths, torch.device("cpu"))
+        return list(self.sentences.pool(rows.unpack(tokens), rows.mask()))
+
     def _check_signature(self, session: ort.InferenceSession) -> int | None:
         """Remember the graph's inputs and output; the hidden size if the graph states it."""
         names = {i.name for i in session.get_inputs()}
+        if names == set(PACKED_ENCODER_INPUTS):
+            self._packed = True
+            self._input_names = frozenset(names)
+            output = session.get_outputs()[0]
+            self._output_name = output.name
+            last = output.shape[-1]
+            return last if isinstance(last, int) and last > 0 else None
         if "input_ids" not in names or names - {"input_ids"} - _OPTIONAL_INPUTS:
             raise ModelLoadError(
                 f"an embedding graph takes input_ids (and optionally attention_mask, "
