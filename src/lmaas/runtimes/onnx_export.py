@@ -48,7 +48,9 @@ from lmaas.runtimes.onnx_int8 import (
 from lmaas.runtimes.onnx_session import build_once, cache_dir, source_digest
 from lmaas.runtimes.packed import (
     PACKED_FAMILIES,
+    PACKED_HEADS,
     PackedEncoder,
+    classification_head,
     first_position,
     graph_inputs,
     graph_packing,
@@ -63,6 +65,7 @@ GRAPH_FILENAME = "model.onnx"
 ENCODER_RECIPE = "encoder-last-hidden-state/dynamo/v1"
 PACKED_ENCODER_RECIPE = "encoder-packed-last-hidden-state/dynamo/v1"
 SEQUENCE_CLASSIFIER_RECIPE = "sequence-classifier-logits/dynamo/v1"
+PACKED_CLASSIFIER_RECIPE = "sequence-classifier-packed-logits/dynamo/v1"
 IMAGE_CLASSIFIER_RECIPE = "image-classifier-logits/dynamo/v1"
 """Names of how each exporter builds a graph; part of the cache key, so a change to an
 exporter (bump its recipe) re-exports instead of reusing an old graph."""
@@ -242,17 +245,44 @@ class _PackedLastHiddenState(torch.nn.Module):
         return out
 
 
-def packed_encoder_export(spec: WorkerSpec) -> bool:
-    """Whether :func:`export_packed_encoder` applies: a ``safetensors`` version of a packed
-    family (``config.json``'s ``model_type``), option ``packed`` not false."""
+def packed_export(spec: WorkerSpec, *, head: bool = False) -> bool:
+    """Whether the packed exporters apply: a ``safetensors`` version of a packed family
+    (``config.json``'s ``model_type``; with ``head``, also an architecture in
+    ``PACKED_HEADS``), option ``packed`` not false."""
     if spec.format == ModelFormat.ONNX.value or not packed_option(spec.options):
         return False
-    config = Path(spec.model_dir) / "config.json"
     try:
-        model_type = msgspec.json.decode(config.read_bytes()).get("model_type")
+        config = msgspec.json.decode((Path(spec.model_dir) / "config.json").read_bytes())
+        model_type, architectures = config.get("model_type"), config.get("architectures") or []
     except (OSError, msgspec.DecodeError, AttributeError):
         return False
+    if head and not (len(architectures) == 1 and architectures[0] in PACKED_HEADS):
+        return False
     return model_type in PACKED_FAMILIES
+
+
+def _packed_example(model: Any) -> tuple[torch.Tensor, ...]:
+    """Inputs to trace a packed graph with: every dynamic size at least 2, T != rows *
+    longest."""
+    lengths = [8, 5]
+    total = sum(lengths)
+    config = model.config
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    positions += first_position(config.model_type, config.pad_token_id)
+    packed = graph_inputs(lengths)
+    return (
+        torch.full((1, total), 5, dtype=torch.long), positions.unsqueeze(0),
+        torch.zeros((1, total), dtype=torch.long),
+        packed["gather"], packed["key_mask"], packed["flat_index"],
+        torch.tensor([0, lengths[0]], dtype=torch.long),
+    )  # fmt: skip
+
+
+_PACKED_AXES: dict[str, tuple[str | None, ...]] = {
+    "input_ids": (None, "tokens"), "position_ids": (None, "tokens"),
+    "token_type_ids": (None, "tokens"), "gather": ("rows", "longest"),
+    "key_mask": ("rows", "longest"), "flat_index": ("tokens",), "starts": ("rows",),
+}  # fmt: skip
 
 
 def export_packed_encoder(spec: WorkerSpec, dest: Path) -> None:
@@ -264,25 +294,10 @@ def export_packed_encoder(spec: WorkerSpec, dest: Path) -> None:
     model, _ = load_hf_model(float_spec(spec), "AutoModel", torch.float32)
     if not PackedEncoder.supports(model):
         raise ModelLoadError(f"{type(model).__name__} cannot run on packed rows")
-    lengths = [8, 5]  # every dynamic size at least 2, T != rows * longest
-    total = sum(lengths)
-    positions = torch.cat([torch.arange(n) for n in lengths]) + first_position(
-        model.config.model_type, model.config.pad_token_id
-    )
-    packed = graph_inputs(lengths)
-    example = (
-        torch.full((1, total), 5, dtype=torch.long), positions.unsqueeze(0),
-        torch.zeros((1, total), dtype=torch.long),
-        packed["gather"], packed["key_mask"], packed["flat_index"],
-    )  # fmt: skip
-    axes = {
-        "input_ids": (None, "tokens"), "position_ids": (None, "tokens"),
-        "token_type_ids": (None, "tokens"), "gather": ("rows", "longest"),
-        "key_mask": ("rows", "longest"), "flat_index": ("tokens",),
-    }  # fmt: skip
+    names = list(PACKED_ENCODER_INPUTS)
     export_module(
-        _PackedLastHiddenState(model), example, dest,
-        input_names=list(PACKED_ENCODER_INPUTS), dynamic_axes=axes,
+        _PackedLastHiddenState(model), _packed_example(model)[: len(names)], dest,
+        input_names=names, dynamic_axes={name: _PACKED_AXES[name] for name in names},
     )  # fmt: skip
 
 
@@ -354,6 +369,57 @@ def export_spec_sequence_classifier(spec: WorkerSpec, dest: Path) -> None:
         float_spec(spec), "AutoModelForSequenceClassification", torch.float32
     )
     export_sequence_classifier(model, uses_segments(model, tokenizer), dest)
+
+
+PACKED_CLASSIFIER_INPUTS = (*PACKED_ENCODER_INPUTS, "starts")
+"""A packed sequence classifier's inputs: the packed encoder's and ``starts [rows]`` (each
+row's first token); its output is ``logits [rows, num_labels]``."""
+
+
+class _PackedLogits(torch.nn.Module):
+    """A sequence classifier on packed rows: the encoder packed, the head on first tokens."""
+
+    output_name = "logits"
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        head = classification_head(model)
+        if head is None or not PackedEncoder.supports(model.base_model):
+            raise ModelLoadError(f"{type(model).__name__} cannot run on packed rows")
+        self.model, self._head = model, head
+        PackedEncoder(model.base_model)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        gather: torch.Tensor,
+        key_mask: torch.Tensor,
+        flat_index: torch.Tensor,
+        starts: torch.Tensor,
+    ) -> torch.Tensor:
+        tokens = self.model.base_model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            token_type_ids=token_type_ids,
+            lmaas_packing=graph_packing(gather, key_mask, flat_index),
+        ).last_hidden_state[0]
+        return self._head(tokens.index_select(0, starts).unsqueeze(1))
+
+
+def export_spec_packed_sequence_classifier(spec: WorkerSpec, dest: Path) -> None:
+    """Export the float32 sequence classifier of ``spec.model_dir`` on packed rows.
+
+    Raises:
+        ModelLoadError: the model cannot be loaded or exported.
+    """
+    model, _ = load_hf_model(float_spec(spec), "AutoModelForSequenceClassification", torch.float32)
+    names = list(PACKED_CLASSIFIER_INPUTS)
+    export_module(
+        _PackedLogits(model), _packed_example(model), dest, input_names=names,
+        dynamic_axes={name: _PACKED_AXES[name] for name in names},
+    )  # fmt: skip
 
 
 # -------------------------------------------------------------------------- image classifiers

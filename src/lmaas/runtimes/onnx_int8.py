@@ -192,8 +192,8 @@ def _calibration_feeds(model: Any) -> list[dict[str, np.ndarray]] | None:
     if vocab < 2:
         return None
     names = {i.name for i in inputs}
-    if names == set(_PACKED_INPUTS):
-        return _packed_calibration_feeds(vocab)
+    if names - {"starts"} == set(_PACKED_INPUTS):
+        return _packed_calibration_feeds(vocab, starts="starts" in names)
     known = {"input_ids", "attention_mask", "token_type_ids"}
     if any(i.name not in known for i in inputs):
         return None
@@ -216,8 +216,9 @@ _PACKED_INPUTS = (
 """A packed encoder graph's inputs (``lmaas.runtimes.onnx_export.PACKED_ENCODER_INPUTS``)."""
 
 
-def _packed_calibration_feeds(vocab: int) -> list[dict[str, np.ndarray]]:
-    """The calibration batches of :data:`_CALIBRATION_SHAPES` as packed rows."""
+def _packed_calibration_feeds(vocab: int, *, starts: bool) -> list[dict[str, np.ndarray]]:
+    """The calibration batches of :data:`_CALIBRATION_SHAPES` as packed rows (with each row's
+    first token for a packed classifier, ``starts``)."""
     from lmaas.runtimes.packed import graph_inputs
 
     rng = np.random.default_rng(0)
@@ -228,10 +229,10 @@ def _packed_calibration_feeds(vocab: int) -> list[dict[str, np.ndarray]]:
         # channel's peak over every token, which a shift of two positions barely moves.
         positions = np.tile(np.arange(tokens, dtype=np.int64), rows)[None]
         packing = {k: v.numpy() for k, v in graph_inputs([tokens] * rows).items()}
-        feeds.append(
-            {"input_ids": ids, "position_ids": positions, "token_type_ids": np.zeros_like(ids)}
-            | packing
-        )
+        feed = {"input_ids": ids, "position_ids": positions, "token_type_ids": np.zeros_like(ids)}
+        if starts:
+            feed["starts"] = np.arange(rows, dtype=np.int64) * tokens
+        feeds.append(feed | packing)
     return feeds
 
 

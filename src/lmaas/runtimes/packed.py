@@ -260,6 +260,10 @@ _FIRST_TOKEN_HEADS = frozenset(
 )
 
 
+PACKED_HEADS = _FIRST_TOKEN_HEADS | {"BertForSequenceClassification"}
+"""Sequence-classification classes whose head :func:`classification_head` runs on packed rows."""
+
+
 def classification_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The head of a sequence-classification model as a function of each row's first token
     ``[rows, 1, hidden]`` → logits, or None where it is not known to read only that token."""

@@ -191,3 +191,22 @@ def test_concurrent_builders_build_once(tmp_path: Path) -> None:
     assert len(calls) == 1
     assert seen == [b"complete graph"] * 4
     assert sorted(p.name for p in dest.parent.iterdir()) == [".model.onnx.lock", "model.onnx"]
+
+
+@pytest.mark.parametrize(("name", "task"), [("rerank", "rerank"), ("cls", "classification")])
+def test_packed_and_padded_graphs_give_the_same_numbers(root: Path, name: str, task: str) -> None:
+    """BERT sequence classifiers export on packed rows (segment ids of pairs included); the
+    option ``packed=false`` exports the padded graph; both equal torch."""
+    import onnx
+
+    from lmaas.runtimes.onnx_export import PACKED_CLASSIFIER_INPUTS
+
+    results = {}
+    for packed in ("true", "false"):
+        runner = create_runner(_spec(root, name, task, {**ORT, "packed": packed}))  # type: ignore[arg-type]
+        runner.load()
+        graph = runner._classifier.graph_path  # type: ignore[attr-defined]
+        inputs = [i.name for i in onnx.load(str(graph)).graph.input]
+        assert (inputs == list(PACKED_CLASSIFIER_INPUTS)) == (packed == "true")
+        results[packed] = _rerank(runner) if task == "rerank" else _classify(runner)  # type: ignore[arg-type]
+    np.testing.assert_allclose(results["true"], results["false"], atol=1e-5, rtol=0)

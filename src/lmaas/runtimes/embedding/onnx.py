@@ -40,7 +40,7 @@ from lmaas.runtimes.onnx_export import (
     PACKED_ENCODER_RECIPE,
     export_encoder,
     export_packed_encoder,
-    packed_encoder_export,
+    packed_export,
     served_graph,
 )
 from lmaas.runtimes.onnx_session import open_session, quantize_option, worker_threads
@@ -81,7 +81,7 @@ class OnnxEmbeddingRunner(SentenceRunnerBase):
         """Load the tokenizer, find or build the graph, open the session. Raises: ModelLoadError."""
         tokenizer = load_hf_tokenizer(self._spec)
         quantize = quantize_option(self._spec.options)
-        if packed_encoder_export(self._spec):
+        if packed_export(self._spec):
             recipe, export = PACKED_ENCODER_RECIPE, export_packed_encoder
         else:
             recipe, export = ENCODER_RECIPE, export_encoder
