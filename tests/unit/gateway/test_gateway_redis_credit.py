@@ -301,3 +301,18 @@ async def test_redis_going_away_never_over_admits(
     assert admitted <= held  # the credit it held, and not one more
     assert unavailable >= 400 - held
 
+
+async def test_credit_is_a_setting_on_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmaas.bootstrap.settings import Settings
+    from lmaas.bootstrap.wiring import build_limiter
+
+    monkeypatch.setenv("LMAAS_LIMITS__BACKEND", "redis")
+    for value, expected in ((None, True), ("false", False), ("true", True)):
+        if value is None:
+            monkeypatch.delenv("LMAAS_LIMITS__REDIS_CREDIT", raising=False)
+        else:
+            monkeypatch.setenv("LMAAS_LIMITS__REDIS_CREDIT", value)
+        limiter = build_limiter(Settings())
+        assert isinstance(limiter, RedisLimiter)
+        assert (limiter._credit is not None) is expected
+        await limiter.aclose()
