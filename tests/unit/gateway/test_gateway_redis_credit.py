@@ -225,19 +225,44 @@ async def test_unused_credit_goes_back_after_idle_and_on_close(
     limiter = await make_limiter()
     subject = Subject("key", "lmaas-k", Limits(rpm=1600))  # credit: at most 100
     rpm_key = f"{limiter.prefix}:key:lmaas-k:rpm"
-    admitted, _ = await _hammer([limiter], [subject], 300)
-    fields = await probe.hgetall(rpm_key)
-    held = float(fields.get(f"h:{limiter._lease_prefix[:-1]}", 0))
-    assert held > 0
+    await _hammer([limiter], [subject], 300)
+    await asyncio.sleep(0.05)  # the last refill's reply
+    before = await probe.hgetall(rpm_key)
+    held = float(before[f"h:{limiter._lease_prefix[:-1]}"])  # as of the last claim
     assert await _level(probe, rpm_key) + held <= 1600
+    assert limiter._credit is not None
+    unused = limiter._credit._accounts[(rpm_key, "")].credit  # less what it admitted since
+    assert 0 < unused <= held
     await asyncio.sleep(1.6)  # idle: the credit goes back
-    assert not _credit_fields(await probe.hgetall(rpm_key))
-    # what was given back is in the level: only the admissions are missing (plus the refill)
-    assert await _level(probe, rpm_key) >= 1600 - len(admitted) + held - 1
+    after = await probe.hgetall(rpm_key)
+    assert not _credit_fields(after)
+    # the give-back refilled the level up to the cap less the credit, then added what was unused
+    refill = (int(after["ts"]) - int(before["ts"])) * 1600 / 60000
+    expected = min(1600 - held, float(before["level"]) + refill) + unused
+    assert float(after["level"]) == pytest.approx(expected)
     await _hammer([limiter], [subject], 100)
     assert _credit_fields(await probe.hgetall(rpm_key))
     await limiter.aclose()
     assert not _credit_fields(await probe.hgetall(rpm_key))
+
+
+async def test_a_changed_limit_gives_its_credit_back(
+    make_limiter: MakeLimiter, probe: aioredis.Redis
+) -> None:
+    limiter = await make_limiter()
+    old = Limits(rpm=1600, quotas=(make_quota("requests", 6400, "day"),))
+    new = Limits(rpm=3200, quotas=(make_quota("requests", 12800, "day"),))
+    await _hammer([limiter], [Subject("key", "lmaas-k", old)], 200)
+    subject = Subject("key", "lmaas-k", new)
+    await _hammer([limiter], [subject], 200)
+    await asyncio.sleep(0.05)  # the old credit's give-back, the last refill
+    key = limiter.window_key(subject, window_of(QuotaPeriod.DAY, datetime.now(UTC)))
+    assert limiter._credit is not None
+    unused = limiter._credit._accounts[(key, "requests")].credit
+    # counted: the admissions, and the credit of the new limit only
+    assert float((await probe.hgetall(key))["requests"]) == 400 + unused
+    await limiter.aclose()
+    assert float((await probe.hgetall(key))["requests"]) == 400
 
 
 async def test_a_crashed_gateways_credit_ends_by_itself(
