@@ -85,26 +85,8 @@ class CreditBook:
         requests (else Redis must see the admission)."""
         count = len(subjects)
         plan = Plan([False] * count, [0] * count, [None] * count)
-        for i, (subject, (rpm_key, tpm_key, leases_key)) in enumerate(
-            zip(subjects, keys, strict=True)
-        ):
-            limits = subject.limits
-            if limits.rpm is not None:
-                rpm = self._account(BUCKET, rpm_key, limits.rpm, "")
-                plan.rpm[i] = self._use(plan, rpm, 1, now, tokens_limit=False) == 1
-                plan.complete &= plan.rpm[i]
-            if limits.tpm is not None:
-                tpm = self._account(BUCKET, tpm_key, limits.tpm, "")
-                plan.tpm[i] = self._use(plan, tpm, tokens, now, tokens_limit=True)
-            if limits.max_concurrent is not None:
-                slots = self._account(SLOTS, leases_key, limits.max_concurrent, "")
-                slots.note(1, now)
-                plan.needs.append((slots, 1))
-                member = plan.slots[i] = slots.take_slot(now)
-                if member is None:
-                    plan.complete = False
-                else:
-                    plan.held.append((slots, member))
+        for index, subject in enumerate(subjects):
+            self._plan_subject(plan, index, subject, keys[index], tokens, now)
         for spec in windows:
             used = self._account(WINDOW, spec.key, spec.tokens_limit, "tokens")
             got = self._use(plan, used, tokens, now, tokens_limit=True)
@@ -115,6 +97,34 @@ class CreditBook:
         plan.creditable = whole_windows or not windows
         plan.complete &= plan.tokens_local and plan.creditable
         return plan
+
+    def _plan_subject(
+        self,
+        plan: Plan,
+        index: int,
+        subject: Subject,
+        keys: tuple[str, str, str],
+        tokens: int,
+        now: float,
+    ) -> None:
+        rpm_key, tpm_key, leases_key = keys
+        limits = subject.limits
+        if limits.rpm is not None:
+            rpm = self._account(BUCKET, rpm_key, limits.rpm, "")
+            plan.rpm[index] = self._use(plan, rpm, 1, now, tokens_limit=False) == 1
+            plan.complete &= plan.rpm[index]
+        if limits.tpm is not None:
+            tpm = self._account(BUCKET, tpm_key, limits.tpm, "")
+            plan.tpm[index] = self._use(plan, tpm, tokens, now, tokens_limit=True)
+        if limits.max_concurrent is not None:
+            slots = self._account(SLOTS, leases_key, limits.max_concurrent, "")
+            slots.note(1, now)
+            plan.needs.append((slots, 1))
+            member = plan.slots[index] = slots.take_slot(now)
+            if member is None:
+                plan.complete = False
+            else:
+                plan.held.append((slots, member))
 
     @staticmethod
     def _use(plan: Plan, account: Account, need: int, now: float, *, tokens_limit: bool) -> int:
