@@ -36,9 +36,12 @@ estimate), at least one admission's need, at most 1/16 of the limit (1/64 of a q
 parked in one gateway holds back others by little; a limit smaller than that is never
 credited (one script per admission, as without credit). Below half a chunk a refill goes out in
 the background (one script for every account that needs one in the same loop turn); the request
-does not wait for it. A refund of reserved tokens at settle goes back into the credit when the
-admission's tokens all came from credit and as much was used since the last report; otherwise
-Redis settles it as without credit.
+does not wait for it. When an admission whose tokens all came from credit settles, its slots go
+back to the credit; tokens it reserved and did not use are added up and ride to Redis with the
+account's next script (refill, renewal or give-back), which refunds them exactly as the settle
+script does (a bucket up to its limit less the credit held): later, so conservative; tokens it
+used beyond its reservation come from the credit when it holds enough. Otherwise Redis settles
+it as without credit.
 
 Lifetimes: credit no admission used for ``IDLE_S`` is given back (also on a changed limit and on
 :meth:`CreditBook.aclose`). Bucket credit ends ``credit_ttl_s`` after the script that last
@@ -99,10 +102,10 @@ class Account:
         "metric",
         "rate",
         "refilling",
+        "refund",
         "retired",
         "retry_at",
         "seen",
-        "used",
     )
 
     def __init__(self, kind: int, key: str, limit: float, metric: str = "") -> None:
@@ -116,8 +119,8 @@ class Account:
         """Units held (buckets, windows)."""
         self.low = 0
         """Below this much held, a refill goes out (half the last chunk asked for)."""
-        self.used = 0
-        """Units used since the last claim was sent, less refunds taken back (never below 0)."""
+        self.refund = 0
+        """Tokens refunded by settles since the last script (it carries them to Redis)."""
         self.deadline = -math.inf
         self.free: dict[str, float] = {}
         """Slots held and unused: member → until when the gateway trusts it."""
@@ -149,7 +152,7 @@ class Account:
         if self.kind == SLOTS:
             return len(self.free)
         if now >= self.deadline:
-            self.credit = self.used = 0  # Redis drops it by itself
+            self.credit = 0  # Redis drops it by itself
         return self.credit
 
     def take(self, need: int, now: float, partial: bool) -> int:
@@ -157,14 +160,12 @@ class Account:
         have = self.held(now) if not self.retired else 0
         got = min(have, need) if partial or have >= need else 0
         self.credit -= got
-        self.used += got
         return got
 
     def restore(self, units: int, now: float) -> None:
         """Put back units a refused admission took."""
         if units and now < self.deadline and not self.retired:
             self.credit += units
-            self.used = max(0, self.used - units)
 
     def purge(self, now: float) -> None:
         """Drop the free slots past their trust (Redis expires them)."""
@@ -222,7 +223,7 @@ class Plan:
     needs: list[tuple[Account, int]] = field(default_factory=list)
     token_accounts: list[Account] = field(default_factory=list)
     tokens_local: bool = True
-    """Every tokens limit (tpm, windows) was covered by credit: a refund may go back to it."""
+    """Every tokens limit (tpm, windows) was covered by credit: its settle needs no script."""
     complete: bool = True
     """Nothing is left for Redis to check."""
     creditable: bool = True

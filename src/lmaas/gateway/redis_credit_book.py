@@ -180,23 +180,24 @@ class CreditBook:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def settle(self, plan: Plan, refund: int, now: float) -> bool:
-        """An admission from credit ends: its slots go back to the credit, and a refund of
-        reserved tokens too when it can (returns whether it did; else Redis settles it)."""
+        """An admission from credit ends: its slots go back to the credit; tokens it reserved
+        and did not use ride to Redis with the account's next script; tokens it used beyond its
+        reservation come from the credit. Returns False when Redis must settle the tokens."""
         for account, member in plan.held:
             self._drop_slot(account.put_slot(member, now), account)
         if refund == 0:
             return True
         accounts = plan.token_accounts
-        if not plan.tokens_local:
+        if not plan.tokens_local or any(account.retired for account in accounts):
+            return False
+        if refund > 0:
+            for account in accounts:
+                account.refund += refund
+            return True
+        if any(account.held(now) < -refund for account in accounts):
             return False
         for account in accounts:
-            if account.retired or now >= account.deadline:
-                return False
-            if account.used < refund or account.credit < -refund:
-                return False
-        for account in accounts:  # a negative refund: more tokens used, taken from the credit
             account.credit += refund
-            account.used -= refund
         return True
 
     # ------------------------------------------------------------ Redis
@@ -219,13 +220,13 @@ class CreditBook:
             claim = have
             if account.kind == SLOTS:
                 claim, self._numbers = self._numbers, self._numbers + want
-            account.used = 0
+            refund, account.refund = account.refund, 0
             account.refilling = True
             account.low = max(account.low, chunk // 2) if need else account.low
             batch.append((account, claim))
             keys.append(account.key)
             extra = self._member_prefix if account.kind == SLOTS else account.metric
-            args += [account.kind, limit_arg(account.limit), claim, want, extra]
+            args += [account.kind, limit_arg(account.limit), claim, want, refund, extra]
         if batch:
             self._start(self._take(batch, keys, args, now))
 
@@ -263,11 +264,12 @@ class CreditBook:
                 if members:
                     removals.append(self._client.execute("ZREM", account.key, *members))
                 continue
-            claim = account.held(now)
-            account.credit = account.used = 0
-            if claim:
+            claim, refund = account.held(now), account.refund
+            account.credit = account.refund = 0
+            if claim or refund:
                 keys.append(account.key)
-                args += [account.kind, limit_arg(account.limit), claim, -1, account.metric]
+                kind, limit = account.kind, limit_arg(account.limit)
+                args += [kind, limit, claim, -1, refund, account.metric]
         if keys:
             removals.append(self._client.run_script(self._script, keys, args))
         results = await asyncio.gather(*removals, return_exceptions=True)
@@ -300,7 +302,7 @@ class CreditBook:
                     continue
                 if account.kind == SLOTS:
                     account.purge(now)
-                holds = account.held(now) > 0
+                holds = account.held(now) > 0 or account.refund > 0
                 if now - account.seen >= IDLE_S:
                     if holds:
                         idle.append(account)

@@ -215,23 +215,27 @@ CREDIT_LUA = (
     + """
 -- Take, renew or give back the credit of one gateway (see redis_credit.py).
 -- KEYS: one per account: a bucket hash, a quota window hash or a lease set.
--- ARGV: gateway id, credit ttl ms, lease ttl ms, then 5 per account: kind (1 bucket, 2 window,
+-- ARGV: gateway id, credit ttl ms, lease ttl ms, then 6 per account: kind (1 bucket, 2 window,
 -- 3 lease set), limit, claim (what the gateway still holds there; for a lease set, the number
--- of its first new member), want (units to take; -1: give back what is held), metric (window)
--- or member prefix (lease set).
+-- of its first new member), want (units to take; -1: give back what is held), tokens refunded
+-- by settles since the last script (as SETTLE_LUA refunds them), metric (window) or member
+-- prefix (lease set).
 -- Returns 2 per account: units granted, and how much of the claim Redis still counts as the
 -- gateway's (less than the claim: the credit ended, or Redis lost it).
 local now = now_ms()
 local id, ttl, lease_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {}
 for i = 1, #KEYS do
-  local key, b = KEYS[i], 3 + 5 * (i - 1)
+  local key, b = KEYS[i], 3 + 6 * (i - 1)
   local kind, limit = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-  local claim, want, extra = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]), ARGV[b + 5]
+  local claim, want = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+  local refund, extra = tonumber(ARGV[b + 5]), ARGV[b + 6]
   local granted, kept = 0, 0
   if kind == 1 then
-    local level = load(key, limit, now)
-    kept = math.min(tonumber(redis.call('HGET', key, 'h:' .. id) or '0'), claim)
+    local level, room = load(key, limit, now)
+    local mine = tonumber(redis.call('HGET', key, 'h:' .. id) or '0')
+    kept = math.min(mine, claim)
+    if refund ~= 0 then level = math.min(room + mine - kept, level + refund) end
     if want < 0 then
       level = level + kept
       redis.call('HDEL', key, 'h:' .. id, 'x:' .. id)
@@ -249,6 +253,7 @@ for i = 1, #KEYS do
     if redis.call('EXISTS', key) == 1 then
       local field = 'h:' .. id .. ':' .. extra
       kept = math.min(tonumber(redis.call('HGET', key, field) or '0'), claim)
+      if refund ~= 0 then redis.call('HINCRBYFLOAT', key, extra, -refund) end
       if want < 0 then
         if kept > 0 then redis.call('HINCRBYFLOAT', key, extra, -kept) end
         redis.call('HDEL', key, field)

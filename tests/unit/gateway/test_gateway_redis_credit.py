@@ -22,7 +22,7 @@ from lmaas.core.errors import QuotaExceededError, RateLimitError, ServiceUnavail
 from lmaas.gateway.limits import Limits, Subject
 from lmaas.gateway.quotas import QuotaPeriod, make_quota, window_of
 from lmaas.gateway.redis_limits import RedisAdmission, RedisLimiter
-from lmaas.gateway.redis_scripts import ADMIT_LUA, CREDIT_LUA
+from lmaas.gateway.redis_scripts import ADMIT_LUA, CREDIT_LUA, SETTLE_LUA
 from lmaas.gateway.resp import Arg, RedisAddress, RespClient, Script
 
 pytestmark = pytest.mark.anyio
@@ -30,6 +30,7 @@ pytestmark = pytest.mark.anyio
 REDIS_URL = "redis://127.0.0.1:6379/0"
 ADMIT_SHA = Script(ADMIT_LUA).sha
 CREDIT_SHA = Script(CREDIT_LUA).sha
+SETTLE_SHA = f"nowait {Script(SETTLE_LUA).sha}"
 
 
 class CountingClient(RespClient):
@@ -42,6 +43,12 @@ class CountingClient(RespClient):
     async def run_script(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         self.runs[script.sha] += 1
         return await super().run_script(script, keys, args)
+
+    def run_script_nowait(
+        self, script: Script, keys: Sequence[str], args: Sequence[Arg]
+    ) -> asyncio.Future[Any]:
+        self.runs[f"nowait {script.sha}"] += 1
+        return super().run_script_nowait(script, keys, args)
 
 
 MakeLimiter = Callable[..., Awaitable[RedisLimiter]]
@@ -96,8 +103,10 @@ async def _hammer(
     tokens: int = 0,
     wave: int = 16,
     finish: bool = True,
+    used: int | None = None,
 ) -> tuple[list[RedisAdmission], list[Exception]]:
-    """``total`` admissions in waves of ``wave`` at once, spread over the limiters."""
+    """``total`` admissions in waves of ``wave`` at once, spread over the limiters; each
+    finished after its wave, having used ``used`` tokens (default: what it reserved)."""
     admitted: list[RedisAdmission] = []
     refused: list[Exception] = []
     for start in range(0, total, wave):
@@ -109,7 +118,7 @@ async def _hammer(
             if isinstance(result, RedisAdmission):
                 admitted.append(result)
                 if finish:
-                    result.finish(tokens)
+                    result.finish(tokens if used is None else used)
             else:
                 assert isinstance(result, RateLimitError | QuotaExceededError), result
                 refused.append(result)
@@ -244,6 +253,58 @@ async def test_unused_credit_goes_back_after_idle_and_on_close(
     assert _credit_fields(await probe.hgetall(rpm_key))
     await limiter.aclose()
     assert not _credit_fields(await probe.hgetall(rpm_key))
+
+
+@pytest.mark.parametrize("used", [40, 130])
+async def test_settled_tokens_go_back_to_the_credit_or_come_from_it(
+    make_limiter: MakeLimiter, probe: aioredis.Redis, used: int
+) -> None:
+    limiter = await make_limiter()
+    quota = make_quota("tokens", 10**9, "month")
+    subject = Subject("key", "lmaas-k", Limits(tpm=10**7, quotas=(quota,)))
+    # 100 reserved: 60 back, or 30 more
+    admitted, _ = await _hammer([limiter], [subject], 300, tokens=100, wave=4, used=used)
+    assert len(admitted) == 300
+    # refunds ride with the credit scripts; extra tokens come from the credit when it has them
+    assert _runs(limiter, SETTLE_SHA) <= (30 if used < 100 else 150)  # 30: those before credit
+    await limiter.wait_settled()
+    await limiter.aclose()
+    month = window_of(QuotaPeriod.MONTH, datetime.now(UTC))
+    window = await probe.hgetall(limiter.window_key(subject, month))
+    assert float(window["tokens"]) == 300 * used
+
+
+async def test_credit_slots_live_while_their_gateway_does(
+    make_limiter: MakeLimiter, probe: aioredis.Redis
+) -> None:
+    limiter = await make_limiter(lease_ttl_s=0.6)
+    subjects = [Subject("key", "lmaas-k", Limits(max_concurrent=64))]
+    running, _ = await _hammer([limiter], subjects, 200, wave=4, finish=False)
+    for admission in running[:-4]:
+        admission.finish(0)
+    await asyncio.sleep(0.05)
+    leases = f"{limiter.prefix}:key:lmaas-k:leases"
+    held = await probe.zcard(leases)
+    assert held > 4  # the 4 running, and the slots held as credit
+    await asyncio.sleep(0.7)  # past the lease ttl: the refresher kept them
+    assert await probe.zcard(leases) == held
+    await asyncio.sleep(0.6)  # idle: the free ones went back
+    assert await probe.zcard(leases) == 4
+    other = await make_limiter(credit=False)
+    more, _ = await _hammer([other], subjects, 64, finish=False)
+    assert len(more) == 60
+
+
+async def test_bucket_credit_in_use_is_renewed(make_limiter: MakeLimiter) -> None:
+    limiter = await make_limiter(lease_ttl_s=1.0)  # bucket credit: 1 s, trusted 0.8 s
+    subjects = [Subject("key", "lmaas-k", Limits(rpm=60_000))]
+    await _hammer([limiter], subjects, 400, wave=8)  # a fast rate: large chunks
+    await asyncio.sleep(0.05)
+    admits = _runs(limiter, ADMIT_SHA)
+    for _ in range(10):  # slow use for 1.5 s: the chunk lasts, its time is renewed
+        await asyncio.sleep(0.15)
+        (await limiter.admit_async(subjects, 0)).finish(0)
+    assert _runs(limiter, ADMIT_SHA) == admits
 
 
 async def test_a_changed_limit_gives_its_credit_back(
