@@ -90,6 +90,10 @@ class LimitsConfig(BaseModel):
     live gateway refreshes its slots every third of this)."""
     key_prefix: str = Field(default="lmaas:limits", min_length=1)
     """Redis backend: namespace of the limiter's keys (gateways sharing limits share it)."""
+    redis_credit: bool = True
+    """Redis backend: a busy gateway takes each limit in small chunks ahead of its requests
+    and admits from them with no Redis round trip (the gateways together still never pass a
+    limit; ``lmaas.gateway.redis_credit``); false: one Redis script per admission."""
 
 
 class DeployConfig(BaseModel):

@@ -297,6 +297,7 @@ def build_limiter(settings: Settings, meter: UsageMeter | None = None) -> Limite
             prefix=settings.limits.key_prefix,
             lease_ttl_s=settings.limits.lease_ttl_s,
             quota_source=meter,
+            credit=settings.limits.redis_credit,
         )
     return InProcessLimiter(quota_source=meter)
 

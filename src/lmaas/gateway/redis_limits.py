@@ -7,9 +7,9 @@ checked, then taken from, all or nothing). What changes is where the state lives
 admission atomic (quotas per day or month too: :mod:`lmaas.gateway.quotas`):
 
 * Each check-and-take is **one Lua script** run by Redis (``EVALSHA`` through the lean client
-  of :mod:`lmaas.gateway.resp`, loaded again if Redis forgot it). Redis runs one script at a
-  time, so N gateways admitting at once can never pass a limit together, and a refused
-  request takes nothing.
+  of :mod:`lmaas.gateway.resp`, loaded again if Redis forgot it; the scripts and the key layout:
+  :mod:`lmaas.gateway.redis_scripts`). Redis runs one script at a time, so N gateways admitting
+  at once can never pass a limit together, and a refused request takes nothing.
 * Time is Redis's clock (``TIME`` inside the script), so the gateways' clocks do not matter.
 * Concurrency slots are **leases**: a sorted set per subject whose members are the admitted
   requests, scored by when their lease ends. Admission first drops ended leases, then counts.
@@ -18,18 +18,21 @@ admission atomic (quotas per day or month too: :mod:`lmaas.gateway.quotas`):
   refreshing, and its slots come back by themselves within ``lease_ttl_s``.
 * Buckets are hashes (``level``, ``ts``, ``cap``) that expire once they would be full again, so
   idle keys cost Redis nothing.
-* Quota windows are hashes (``tokens``, ``requests``, ``audio_seconds``, ``images``) per subject
-  and UTC day or month, kept a day past their period. The admission script refuses to count on
-  a window Redis does not hold (a new period, a quota just added, a Redis that lost its data):
-  the gateway then loads the window from the usage table (the durable truth), writes it only if
-  still absent (``SEED_LUA``: the first gateway wins), and admits again.
+* Quota windows are hashes per subject and UTC day or month; one Redis does not hold yet is
+  loaded from the usage table first (:mod:`lmaas.gateway.redis_windows`).
+* **Local credit** (``credit=True``, the default; :mod:`lmaas.gateway.redis_credit`): a busy
+  gateway takes each limit in small chunks ahead of its requests, with the same scripts' rules,
+  and admits from what it holds with no round trip; what it holds counts as taken in Redis, so
+  the gateways together still never pass a limit. ``credit=False`` runs one script per
+  admission.
 
 Redis down means **closed**: admission fails with 503 (``ServiceUnavailableError``, retryable)
-rather than serving past limits nobody can check. Settling is best effort: if it fails, the
-lease still expires and the unused reservation simply is not refunded (conservative). A settle
-is not awaited: it is written after the request's response, with the next admission or within
-20 ms (``RespClient.defer_s``), so a slot or a refund comes back at most that much later
-(under load most settles ride with an admission: one write, one wake-up of Redis).
+rather than serving past limits nobody can check (credit already held is used until it ends).
+Settling is best effort: if it fails, the lease still expires and the unused reservation simply
+is not refunded (conservative). A settle is not awaited: it is written after the request's
+response, with the next admission or within 20 ms (``RespClient.defer_s``), so a slot or a
+refund comes back at most that much later (under load most settles ride with an admission: one
+write, one wake-up of Redis); an admission from credit settles into the credit (no I/O).
 """
 
 from __future__ import annotations
@@ -42,181 +45,42 @@ import math
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
 from lmaas.core.errors import RateLimitError, ServiceUnavailableError
-from lmaas.gateway.limits import Subject, forget_pending, rate_limit_error
+from lmaas.gateway.limits import Subject, rate_limit_error
 from lmaas.gateway.quotas import (
     NO_CHARGE,
     Charge,
     Quota,
-    QuotaPeriod,
     QuotaSource,
     Window,
     ZeroSource,
     cost_of,
     quota_error,
-    window_of,
 )
+from lmaas.gateway.redis_credit import Plan, credited_quotas
+from lmaas.gateway.redis_credit_book import CreditBook
+from lmaas.gateway.redis_scripts import (
+    ADMIT_LUA,
+    REFRESH_LUA,
+    SETTLE_LUA,
+    AdmitCommand,
+    AdmitWindows,
+    admit_command,
+    settle_command,
+)
+from lmaas.gateway.redis_windows import RedisWindows, unavailable
 from lmaas.gateway.resp import RedisError, RespClient, Script
 
 _log = logging.getLogger(__name__)
-
-_KEYS_PER_SUBJECT = 3
-_ARGS_PER_SUBJECT = 3
-
-# A bucket hash: level (float, may be negative), ts (ms of the last refill), cap (the limit it
-# was built for: a changed limit keeps what was used, as in process).
-_BUCKET_LUA = """
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function load(key, cap, now)
-  local h = redis.call('HMGET', key, 'level', 'ts', 'cap')
-  local level, ts, old = tonumber(h[1]), tonumber(h[2]), tonumber(h[3])
-  if level == nil or ts == nil or old == nil then return cap end
-  if old ~= cap then level = cap - (old - level) end
-  return math.min(cap, level + math.max(0, now - ts) * cap / 60000)
-end
-local function save(key, level, cap, now)
-  redis.call('HSET', key, 'level', tostring(level), 'ts', now, 'cap', cap)
-  redis.call('PEXPIRE', key, math.ceil((cap - level) * 60000 / cap) + 60000)
-end
-"""
-
-ADMIT_LUA = (
-    _BUCKET_LUA
-    + """
--- KEYS: per subject: requests bucket, tokens bucket, leases (sorted set); then the quota
--- window hashes (fields tokens, requests, audio_seconds, images).
--- ARGV: tokens, lease id, lease ttl ms, subjects n, audio seconds, images, then per subject:
--- rpm, tpm, max_concurrent (0: none), then the number of quotas m and per quota: its window's
--- index in KEYS, its subject's index (0-based), metric, limit.
--- Returns {1} when admitted, else {0, subject index (0-based), reason, wait ms, detail}
--- with reason 1 concurrency (detail: in flight), 2 rpm, 3 larger than tpm, 4 tpm,
--- 5 a quota window is not loaded yet (detail: its index in KEYS), 6 a quota is used up
--- (wait: the quota's index, detail: the window's use in thousandths).
-local now = now_ms()
-local tokens = tonumber(ARGV[1])
-local lease, ttl = ARGV[2], tonumber(ARGV[3])
-local n = tonumber(ARGV[4])
-local cost = {tokens = tokens, requests = 1, audio_seconds = tonumber(ARGV[5]),
-  images = tonumber(ARGV[6])}
-local levels = {}
-for i = 0, n - 1 do
-  local rpm, tpm, conc = tonumber(ARGV[7 + 3 * i]), tonumber(ARGV[8 + 3 * i]),
-    tonumber(ARGV[9 + 3 * i])
-  if conc > 0 then
-    local leases = KEYS[3 + 3 * i]
-    redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
-    local in_flight = redis.call('ZCARD', leases)
-    if in_flight >= conc then return {0, i, 1, 1000, in_flight} end
-  end
-  if rpm > 0 then
-    local level = load(KEYS[1 + 3 * i], rpm, now)
-    levels[1 + 3 * i] = level
-    if level < 1 then return {0, i, 2, math.ceil((1 - level) * 60000 / rpm), 0} end
-  end
-  if tpm > 0 then
-    if tokens > tpm then return {0, i, 3, 60000, 0} end
-    local level = load(KEYS[2 + 3 * i], tpm, now)
-    levels[2 + 3 * i] = level
-    if level < tokens then return {0, i, 4, math.ceil((tokens - level) * 60000 / tpm), 0} end
-  end
-end
-local q = 7 + 3 * n
-for j = 0, tonumber(ARGV[q]) - 1 do
-  local k, si = tonumber(ARGV[q + 1 + 4 * j]), tonumber(ARGV[q + 2 + 4 * j])
-  local metric, limit = ARGV[q + 3 + 4 * j], tonumber(ARGV[q + 4 + 4 * j])
-  if redis.call('EXISTS', KEYS[k]) == 0 then return {0, si, 5, 0, k} end
-  local used = tonumber(redis.call('HGET', KEYS[k], metric) or '0')
-  local c = cost[metric]
-  if used >= limit or used + c > limit then return {0, si, 6, j, math.floor(used * 1000)} end
-end
-for i = 0, n - 1 do
-  local rpm, tpm, conc = tonumber(ARGV[7 + 3 * i]), tonumber(ARGV[8 + 3 * i]),
-    tonumber(ARGV[9 + 3 * i])
-  if rpm > 0 then save(KEYS[1 + 3 * i], levels[1 + 3 * i] - 1, rpm, now) end
-  if tpm > 0 then save(KEYS[2 + 3 * i], levels[2 + 3 * i] - tokens, tpm, now) end
-  if conc > 0 then
-    redis.call('ZADD', KEYS[3 + 3 * i], now + ttl, lease)
-    redis.call('PEXPIRE', KEYS[3 + 3 * i], ttl * 2)
-  end
-end
-for k = 3 * n + 1, #KEYS do
-  for metric, c in pairs(cost) do
-    if c ~= 0 then redis.call('HINCRBYFLOAT', KEYS[k], metric, c) end
-  end
-end
-return {1}
-"""
-)
-
-SETTLE_LUA = (
-    _BUCKET_LUA
-    + """
--- KEYS: per subject: tokens bucket, leases; then quota window hashes.
--- ARGV: refund tokens (may be negative), lease id, subjects n, audio seconds to add (may be
--- negative), then per subject: tpm (0: none), held a lease (0/1).
-local now = now_ms()
-local refund, lease = tonumber(ARGV[1]), ARGV[2]
-local n, audio = tonumber(ARGV[3]), tonumber(ARGV[4])
-for i = 0, n - 1 do
-  local tpm, held = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
-  if held > 0 then redis.call('ZREM', KEYS[2 + 2 * i], lease) end
-  if tpm > 0 and refund ~= 0 then
-    local level = load(KEYS[1 + 2 * i], tpm, now)
-    save(KEYS[1 + 2 * i], math.min(tpm, level + refund), tpm, now)
-  end
-end
-for k = 2 * n + 1, #KEYS do
-  if redis.call('EXISTS', KEYS[k]) == 1 then
-    if refund ~= 0 then redis.call('HINCRBYFLOAT', KEYS[k], 'tokens', -refund) end
-    if audio ~= 0 then redis.call('HINCRBYFLOAT', KEYS[k], 'audio_seconds', audio) end
-  end
-end
-return 1
-"""
-)
-
-SEED_LUA = """
--- KEYS: quota window hashes; ARGV per key: tokens, requests, audio_seconds, images, time to
--- live (ms). A window that exists is left alone: only the first seeder writes it.
-local seeded = 0
-for i = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 0 then
-    local b = 5 * (i - 1)
-    redis.call('HSET', KEYS[i], 'tokens', ARGV[b + 1], 'requests', ARGV[b + 2],
-      'audio_seconds', ARGV[b + 3], 'images', ARGV[b + 4])
-    redis.call('PEXPIRE', KEYS[i], ARGV[b + 5])
-    seeded = seeded + 1
-  end
-end
-return seeded
-"""
-
-REFRESH_LUA = """
--- KEYS: lease sets; ARGV: ttl ms, then the lease id held in each set (same order).
--- XX: a lease that already ended (this gateway stalled past its ttl) is not brought back, so a
--- refresh can never push a subject past its limit.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
-for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], 'XX', now + ttl, ARGV[i + 1])
-  redis.call('PEXPIRE', KEYS[i], ttl * 2)
-end
-return #KEYS
-"""
 
 _REASONS = {1: "concurrency", 2: "rpm", 3: "too_large", 4: "tpm"}
 _UNSEEDED = 5
 _QUOTA = 6
 _SEED_ATTEMPTS = 3
-_WINDOW_KEPT_AFTER_END_MS = 86_400_000
-"""A window's hash outlives its period by a day (then Redis drops it)."""
+_MAX_CREDIT_TTL_S = 30.0
+"""Bucket credit lives at most this long unrenewed (the buckets' hashes live 60 s or more)."""
 
 
 class RedisAdmission:
@@ -230,6 +94,7 @@ class RedisAdmission:
         "_held",
         "_lease",
         "_limiter",
+        "_plan",
         "_subjects",
         "_windows",
         "reserved_tokens",
@@ -244,6 +109,7 @@ class RedisAdmission:
         tokens: int,
         windows: list[str],
         charge: Charge,
+        plan: Plan | None = None,
     ) -> None:
         self._limiter = limiter
         self._subjects = subjects
@@ -251,6 +117,7 @@ class RedisAdmission:
         self._held = held
         self._windows = windows
         self._charge = charge
+        self._plan = plan
         self._done = False
         self.reserved_tokens = tokens
 
@@ -280,6 +147,8 @@ class RedisLimiter:
         quota_source: Where a quota window Redis does not hold yet is loaded from (the usage
             table); without one, such windows start empty.
         wall_clock: Current UTC time: which day and month the quota windows are.
+        credit: Admit from local credit when the gateway is busy (see
+            :mod:`lmaas.gateway.redis_credit`); False: one script per admission.
     """
 
     def __init__(
@@ -290,19 +159,19 @@ class RedisLimiter:
         lease_ttl_s: float = 15.0,
         quota_source: QuotaSource | None = None,
         wall_clock: Callable[[], datetime] = _utcnow,
+        credit: bool = True,
     ) -> None:
         if lease_ttl_s <= 0:
             raise ValueError(f"lease_ttl_s must be positive, not {lease_ttl_s}")
         self._client = client
         self.prefix = prefix
         self.lease_ttl_s = lease_ttl_s
-        self._source: QuotaSource = quota_source or ZeroSource()
         self._wall_clock = wall_clock
         self._admit = Script(ADMIT_LUA)
         self._settle = Script(SETTLE_LUA)
-        self._seed = Script(SEED_LUA)
         self._refresh = Script(REFRESH_LUA)
-        self._lease_prefix = f"{uuid.uuid4().hex[:16]}-"
+        gateway = uuid.uuid4().hex[:16]
+        self._lease_prefix = f"{gateway}-"
         self._lease_numbers = itertools.count()
         """Lease ids: this limiter's random prefix and a counter (a uuid4 per request cost
         more than the rest of the admission's arguments)."""
@@ -310,7 +179,16 @@ class RedisLimiter:
         """lease id → the lease sets it is in, for the refresher."""
         self._refresher: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Future[Any]] = set()
-        self._seeding: dict[str, asyncio.Future[None]] = {}
+        self._windows = RedisWindows(client, prefix, quota_source or ZeroSource(), wall_clock)
+        self._credit: CreditBook | None = None
+        if credit:
+            self._credit = CreditBook(
+                client,
+                gateway,
+                credit_ttl_s=min(lease_ttl_s, _MAX_CREDIT_TTL_S),
+                lease_ttl_s=lease_ttl_s,
+                on_slots=self._ensure_refresher,
+            )
 
     @classmethod
     def from_url(
@@ -320,10 +198,17 @@ class RedisLimiter:
         prefix: str = "lmaas:limits",
         lease_ttl_s: float = 15.0,
         quota_source: QuotaSource | None = None,
+        credit: bool = True,
     ) -> RedisLimiter:
         """A limiter on its own connection pool to ``url`` (``redis://host:port/db``)."""
         client = RespClient.from_url(url, timeout_s=5.0, connect_timeout_s=5.0)
-        return cls(client, prefix=prefix, lease_ttl_s=lease_ttl_s, quota_source=quota_source)
+        return cls(
+            client,
+            prefix=prefix,
+            lease_ttl_s=lease_ttl_s,
+            quota_source=quota_source,
+            credit=credit,
+        )
 
     def _keys(self, subject: Subject) -> tuple[str, str, str]:
         base = f"{self.prefix}:{subject.kind}:{subject.name}"
@@ -332,14 +217,16 @@ class RedisLimiter:
     def window_key(self, subject: Subject, window: Window) -> str:
         """The hash of one subject's quota window: ``<prefix>:<kind>:<name>:quota:<day|month>:
         <id>``."""
-        return f"{self.prefix}:{subject.kind}:{subject.name}:quota:{window.period}:{window.id}"
+        return self._windows.key(subject, window)
 
     async def admit_async(
         self, subjects: Sequence[Subject], tokens: int, charge: Charge = NO_CHARGE
     ) -> RedisAdmission:
         """Admit one request that may use ``tokens`` (and ``charge``) against every subject's
-        limits and quotas, atomically across every gateway. A quota window Redis does not hold
-        yet is loaded from the quota source first (then the admission runs again).
+        limits and quotas, atomically across every gateway: from local credit when it covers
+        everything, else by the admission script (told what credit covered). A quota window
+        Redis does not hold yet is loaded from the quota source first (then the admission runs
+        again).
 
         Raises:
             RateLimitError: a limit is reached (nothing is taken), with the seconds to wait.
@@ -347,108 +234,122 @@ class RedisLimiter:
             ServiceUnavailableError: Redis cannot be reached (503: limits fail closed).
         """
         now = self._wall_clock()
-        lease = f"{self._lease_prefix}{next(self._lease_numbers)}"
-        keys: list[str] = []
-        args: list[Any] = [tokens, lease, max(1, round(self.lease_ttl_s * 1000)), len(subjects)]
-        args += [repr(float(charge.audio_seconds)), charge.images]
-        held: list[str] = []
-        for subject in subjects:
-            keys.extend(self._keys(subject))
-            limits = subject.limits
-            args += [limits.rpm or 0, limits.tpm or 0, limits.max_concurrent or 0]
-            if limits.max_concurrent is not None:
-                held.append(self._keys(subject)[2])
-        windows: list[tuple[Subject, Window]] = []
-        quotas: list[tuple[int, Quota]] = []
-        quota_args: list[Any] = []
-        for index, subject in enumerate(subjects):
-            slots: dict[QuotaPeriod, int] = {}
-            for period in subject.limits.periods:
-                window = window_of(period, now)
-                keys.append(self.window_key(subject, window))
-                windows.append((subject, window))
-                slots[period] = len(keys)  # 1-based, as Lua indexes KEYS
-            for quota in subject.limits.quotas:
-                quota_args += [slots[quota.period], index, quota.metric.value, repr(quota.limit)]
-                quotas.append((index, quota))
-        args += [len(quotas), *quota_args]
+        keys = [self._keys(subject) for subject in subjects]
         for _ in range(_SEED_ATTEMPTS):
-            reply = await self._run(self._admit, keys, args)
+            windows = self._windows.of(subjects, now)
+            window_keys = [spec.key for _, _, spec in windows]
+            plan = self._plan(subjects, keys, windows, tokens, charge)
+            if plan is not None and plan.complete:
+                return RedisAdmission(self, subjects, "", [], tokens, window_keys, charge, plan)
+            lease = f"{self._lease_prefix}{next(self._lease_numbers)}"
+            ttl_ms = max(1, round(self.lease_ttl_s * 1000))
+            command = admit_command(subjects, keys, windows, tokens, charge, lease, ttl_ms, plan)
+            reply = await self._admit_in_redis(command, plan)
             if int(reply[0]) == 1:
-                break
-            _, index, reason, wait_ms, detail = (int(v) for v in reply)
-            if reason == _UNSEEDED:
-                await self._seed_windows(windows)
-                continue
-            if reason == _QUOTA:
-                _, quota = quotas[wait_ms]
-                cost = cost_of(quota.metric, tokens, charge)
-                raise quota_error(subjects[index].label, quota, detail / 1000, cost, now)
-            raise _refusal(subjects[index], _REASONS[reason], wait_ms, detail, tokens)
-        else:
-            raise ServiceUnavailableError(
-                "the quota windows could not be loaded into Redis; retry later", retry_after_s=1.0
-            )
-        window_keys = [self.window_key(s, w) for s, w in windows]
-        admission = RedisAdmission(self, subjects, lease, held, tokens, window_keys, charge)
-        if held:
-            self._live[lease] = held
-            self._ensure_refresher()
-        return admission
+                held = command.held
+                admission = RedisAdmission(
+                    self, subjects, lease, held, tokens, window_keys, charge, plan
+                )
+                if held:
+                    self._live[lease] = held
+                    self._ensure_refresher()
+                return admission
+            await self._refused(reply, subjects, windows, command.quotas, tokens, charge, now)
+        raise ServiceUnavailableError(
+            "the quota windows could not be loaded into Redis; retry later", retry_after_s=1.0
+        )
+
+    def _plan(
+        self,
+        subjects: Sequence[Subject],
+        keys: list[tuple[str, str, str]],
+        windows: AdmitWindows,
+        tokens: int,
+        charge: Charge,
+    ) -> Plan | None:
+        """Take what the admission needs from the credit (None without credit)."""
+        credit = self._credit
+        if credit is None:
+            return None
+        now = asyncio.get_running_loop().time()
+        whole = charge == NO_CHARGE and credited_quotas(subjects)
+        plan = credit.plan(subjects, keys, [spec for _, _, spec in windows], tokens, whole, now)
+        if plan.complete:
+            credit.admitted(plan, now)
+        return plan
+
+    async def _admit_in_redis(self, command: AdmitCommand, plan: Plan | None) -> list[Any]:
+        """Run the admission script; a refused or failed admission gives its credit back."""
+        credit = self._credit
+        try:
+            reply: list[Any] = await self._run(self._admit, command.keys, command.args)
+        except BaseException:
+            if plan is not None and credit is not None:
+                credit.restore(plan, asyncio.get_running_loop().time())
+            raise
+        if plan is not None and credit is not None:
+            now = asyncio.get_running_loop().time()
+            if int(reply[0]) == 1:
+                credit.admitted(plan, now)
+            else:
+                credit.restore(plan, now)
+        return reply
+
+    async def _refused(
+        self,
+        reply: list[Any],
+        subjects: Sequence[Subject],
+        windows: AdmitWindows,
+        quotas: list[Quota],
+        tokens: int,
+        charge: Charge,
+        now: datetime,
+    ) -> None:
+        """Raise the refusal of an admission script's ``reply``, or load the windows it found
+        missing (then the caller admits again)."""
+        _, index, reason, wait_ms, detail = (int(v) for v in reply)
+        if reason == _UNSEEDED:
+            await self._windows.seed([(subjects[i], window) for i, window, _ in windows])
+            return
+        if reason == _QUOTA:
+            quota = quotas[wait_ms]
+            cost = cost_of(quota.metric, tokens, charge)
+            raise quota_error(subjects[index].label, quota, detail / 1000, cost, now)
+        raise _refusal(subjects[index], _REASONS[reason], wait_ms, detail, tokens)
 
     async def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         try:
             return await self._client.run_script(script, keys, args)
         except RedisError as exc:
-            raise ServiceUnavailableError(
-                f"the rate limiter's Redis is unreachable ({type(exc).__name__}); retry later",
-                retry_after_s=1.0,
-            ) from None
-
-    async def _seed_windows(self, windows: list[tuple[Subject, Window]]) -> None:
-        """Load the windows Redis does not hold from the quota source (once per window in this
-        gateway, however many requests wait; across gateways the first seed wins)."""
-        for subject, window in windows:
-            key = self.window_key(subject, window)
-            seeding = self._seeding.get(key)
-            if seeding is None:
-                seeding = asyncio.ensure_future(self._seed_one(key, subject, window))
-                self._seeding[key] = seeding
-                seeding.add_done_callback(partial(forget_pending, self._seeding, key))
-            await asyncio.shield(seeding)
-
-    async def _seed_one(self, key: str, subject: Subject, window: Window) -> None:
-        try:
-            if await self._client.execute("EXISTS", key):
-                return
-        except RedisError as exc:
-            raise ServiceUnavailableError(
-                f"the rate limiter's Redis is unreachable ({type(exc).__name__}); retry later",
-                retry_after_s=1.0,
-            ) from None
-        used = await self._source.consumed(subject.kind, subject.name, window)
-        left_ms = int((window.end - self._wall_clock()).total_seconds() * 1000)
-        ttl_ms = max(0, left_ms) + _WINDOW_KEPT_AFTER_END_MS
-        values = [repr(used.tokens), repr(used.requests), repr(used.audio_seconds)]
-        await self._run(self._seed, [key], [*values, repr(used.images), ttl_ms])
+            raise unavailable(exc) from None
 
     def release(self, admission: RedisAdmission, refund_tokens: int, audio: float = 0.0) -> None:
-        """Settle an admission in the background (see :class:`RedisAdmission`)."""
+        """Settle an admission in the background (see :class:`RedisAdmission`); what came from
+        credit goes back to the credit when it can (no I/O)."""
         self._live.pop(admission._lease, None)
-        keys: list[str] = []
-        subjects = admission._subjects
-        args: list[Any] = [refund_tokens, admission._lease, len(subjects), repr(float(audio))]
-        for subject in subjects:
-            _, tpm_key, leases_key = self._keys(subject)
-            keys += [tpm_key, leases_key]
-            args += [subject.limits.tpm or 0, 1 if leases_key in admission._held else 0]
-        keys += admission._windows
-        if not admission._held and refund_tokens == 0 and audio == 0:
-            return
         try:
-            asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop (interpreter shutdown): the leases expire by themselves
+        plan, credit = admission._plan, self._credit
+        if (
+            plan is not None
+            and credit is not None
+            and credit.settle(plan, refund_tokens, loop.time())
+        ):
+            refund_tokens = 0
+        if not admission._held and refund_tokens == 0 and audio == 0:
+            return
+        subjects = admission._subjects
+        keys, args = settle_command(
+            subjects,
+            [self._keys(subject) for subject in subjects],
+            admission._lease,
+            admission._held,
+            admission._windows,
+            refund_tokens,
+            audio,
+        )
         settle = self._client.run_script_nowait(self._settle, keys, args)
         self._pending.add(settle)
         settle.add_done_callback(self._settled)
@@ -466,19 +367,29 @@ class RedisLimiter:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
 
     async def refresh_now(self) -> int:
-        """Push the end of every live lease of this gateway ``lease_ttl_s`` ahead; returns how
-        many leases were refreshed."""
+        """Push the end of every live lease of this gateway (the slots it holds as credit
+        too) ``lease_ttl_s`` ahead; returns how many leases were refreshed."""
         live = list(self._live.items())
-        if not live:
+        slots = self._credit.slot_members() if self._credit is not None else []
+        if not live and not slots:
             return 0
         keys = [key for _, sets in live for key in sets]
         args: list[Any] = [max(1, round(self.lease_ttl_s * 1000))]
         args += [lease for lease, sets in live for _ in sets]
-        await self._client.run_script(self._refresh, keys, args)
-        return len(live)
+        first_slot = len(keys) + 1
+        keys += [account.key for account, _ in slots]
+        args += [member for _, member in slots]
+        sent = asyncio.get_running_loop().time()
+        gone = await self._client.run_script(self._refresh, keys, args)
+        if self._credit is not None and slots:
+            self._credit.refreshed(slots, {int(i) - first_slot for i in gone}, sent)
+        return len(live) + len(slots)
+
+    def _holds_leases(self) -> bool:
+        return bool(self._live) or (self._credit is not None and self._credit.holds_slots())
 
     async def _refresh_forever(self) -> None:
-        while self._live:
+        while self._holds_leases():
             await asyncio.sleep(self.lease_ttl_s / 3)
             try:
                 await self.refresh_now()
@@ -491,8 +402,11 @@ class RedisLimiter:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
 
     async def aclose(self) -> None:
-        """Finish pending settles, stop refreshing, close the connection pool."""
+        """Finish pending settles, give the credit back, stop refreshing, close the connection
+        pool."""
         await self.wait_settled()
+        if self._credit is not None:
+            await self._credit.aclose()
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
