@@ -386,8 +386,8 @@ class _PackedLogits(torch.nn.Module):
         head = classification_head(model)
         if head is None or not PackedEncoder.supports(model.base_model):
             raise ModelLoadError(f"{type(model).__name__} cannot run on packed rows")
-        self.model, self._head = model, head
-        PackedEncoder(model.base_model)
+        self.model = model  # the head's weights are the model's: registered for the exporter
+        self.encoder, self._head = _PackedLastHiddenState(model.base_model), head
 
     def forward(
         self,
@@ -399,12 +399,7 @@ class _PackedLogits(torch.nn.Module):
         flat_index: torch.Tensor,
         starts: torch.Tensor,
     ) -> torch.Tensor:
-        tokens = self.model.base_model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            token_type_ids=token_type_ids,
-            lmaas_packing=graph_packing(gather, key_mask, flat_index),
-        ).last_hidden_state[0]
+        tokens = self.encoder(input_ids, position_ids, token_type_ids, gather, key_mask, flat_index)
         return self._head(tokens.index_select(0, starts).unsqueeze(1))
 
 

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from lmaas.core.errors import QuotaExceededError, RateLimitError, ServiceUnavailableError
 from lmaas.gateway.limits import Limits, Subject
@@ -24,10 +22,10 @@ from lmaas.gateway.quotas import QuotaPeriod, make_quota, window_of
 from lmaas.gateway.redis_limits import RedisAdmission, RedisLimiter
 from lmaas.gateway.redis_scripts import ADMIT_LUA, CREDIT_LUA, SETTLE_LUA
 from lmaas.gateway.resp import Arg, RedisAddress, RespClient, Script
+from tests.unit.gateway.redis_helpers import REDIS_URL, MakeLimiter, limiters, redis_probe
 
 pytestmark = pytest.mark.anyio
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 ADMIT_SHA = Script(ADMIT_LUA).sha
 CREDIT_SHA = Script(CREDIT_LUA).sha
 SETTLE_SHA = f"nowait {Script(SETTLE_LUA).sha}"
@@ -51,42 +49,18 @@ class CountingClient(RespClient):
         return super().run_script_nowait(script, keys, args)
 
 
-MakeLimiter = Callable[..., Awaitable[RedisLimiter]]
-
-
 @pytest.fixture
 async def probe() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, decode_responses=True)
-    try:
-        await client.ping()
-    except (RedisError, OSError) as exc:
-        await client.aclose()
-        pytest.skip(f"Redis at {REDIS_URL} is unreachable: {exc}")
-    yield client
-    await client.aclose()
+    async with redis_probe() as client:
+        yield client
 
 
 @pytest.fixture
 async def make_limiter(probe: aioredis.Redis) -> AsyncIterator[MakeLimiter]:
     """Limiters with credit (each its own counting client, like separate gateways) under one
     fresh prefix."""
-    prefix = f"lmaas-test:{uuid.uuid4().hex[:12]}"
-    made: list[RedisLimiter] = []
-
-    async def make(lease_ttl_s: float = 15.0, **options: Any) -> RedisLimiter:
-        client = CountingClient(RedisAddress.parse(REDIS_URL))
-        limiter = RedisLimiter(client, prefix=prefix, lease_ttl_s=lease_ttl_s, **options)
-        made.append(limiter)
-        return limiter
-
-    try:
+    async with limiters(probe, lambda: CountingClient(RedisAddress.parse(REDIS_URL))) as make:
         yield make
-    finally:
-        for limiter in made:
-            await limiter.aclose()
-        keys = [k async for k in probe.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await probe.delete(*keys)
 
 
 def _runs(limiter: RedisLimiter, sha: str) -> int:

@@ -5,14 +5,10 @@ Each test works under its own key prefix and deletes its keys afterwards."""
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from lmaas.core.errors import QuotaExceededError, RateLimitError, ServiceUnavailableError
 from lmaas.core.messages import ChatMessage, GenerateRequest, SamplingParams
@@ -32,41 +28,18 @@ from lmaas.gateway.redis_limits import RedisLimiter
 from lmaas.gateway.resp import RespClient
 from lmaas.testing.fakes import FakeEngineClient
 from tests.unit.gateway.gov_helpers import FakeClock
+from tests.unit.gateway.redis_helpers import REDIS_URL, MakeLimiter, limiters, redis_probe
 
 pytestmark = pytest.mark.anyio
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-MakeLimiter = Callable[..., Awaitable[RedisLimiter]]
 
 
 @pytest.fixture
 async def make_limiter() -> AsyncIterator[MakeLimiter]:
     """Limiters (each its own client, like separate gateways) under one fresh prefix."""
-    probe = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        await probe.ping()
-    except (RedisError, OSError) as exc:
-        await probe.aclose()
-        pytest.skip(f"Redis at {REDIS_URL} is unreachable: {exc}")
-    prefix = f"lmaas-test:{uuid.uuid4().hex[:12]}"
-    made: list[RedisLimiter] = []
-
-    async def make(lease_ttl_s: float = 15.0, **options: Any) -> RedisLimiter:
-        client = RespClient.from_url(REDIS_URL, timeout_s=5.0)
-        limiter = RedisLimiter(client, prefix=prefix, lease_ttl_s=lease_ttl_s, **options)
-        made.append(limiter)
-        return limiter
-
-    try:
-        yield make
-    finally:
-        for limiter in made:
-            await limiter.aclose()
-        keys = [k async for k in probe.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await probe.delete(*keys)
-        await probe.aclose()
+    async with redis_probe() as probe:
+        new_client = lambda: RespClient.from_url(REDIS_URL, timeout_s=5.0)  # noqa: E731
+        async with limiters(probe, new_client) as make:
+            yield make
 
 
 def _key(name: str = "lmaas-k", **limits: int) -> Subject:
