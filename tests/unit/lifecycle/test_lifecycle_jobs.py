@@ -27,7 +27,8 @@ from lmaas.testing.fakes import FakeEngineClient
 
 FAKE_JOB = textwrap.dedent(
     """
-    import json, sys, time
+    import json, signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as run_job does
     def say(**event):
         print(json.dumps(event), flush=True)
     say(event="start", total=3, description="training fake")

@@ -51,6 +51,11 @@ def run_job(main: Callable[[], int]) -> int:
     """Run a job's body: logging to stderr, LmaasError → one line and 1, Ctrl-C → 130."""
     import transformers
 
+    # A server started in the background (``nohup lmaas serve &``) passes SIGINT ignored to its
+    # children, and Python then leaves it ignored: the job could not be cancelled (only killed
+    # after the grace period). Cancelling is SIGINT, so take it back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     for chatty in ("onnx_ir", "onnxscript", "alembic"):  # per-pass and migration chatter
