@@ -60,6 +60,12 @@ class Limits:
     """Requests in flight at once."""
     quotas: tuple[Quota, ...] = ()
     """Quotas per UTC day or month (tokens, requests, audio seconds, images)."""
+    periods: tuple[QuotaPeriod, ...] = field(init=False, repr=False, compare=False)
+    """The periods of the quotas (each once); computed once, as the admission path reads it
+    several times per request."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "periods", tuple(dict.fromkeys(q.period for q in self.quotas)))
 
     @property
     def any(self) -> bool:
@@ -69,11 +75,6 @@ class Limits:
             or self.max_concurrent is not None
             or bool(self.quotas)
         )
-
-    @property
-    def periods(self) -> tuple[QuotaPeriod, ...]:
-        """The periods of the quotas (each once)."""
-        return tuple(dict.fromkeys(q.period for q in self.quotas))
 
     def checked(self) -> Limits:
         """Raises: InvalidRequestError for a limit below 1 (None is unlimited)."""
@@ -228,6 +229,7 @@ class InProcessLimiter:
         if state is None or (state.limits is not subject.limits and state.limits != subject.limits):
             state = self._reconfigure(state, subject.limits, now)
             self._states[key] = state
+            self._forget_unused_windows(subject)
         for bucket in (state.requests, state.tokens):
             if bucket is not None:
                 bucket.refill(now)
@@ -338,13 +340,12 @@ class InProcessLimiter:
                 if over_quota(used, cost, quota.limit):
                     raise quota_error(subject.label, quota, used, cost, wall)
             taken += held.values()
-        for subject in subjects:
-            self._forget_unused_windows(subject)
         return taken
 
     def _forget_unused_windows(self, subject: Subject) -> None:
-        """Drop the windows of periods a subject no longer has quotas for: if one comes back,
-        its window is loaded again from the usage table (not counted on from stale counters)."""
+        """Drop the windows of periods a subject no longer has quotas for (when its limits
+        change): if one comes back, its window is loaded again from the usage table (not
+        counted on from stale counters)."""
         for period in QuotaPeriod:
             key = (subject.kind, subject.name, period)
             if key in self._windows and period not in subject.limits.periods:

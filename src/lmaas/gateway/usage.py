@@ -74,6 +74,7 @@ from lmaas.core.messages import (
 from lmaas.engine.protocol import EngineClient, ServedModel
 from lmaas.gateway.keys import normalize_key_id
 from lmaas.gateway.quotas import Consumed, Window
+from lmaas.gateway.usage_insert import MultiRowInsert
 from lmaas.registry.metadata import create_db_engine, upgrade_schema
 
 logger = logging.getLogger("lmaas.usage")
@@ -384,12 +385,17 @@ class SqlUsageStore:
             raise InternalError(f"cannot open the metadata DB: {exc}") from exc
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         self._dialect = self._engine.dialect.name
+        self._multi_row = MultiRowInsert(_USAGE, self._engine.dialect, conflict_key="id")
 
     def insert(self, records: Sequence[UsageRecord]) -> None:
         """Write records in one transaction; a record already written (by id) is skipped."""
         if not records:
             return
         values = [_row_values(r) for r in records]
+        if self._multi_row.supported:
+            with self._engine.begin() as conn:
+                self._multi_row.execute(conn, values)
+            return
         if self._dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as pg_insert
 
