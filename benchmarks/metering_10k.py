@@ -87,7 +87,7 @@ async def _send(base: str, key: str, total: int, concurrency: int) -> dict[str, 
 
 def _usage_rows(home: Path, key_id: str) -> list[tuple[str, datetime, float, int]]:
     """(request id, end, latency ms, status) of every usage row of the key."""
-    from lmaas.gateway.usage import SqlUsageStore, UsageQuery
+    from lmaas.gateway.usage_store import SqlUsageStore, UsageQuery
 
     store = SqlUsageStore(f"sqlite:///{home / 'lmaas.db'}")
     try:

@@ -5,7 +5,7 @@ It runs inside authentication (the principal is known) and gives each request a
 (:func:`lmaas.api.services.services_of` wraps the engine in a
 :class:`~lmaas.gateway.usage.MeteredEngineClient`) fills with the worker's counts. When the
 response is over (the last byte of a stream sent, or the client gone), a request that engaged
-the engine becomes a :class:`~lmaas.gateway.usage.UsageRecord` in the meter's buffer: an
+the engine becomes a :class:`~lmaas.gateway.usage_store.UsageRecord` in the meter's buffer: an
 append, no I/O, on the request path.
 """
 
@@ -22,7 +22,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmaas.api.context import START_TIME_KEY, principal_of, request_id_of
 from lmaas.api.middleware import route_template
 from lmaas.api.services import USAGE_KEY
-from lmaas.gateway.usage import RequestUsage, UsageMeter, UsageRecord
+from lmaas.gateway.usage import RequestUsage, UsageMeter
+from lmaas.gateway.usage_store import UsageRecord
 
 CLIENT_CLOSED_STATUS = 499
 """Status metered for a request whose client went away before any response (nginx's 499)."""

@@ -19,7 +19,8 @@ from lmaas.gateway.limited import LimitedEngineClient, Limiter
 from lmaas.gateway.limits import InProcessLimiter
 from lmaas.gateway.service import GovernanceService
 from lmaas.gateway.tenancy import TenantEngineClient
-from lmaas.gateway.usage import MeteredEngineClient, RequestUsage, SqlUsageStore, UsageMeter
+from lmaas.gateway.usage import MeteredEngineClient, RequestUsage, UsageMeter
+from lmaas.gateway.usage_store import SqlUsageStore
 from lmaas.gateway.visibility import ScopedEngineClient
 from lmaas.lifecycle.deployments import DeploymentService
 from lmaas.lifecycle.eval_jobs import EvaluationJobs

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from lmaas.bootstrap.settings import Settings
 from lmaas.core.errors import InvalidRequestError
 from lmaas.gateway.service import GovernanceService, IssuedKey
-from lmaas.gateway.usage import SqlUsageStore, UsageMeter
+from lmaas.gateway.usage import UsageMeter
+from lmaas.gateway.usage_store import SqlUsageStore
 
 
 def is_loopback(host: str) -> bool:

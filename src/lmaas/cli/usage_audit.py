@@ -16,7 +16,7 @@ from lmaas.bootstrap.settings import Settings
 from lmaas.cli.common import fail, load_settings
 from lmaas.cli.governance import HomeOption, JsonOption, _governance
 from lmaas.core.errors import LmaasError
-from lmaas.gateway.usage import (
+from lmaas.gateway.usage_store import (
     GROUP_BY_FIELDS,
     USAGE_COLUMNS,
     SqlUsageStore,

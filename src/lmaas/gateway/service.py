@@ -1,28 +1,21 @@
 """Tenants and API keys as a service: what the admin API, the CLI and the auth middleware share.
 
-Keys are checked on every request, so :meth:`GovernanceService.authenticate` keeps a short-lived
-in-memory cache of key records (never secrets): a hit costs one SHA-256 and one constant-time
-compare; a miss reads the DB on a worker thread (the event loop never waits on the DB). A key
-revoked or rotated through this service stops working at once; one changed by another process
-(the CLI, another gateway) within ``key_cache_ttl_s``.
+Keys are checked on every request through a short-lived in-memory cache of key records
+(:mod:`lmaas.gateway.key_cache`). A key revoked or rotated through this service stops working at
+once; one changed by another process (the CLI, another gateway) within ``key_cache_ttl_s``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
-import anyio.to_thread
 from sqlalchemy.orm import Session
 
 from lmaas.core.errors import (
-    AuthenticationError,
     ConflictError,
     InvalidRequestError,
     NotFoundError,
@@ -35,21 +28,21 @@ from lmaas.gateway.audit import (
     alias_move_entry,
     append_audit,
 )
+from lmaas.gateway.key_cache import KeyCache
 from lmaas.gateway.keys import (
     Principal,
     Scope,
     check_model_patterns,
     hash_key,
-    key_matches,
     key_prefix,
     new_key_id,
     new_secret_key,
     normalize_key_id,
     parse_duration,
-    parse_key_id,
     parse_scopes,
 )
-from lmaas.gateway.limits import Limits, forget_pending
+from lmaas.gateway.limits import Limits
+from lmaas.gateway.snapshots import key_view, tenant_view
 from lmaas.gateway.store import ApiKey, SqlGovernanceStore, Tenant
 from lmaas.registry.lifecycle_db import AliasMove
 
@@ -57,52 +50,8 @@ logger = logging.getLogger("lmaas.gateway")
 
 ADMIN_TENANT = "admin"
 """The tenant of the admin key created on first start."""
-MAX_CACHED_KEYS = 10_000
-_INVALID = "invalid API key"
 SYSTEM_ACTOR = "system"
 BOOTSTRAP_ACTOR = "system:bootstrap"
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-def _limits_view(limits: Limits) -> dict[str, Any]:
-    view: dict[str, Any] = {
-        "rpm": limits.rpm,
-        "tpm": limits.tpm,
-        "max_concurrent": limits.max_concurrent,
-    }
-    if limits.quotas:
-        view["quotas"] = [q.as_dict() for q in limits.quotas]
-    return view
-
-
-def tenant_view(tenant: Tenant) -> dict[str, Any]:
-    """A tenant as the audit trail records it."""
-    return {
-        "name": tenant.name,
-        "description": tenant.description,
-        "created_at": _iso(tenant.created_at),
-        "limits": _limits_view(tenant.limits),
-        "weight": tenant.weight,
-    }
-
-
-def key_view(key: ApiKey) -> dict[str, Any]:
-    """A key as the audit trail records it: never the secret, nor its hash."""
-    return {
-        "id": key.id,
-        "tenant": key.tenant,
-        "name": key.name,
-        "scopes": sorted(s.value for s in key.scopes),
-        "models": list(key.models),
-        "created_at": _iso(key.created_at),
-        "expires_at": _iso(key.expires_at),
-        "revoked_at": _iso(key.revoked_at),
-        "rotated_at": _iso(key.rotated_at),
-        "limits": _limits_view(key.limits),
-    }
 
 
 def _utcnow() -> datetime:
@@ -115,10 +64,6 @@ class IssuedKey:
 
     key: ApiKey
     secret: str
-
-
-_Found = tuple[ApiKey, Limits, float] | None
-"""A key record as authentication reads it (with its tenant's limits and weight), or None."""
 
 
 class GovernanceService:
@@ -142,14 +87,8 @@ class GovernanceService:
     ) -> None:
         self._store = store
         self.actor = actor
-        self._ttl_s = key_cache_ttl_s
         self._clock = clock
-        self._cache: dict[str, tuple[float, _Found]] = {}
-        self._reading: dict[str, asyncio.Future[_Found]] = {}
-        """Key records being read from the DB: requests that miss the cache meanwhile wait for
-        the same read (one read per key per expiry, not one per request)."""
-        self._generation = 0
-        """Bumped by every change through this service: a read begun before it is not cached."""
+        self._keys = KeyCache(store.get_key_for_auth, ttl_s=key_cache_ttl_s, clock=clock)
 
     @classmethod
     def open(cls, database_url: str, *, key_cache_ttl_s: float = 5.0) -> GovernanceService:
@@ -456,71 +395,20 @@ class GovernanceService:
     # ---------------------------------------------------------------- authentication
 
     async def authenticate(self, secret: str) -> Principal:
-        """The principal of a presented key.
+        """The principal of a presented key (see :class:`~lmaas.gateway.key_cache.KeyCache`).
 
         Raises:
             AuthenticationError: malformed, unknown, wrong, revoked or expired key.
         """
-        key_id = parse_key_id(secret)
-        if key_id is None:
-            raise AuthenticationError(_INVALID)
-        return self._check(await self._lookup(key_id), secret)
+        return await self._keys.authenticate(secret)
 
     def authenticate_sync(self, secret: str) -> Principal:
         """:meth:`authenticate` without the cache, for callers outside an event loop."""
-        key_id = parse_key_id(secret)
-        if key_id is None:
-            raise AuthenticationError(_INVALID)
-        return self._check(self._store.get_key_for_auth(key_id), secret)
-
-    def _check(self, found: tuple[ApiKey, Limits, float] | None, secret: str) -> Principal:
-        if found is None or not key_matches(secret, found[0].key_sha256):
-            raise AuthenticationError(_INVALID)
-        key, tenant_limits, tenant_weight = found
-        status = key.status(self._clock())
-        if status == "revoked":
-            raise AuthenticationError(f"API key {key.prefix} has been revoked")
-        if status == "expired":
-            assert key.expires_at is not None
-            raise AuthenticationError(
-                f"API key {key.prefix} expired at {key.expires_at.isoformat(timespec='seconds')}"
-            )
-        return key.principal(tenant_limits, tenant_weight)
+        return self._keys.authenticate_sync(secret)
 
     def _forget(self, key_id: str | None = None) -> None:
         """Drop cached key records (one, or all) after a change made through this service."""
-        self._generation += 1
-        if key_id is None:
-            self._cache.clear()
-            self._reading.clear()
-        else:
-            self._cache.pop(key_id, None)
-            self._reading.pop(key_id, None)
-
-    async def _lookup(self, key_id: str) -> _Found:
-        now = time.monotonic()
-        hit = self._cache.get(key_id)
-        if hit is not None and now - hit[0] < self._ttl_s:
-            return hit[1]
-        if self._ttl_s <= 0:  # no cache: one DB read per request, as configured
-            return await anyio.to_thread.run_sync(self._store.get_key_for_auth, key_id)
-        # Single flight: when an entry expires under load, every request arriving during the
-        # read used to start its own read in a thread (a herd that slowed the loop further).
-        reading = self._reading.get(key_id)
-        if reading is None:
-            reading = asyncio.ensure_future(self._read(key_id, now))
-            self._reading[key_id] = reading
-            reading.add_done_callback(partial(forget_pending, self._reading, key_id))
-        return await asyncio.shield(reading)
-
-    async def _read(self, key_id: str, now: float) -> _Found:
-        generation = self._generation
-        found = await anyio.to_thread.run_sync(self._store.get_key_for_auth, key_id)
-        if generation == self._generation:  # else changed meanwhile: the read may be stale
-            if len(self._cache) >= MAX_CACHED_KEYS:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key_id] = (now, found)
-        return found
+        self._keys.forget(key_id)
 
 
 MAX_WEIGHT = 1000.0

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from lmaas.gateway.usage import SqlUsageStore, UsageQuery
+from lmaas.gateway.usage_store import SqlUsageStore, UsageQuery
 from lmaas.registry.service import RegistryService
 from tests.integration.server.conftest import ECHO
 from tests.integration.serverproc import ServerProcess, start_server

@@ -16,7 +16,8 @@ from fastapi import FastAPI
 
 from lmaas.gateway.limits import Limits
 from lmaas.gateway.service import GovernanceService, IssuedKey
-from lmaas.gateway.usage import SqlUsageStore, UsageMeter
+from lmaas.gateway.usage import UsageMeter
+from lmaas.gateway.usage_store import SqlUsageStore
 from lmaas.testing.fakes import FakeEngineClient
 
 pytestmark = pytest.mark.anyio

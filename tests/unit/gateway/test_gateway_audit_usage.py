@@ -22,7 +22,8 @@ from lmaas.gateway.audit import AuditEntry
 from lmaas.gateway.limits import Limits
 from lmaas.gateway.service import GovernanceService
 from lmaas.gateway.store import SqlGovernanceStore
-from lmaas.gateway.usage import SqlUsageStore, UsageMeter, UsageQuery, UsageRecord, usage_csv
+from lmaas.gateway.usage import UsageMeter
+from lmaas.gateway.usage_store import SqlUsageStore, UsageQuery, UsageRecord, usage_csv
 from lmaas.registry.metadata import create_db_engine
 
 pytestmark = pytest.mark.anyio

@@ -39,7 +39,8 @@ from lmaas.gateway.quotas import (
     window_of,
 )
 from lmaas.gateway.service import GovernanceService
-from lmaas.gateway.usage import SqlUsageStore, UsageMeter, UsageRecord
+from lmaas.gateway.usage import UsageMeter
+from lmaas.gateway.usage_store import SqlUsageStore, UsageRecord
 from lmaas.testing.fakes import FakeEngineClient
 from tests.unit.gateway.gov_helpers import FakeClock
 

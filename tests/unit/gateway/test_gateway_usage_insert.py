@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
-from lmaas.gateway.usage import _USAGE, SqlUsageStore, UsageRecord, UsageRow, _row_values
 from lmaas.gateway.usage_insert import PARAMS_PER_STATEMENT, MultiRowInsert
+from lmaas.gateway.usage_store import _USAGE, SqlUsageStore, UsageRecord, UsageRow, _row_values
 
 
 def _records(count: int, start: datetime) -> list[UsageRecord]:

@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from lmaas.api.context import JsonResponse
 from lmaas.api.services import services_of, usage_store_of
-from lmaas.gateway.usage import GROUP_BY_FIELDS, usage_csv, usage_query
+from lmaas.gateway.usage_store import GROUP_BY_FIELDS, usage_csv, usage_query
 
 router = APIRouter(prefix="/admin/usage", tags=["admin"])
 
