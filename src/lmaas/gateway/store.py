@@ -24,16 +24,16 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from lmaas.core.errors import ConflictError, InternalError
+from lmaas.core.errors import ConflictError
 from lmaas.gateway.audit import AuditEntry, AuditRecord, ChainReport, append_audit, list_audit
 from lmaas.gateway.audit import verify_chain as _verify_chain
 from lmaas.gateway.keys import Principal, Scope, key_prefix
 from lmaas.gateway.limits import NO_LIMITS, Limits
 from lmaas.gateway.quotas import make_quota
-from lmaas.registry.metadata import create_db_engine, upgrade_schema
+from lmaas.registry.metadata import open_migrated_engine
 
 KeyStatus = Literal["active", "revoked", "expired"]
 
@@ -222,12 +222,7 @@ class SqlGovernanceStore:
     """
 
     def __init__(self, url: str) -> None:
-        self._engine = create_db_engine(url)
-        try:
-            upgrade_schema(self._engine)
-        except SQLAlchemyError as exc:
-            self._engine.dispose()
-            raise InternalError(f"cannot open the metadata DB: {exc}") from exc
+        self._engine = open_migrated_engine(url)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
 
     # ---------------------------------------------------------------- tenants

@@ -27,14 +27,13 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from lmaas.core.errors import InternalError, InvalidRequestError
+from lmaas.core.errors import InvalidRequestError
 from lmaas.gateway.keys import normalize_key_id
 from lmaas.gateway.quotas import Consumed
 from lmaas.gateway.usage_insert import MultiRowInsert
-from lmaas.registry.metadata import create_db_engine, upgrade_schema
+from lmaas.registry.metadata import open_migrated_engine
 
 GroupBy = Literal["tenant", "key", "model", "day"]
 GROUP_BY_FIELDS: tuple[GroupBy, ...] = ("tenant", "key", "model", "day")
@@ -202,12 +201,7 @@ class SqlUsageStore:
     """
 
     def __init__(self, url: str) -> None:
-        self._engine = create_db_engine(url)
-        try:
-            upgrade_schema(self._engine)
-        except SQLAlchemyError as exc:
-            self._engine.dispose()
-            raise InternalError(f"cannot open the metadata DB: {exc}") from exc
+        self._engine = open_migrated_engine(url)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         self._dialect = self._engine.dialect.name
         self._multi_row = MultiRowInsert(_USAGE, self._engine.dialect, conflict_key="id")

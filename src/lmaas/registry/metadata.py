@@ -133,6 +133,22 @@ def upgrade_schema(engine: Engine, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
+def open_migrated_engine(url: str) -> Engine:
+    """An engine for ``url`` with the schema migrated to the latest revision (every store that
+    opens the metadata DB starts here).
+
+    Raises:
+        InternalError: The DB cannot be opened or migrated.
+    """
+    engine = create_db_engine(url)
+    try:
+        upgrade_schema(engine)
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise InternalError(f"cannot open the metadata DB: {exc}") from exc
+    return engine
+
+
 def _sort_key(manifest: Manifest) -> tuple[str, int, str]:
     version = manifest.version
     return (manifest.name, int(version) if version.isdigit() else 1 << 62, version)
@@ -149,12 +165,7 @@ class MetadataStore:
     """
 
     def __init__(self, url: str) -> None:
-        self._engine = create_db_engine(url)
-        try:
-            upgrade_schema(self._engine)
-        except SQLAlchemyError as exc:
-            self._engine.dispose()
-            raise InternalError(f"cannot open the metadata DB: {exc}") from exc
+        self._engine = open_migrated_engine(url)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
 
     @property
