@@ -33,6 +33,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import anyio.to_thread
 from sqlalchemy.exc import SQLAlchemyError
@@ -56,6 +57,7 @@ from lmaas.gateway.usage_store import SqlUsageStore, UsageRecord
 logger = logging.getLogger("lmaas.usage")
 
 
+@dataclass(slots=True)
 class RequestUsage:
     """What one HTTP request's model calls used so far (filled by :class:`MeteredEngineClient`)."""
 

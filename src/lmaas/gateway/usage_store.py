@@ -69,7 +69,6 @@ class UsageRecord:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
-@dataclass(slots=True)
 # --------------------------------------------------------------------------- the table
 
 
