@@ -41,9 +41,11 @@ class MultiRowInsert:
 
     def __init__(self, table: Table, dialect: Dialect, conflict_key: str) -> None:
         self._names = [column.name for column in table.columns]
-        self._processors: list[Callable[[Any], Any] | None] = [
-            column.type.dialect_impl(dialect).bind_processor(dialect) for column in table.columns
+        self._columns: list[tuple[str, Callable[[Any], Any] | None]] = [
+            (column.name, column.type.dialect_impl(dialect).bind_processor(dialect))
+            for column in table.columns
         ]
+        """Each column's name and bind processor (None: the driver takes the value as is)."""
         placeholder = _PLACEHOLDERS.get(str(dialect.paramstyle))
         self.supported = dialect.name in _DIALECTS and placeholder is not None
         self._row_sql = "(" + ", ".join([placeholder or "?"] * len(self._names)) + ")"
@@ -63,9 +65,8 @@ class MultiRowInsert:
     def parameters(self, rows: Sequence[Mapping[str, Any]]) -> tuple[Any, ...]:
         """The flat parameter tuple of ``rows``, in column order, through the bind processors."""
         flat: list[Any] = []
-        pairs = list(zip(self._names, self._processors, strict=True))
         for row in rows:
-            for name, process in pairs:
+            for name, process in self._columns:
                 value = row[name]
                 flat.append(value if process is None or value is None else process(value))
         return tuple(flat)
