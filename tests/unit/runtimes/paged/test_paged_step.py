@@ -27,6 +27,8 @@ def test_mixed_step_packs_tokens_and_maps_slots() -> None:
     assert inputs.positions.tolist() == [9, 0, 1, 2, 6, 7, 8, 0, 1, 2]
     assert inputs.slot_mapping.tolist() == [17, 40, 41, 42, 30, 31, 0, 8, 9, 10]
     assert inputs.sample_rows.tolist() == [0, 6, 9]
+    # Only those rows need the last layer's projections and MLP.
+    assert inputs.last_layer_rows is not None and inputs.last_layer_rows.tolist() == [0, 6, 9]
     decode = inputs.decode
     assert decode is not None and decode.rows is not None
     assert decode.rows.tolist() == [0]
@@ -51,6 +53,7 @@ def test_decode_only_step_needs_no_row_indices() -> None:
     assert inputs.decode.block_table.tolist() == [[0, 10, 20], [1, 11, 21]]
     assert inputs.slot_mapping.tolist() == [3, 169]
     assert not inputs.fresh and not inputs.continued
+    assert inputs.last_layer_rows is None  # every row is sampled: nothing to prune
 
 
 def test_block_table_too_short_is_a_bug() -> None:

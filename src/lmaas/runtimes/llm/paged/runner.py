@@ -258,7 +258,7 @@ class PagedModelRunner:
         except BaseException:
             self._view.invalidate()  # some layers may have appended, others not
             raise
-        return self._model.logits(hidden[inputs.sample_rows]).float()
+        return self._model.logits(hidden).float()  # hidden holds the sampled rows only
 
     def execute(self, batch: StepBatch) -> list[Sampled]:
         """Run one step; one :class:`Sampled` per slot with ``sample=True``, in slot order."""

@@ -87,6 +87,11 @@ class StepInputs:
     """``[T]`` flat cache slots (``block * block_size + offset``) the new K/V go to."""
     sample_rows: torch.Tensor
     """Rows whose logits are sampled, in slot order."""
+    last_layer_rows: torch.Tensor | None = None
+    """``sample_rows`` when they are not every row: after its attention, the last layer runs
+    its output projection and MLP for these rows alone (prompt tokens other than a prompt's
+    last need only their keys and values, i.e. every layer up to the last one's attention).
+    None when every row is sampled."""
     decode: DecodeGroup | None = None
     fresh: list[FreshPrefill] = field(default_factory=list)
     continued: list[ContinuedPrefill] = field(default_factory=list)
@@ -120,11 +125,13 @@ def build_step_inputs(
         positions = torch.tensor(starts, dtype=torch.long)[seq_index] + (row - first_row)
     slot_mapping = table[seq_index, positions // block_size] * block_size + positions % block_size
     sample_rows = [offsets[i + 1] - 1 for i, slot in enumerate(slots) if slot.sample]
+    sampled = torch.tensor(sample_rows, dtype=torch.long)
     inputs = StepInputs(
         token_ids=torch.tensor(list(chain.from_iterable(s.token_ids for s in slots))),
         positions=positions,
         slot_mapping=slot_mapping,
-        sample_rows=torch.tensor(sample_rows, dtype=torch.long),
+        sample_rows=sampled,
+        last_layer_rows=None if len(sample_rows) == offsets[-1] else sampled,
     )
     seq_ids = [slot.seq_id for slot in slots]
     _add_attention_groups(inputs, seq_ids, lengths, starts, offsets, table, block_size)
@@ -212,6 +219,8 @@ def _to_device(inputs: StepInputs, device: torch.device) -> StepInputs:
 
     inputs.token_ids, inputs.positions = move(inputs.token_ids), move(inputs.positions)
     inputs.slot_mapping, inputs.sample_rows = move(inputs.slot_mapping), move(inputs.sample_rows)
+    if inputs.last_layer_rows is not None:
+        inputs.last_layer_rows = inputs.sample_rows
     if inputs.decode is not None:
         group = inputs.decode
         group.block_table, group.bias = move(group.block_table), move(group.bias)

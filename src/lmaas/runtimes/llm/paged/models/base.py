@@ -23,7 +23,10 @@ class CausalModel(Protocol):
     """A decoder whose layers attend through a :class:`PagedKVCache`."""
 
     def hidden_states(self, inputs: StepInputs, cache: PagedKVCache) -> torch.Tensor:
-        """Run every layer over the packed new tokens; ``[T, hidden]`` before the final norm."""
+        """Run every layer over the packed new tokens; the hidden states of the sampled rows
+        (``inputs.sample_rows``, in that order) before the final norm: ``[rows, hidden]``. Every
+        row's keys and values reach the cache; the last layer's output projection and MLP run
+        only for the sampled rows (``inputs.last_layer_rows``)."""
         ...
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

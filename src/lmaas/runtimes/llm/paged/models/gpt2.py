@@ -58,6 +58,7 @@ class GPT2Model:
         config = self._config
         heads, head_dim, eps = config.num_heads, config.head_dim, config.norm_eps
         hidden = F.embedding(inputs.token_ids, self._wte) + F.embedding(inputs.positions, self._wpe)
+        last = len(self._layers) - 1
         for index, layer in enumerate(self._layers):
             x = F.layer_norm(hidden, (config.hidden_size,), *layer.ln_1, eps)
             qkv = layer.c_attn(x).view(-1, 3 * heads, head_dim)
@@ -70,6 +71,9 @@ class GPT2Model:
                 inputs=inputs,
                 scale=layer.scale,
             )
+            rows = inputs.last_layer_rows if index == last else None
+            if rows is not None:
+                attn, hidden = attn[rows], hidden[rows]
             hidden = layer.attn_proj(attn) + hidden
             x = F.layer_norm(hidden, (config.hidden_size,), *layer.ln_2, eps)
             hidden = hidden + layer.mlp_proj(self._act(layer.c_fc(x)))
