@@ -1,8 +1,10 @@
 """Attention over the paged KV cache for one layer and one step.
 
-Decode rows use two batched bf16 matmuls with a float32 softmax instead of SDPA: on the
-reference CPU, SDPA with one query dispatches to a flash kernel that measured ~14x slower at
-batch 64 (0.41 vs 5.9 ms per layer, benchmarks/runner_step.py). Their keys and values come from
+Decode rows use the C kernel of ``cpu_attention.py`` where the runner built one (bf16 on a CPU),
+reading K/V straight from the cache. Otherwise, two batched bf16 matmuls with a float32 softmax
+instead of SDPA: on the reference CPU, SDPA with one query dispatches to a flash kernel that
+measured ~14x slower at batch 64 (0.41 vs 5.9 ms per layer, benchmarks/runner_step.py). Their
+keys and values come from
 the decode view (``decode_view.py``) or, without one, from a per-step gather; either way a
 contiguous operand, because bmm copies any strided one first. Prefill chunks use SDPA, which
 measured ~2x faster than matmuls for 64 x 128 fresh prompts (31 vs 69 ms per layer).
@@ -71,6 +73,11 @@ def _decode(
     scale: float,
     softmax: Softmax,
 ) -> torch.Tensor:
+    if group.kernel is not None:  # straight from the cache (cpu_attention.py)
+        max_context = max(group.contexts)
+        return group.kernel(
+            q, cache.layer(layer), group.block_table, group.context_lens, max_context, scale
+        )
     batch, heads, head_dim = q.shape
     keys, values = _decode_keys_values(k, v, cache, layer, group)  # [kv, B, L, d]
     kv_heads = keys.shape[0]

@@ -25,6 +25,11 @@ from lmaas.runtimes.device import (
 )
 from lmaas.runtimes.llm.batch import KVCacheLayout, Sampled, SeqSlot, StepBatch
 from lmaas.runtimes.llm.paged.config import GPT2_STYLE, DecoderConfig, read_decoder_config
+from lmaas.runtimes.llm.paged.cpu_attention import (
+    DecodeAttentionKernel,
+    build_decode_kernel,
+    kernel_mode,
+)
 from lmaas.runtimes.llm.paged.decode_view import DEFAULT_VIEW_BYTES, DecodeView
 from lmaas.runtimes.llm.paged.fused import (
     EAGER,
@@ -74,7 +79,8 @@ class PagedModelRunner:
         sampler: Turns logits into tokens; default ``lmaas.runtimes.llm.sampler.Sampler``.
         decode_view_bytes: Memory for the decode batch's contiguous K/V view
             (``decode_view.DecodeView``); 0 disables it (attention then gathers every step).
-            It is taken out of the KV-cache budget, never added to it.
+            It is taken out of the KV-cache budget, never added to it; with the decode kernel
+            (``cpu_attention.py``) no view is needed and nothing is reserved.
     """
 
     def __init__(
@@ -93,12 +99,19 @@ class PagedModelRunner:
         self._model: CausalModel | None = None
         self._cache: PagedKVCache | None = None
         self._view: DecodeView | None = None
+        self._decode_kernel: DecodeAttentionKernel | None = None
         self._context_length = 0
 
     @property
     def compiled(self) -> bool:
         """Whether the layers run the inductor-compiled elementwise stages (``fused.py``)."""
         return isinstance(self._model, LlamaModel) and self._model.kernels.compiled
+
+    @property
+    def decode_kernel(self) -> bool:
+        """Whether decode attention runs the C kernel straight from the cache
+        (``cpu_attention.py``; serving option ``attention_kernel``)."""
+        return self._decode_kernel is not None
 
     @property
     def config(self) -> DecoderConfig:
@@ -138,6 +151,13 @@ class PagedModelRunner:
             model = model_class(config, r, self._dtype, self._device)
         if isinstance(model, LlamaModel):
             model.kernels = self._kernels(config)
+        self._decode_kernel = build_decode_kernel(
+            head_dim=config.head_dim,
+            group=config.num_heads // config.num_kv_heads,
+            dtype=self._dtype,
+            device=self._device,
+            mode=kernel_mode(self._spec.options),
+        )
         self._model = model
         self._config = config
         if self._sampler is None:
@@ -206,9 +226,11 @@ class PagedModelRunner:
                 useful_blocks = -(-max(max_useful_tokens, self._context_length) // block_size)
                 budget_bytes = min(budget_bytes, useful_blocks * block_bytes)
         # The decode view is a cache of the same K/V: it lives inside the budget, taking at
-        # most its configured size and never the blocks one full context needs.
+        # most its configured size and never the blocks one full context needs. The decode
+        # kernel reads the cache itself and needs no view.
         needed = -(-self._context_length // block_size)
-        view_bytes = max(0, min(self._decode_view_bytes, budget_bytes - needed * block_bytes))
+        wanted = 0 if self._decode_kernel is not None else self._decode_view_bytes
+        view_bytes = max(0, min(wanted, budget_bytes - needed * block_bytes))
         num_blocks = blocks_for_budget(
             budget_bytes - view_bytes,
             block_bytes,
@@ -250,6 +272,8 @@ class PagedModelRunner:
         inputs = build_step_inputs(batch.slots, self._cache.block_size, self._device)
         if inputs.decode is None:
             self._view.invalidate()
+        elif self._decode_kernel is not None:
+            inputs.decode.kernel = self._decode_kernel
         else:
             copied = bool(batch.block_copies)
             inputs.decode.view = self._view.plan(inputs.decode, batch.freed_seq_ids, copied)

@@ -19,6 +19,7 @@ import torch
 
 from lmaas.core.errors import InternalError
 from lmaas.runtimes.llm.batch import SeqSlot
+from lmaas.runtimes.llm.paged.cpu_attention import DecodeAttentionKernel
 
 
 @dataclass(slots=True)
@@ -51,8 +52,12 @@ class DecodeGroup:
     """Cache rows of those blocks for every K/V head (``PagedKVCache.gather_rows``)."""
     bias: torch.Tensor
     """``[B, 1, max_blocks * block_size]`` float32: 0 for real positions, -inf for padding."""
+    context_lens: torch.Tensor
+    """``[B]`` int64: ``contexts`` as a tensor (the decode kernel's operand)."""
     view: ViewPlan | None = None
     """Set by the runner when the decode view serves this step's keys and values."""
+    kernel: DecodeAttentionKernel | None = None
+    """Set by the runner when the C kernel attends straight from the cache (no view)."""
 
 
 @dataclass(slots=True)
@@ -176,7 +181,13 @@ def _decode_group(
     padding = key_pos[None, :] >= torch.tensor(contexts)[:, None]
     bias.masked_fill_(padding.unsqueeze(1), float("-inf"))
     return DecodeGroup(
-        seq_ids=[], contexts=contexts, rows=rows, block_table=table, gather_rows=None, bias=bias
+        seq_ids=[],
+        contexts=contexts,
+        rows=rows,
+        block_table=table,
+        gather_rows=None,
+        bias=bias,
+        context_lens=torch.tensor(contexts, dtype=torch.long),
     )
 
 
@@ -224,6 +235,7 @@ def _to_device(inputs: StepInputs, device: torch.device) -> StepInputs:
     if inputs.decode is not None:
         group = inputs.decode
         group.block_table, group.bias = move(group.block_table), move(group.bias)
+        group.context_lens = move(group.context_lens)
         group.rows = None if group.rows is None else move(group.rows)
     for fresh in inputs.fresh:
         fresh.rows = move(fresh.rows)

@@ -1,0 +1,377 @@
+# ruff: noqa: E501  (the C source keeps its own line lengths)
+"""Decode attention straight from the paged KV cache: a small C kernel for bf16 on CPUs.
+
+A decode row attends with one query per head to its own context, so with grouped-query
+attention each (sequence, KV head) pair is a ``[group, head_dim] x [head_dim, context]``
+product: hundreds of tiny matmuls per layer. Batched into ``torch.matmul`` (the path in
+``attention.py``) they run at ~20 GB/s on the 2-core reference CPU (~50 GB/s of memory reads),
+and they need the keys and values contiguous: the decode view (``decode_view.py``), its
+appends and its rebuilds. This kernel reads each sequence's blocks where they lie in the cache
+(prefetching the next block), with the scores, the softmax and the accumulation in float32
+(the matmul path rounds scores and probabilities to bf16), parallel over (sequence, KV head)
+with OpenMP; AVX-512 BF16 dot products where the CPU has them, plain loops otherwise.
+
+It is C, compiled when a worker loads (``cc``, ~0.2 s) with the head size and group as
+constants, and called through ``ctypes``; the shared object's ``libgomp.so.1`` resolves to the
+one torch has already loaded, so both share one thread pool. Serving option
+``attention_kernel``: ``auto`` (default) uses it for bf16 on a CPU when it compiles and its
+probe agrees with :func:`reference_decode_attention`, ``on`` fails the load otherwise, ``off``
+keeps the matmul path. ``benchmarks/decode_kernel.py`` times it against the matmuls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from lmaas.core.errors import ModelLoadError
+
+_log = logging.getLogger(__name__)
+
+KERNEL_MODES = ("auto", "on", "off")
+_MAX_GROUP = 16
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <math.h>
+#include <float.h>
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && HEAD_DIM % 32 == 0
+#include <immintrin.h>
+#define VECTOR 1
+#else
+#define VECTOR 0
+#endif
+
+static inline float bf16_to_f32(uint16_t x) {
+    union { uint32_t u; float f; } v; v.u = ((uint32_t)x) << 16; return v.f;
+}
+static inline uint16_t f32_to_bf16(float f) {
+    union { uint32_t u; float f; } v; v.f = f;
+    uint32_t u = v.u;
+    u += 0x7fffu + ((u >> 16) & 1u);  /* round to nearest even (no NaNs reach here) */
+    return (uint16_t)(u >> 16);
+}
+
+/* q: row b at q + b * q_stride, heads H = KV * GROUP of HEAD_DIM each.
+   kv: one layer of the cache, [2, KV, NB, BS, HEAD_DIM].
+   tables: [B, T] physical blocks; contexts: [B] positions to attend (>= 1).
+   out: [B, H * HEAD_DIM]; scratch: B * KV * GROUP * max_ctx floats. */
+void lmaas_decode_attention(
+    const uint16_t* q, int64_t q_stride, const uint16_t* kv, const int64_t* tables,
+    int64_t table_stride, const int64_t* contexts, uint16_t* out, float* scratch,
+    int64_t B, int64_t KV, int64_t NB, int64_t BS, int64_t max_ctx, float scale)
+{
+    const int64_t plane = NB * BS * HEAD_DIM;
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+        for (int64_t h = 0; h < KV; ++h) {
+            const int64_t ctx = contexts[b];
+            const int64_t* table = tables + b * table_stride;
+            const uint16_t* kbase = kv + h * plane;
+            const uint16_t* vbase = kv + (KV + h) * plane;
+            float* s = scratch + (b * KV + h) * GROUP * max_ctx;
+            float qf[GROUP][HEAD_DIM];
+            float m[GROUP], sum[GROUP], acc[GROUP][HEAD_DIM];
+#if VECTOR
+            __m512bh qb[GROUP][HEAD_DIM / 32];
+            __m512 va[GROUP][HEAD_DIM / 16];
+            for (int g = 0; g < GROUP; ++g) {
+                const uint16_t* qrow = q + b * q_stride + (h * GROUP + g) * HEAD_DIM;
+                for (int c = 0; c < HEAD_DIM / 32; ++c)
+                    qb[g][c] = (__m512bh)_mm512_loadu_si512(qrow + 32 * c);
+                for (int c = 0; c < HEAD_DIM / 16; ++c) va[g][c] = _mm512_setzero_ps();
+            }
+#endif
+            for (int g = 0; g < GROUP; ++g) {
+                const uint16_t* qrow = q + b * q_stride + (h * GROUP + g) * HEAD_DIM;
+                for (int d = 0; d < HEAD_DIM; ++d) qf[g][d] = bf16_to_f32(qrow[d]) * scale;
+                m[g] = -FLT_MAX; sum[g] = 0.0f;
+                for (int d = 0; d < HEAD_DIM; ++d) acc[g][d] = 0.0f;
+            }
+            for (int64_t start = 0; start < ctx; start += BS) {
+                const int64_t n = ctx - start < BS ? ctx - start : BS;
+                const uint16_t* k = kbase + table[start / BS] * BS * HEAD_DIM;
+                if (start + BS < ctx) {  /* the next block: a 2 KB jump the prefetchers miss */
+                    const char* next = (const char*)(kbase + table[start / BS + 1] * BS * HEAD_DIM);
+                    for (int64_t o = 0; o < BS * HEAD_DIM * 2; o += 64) __builtin_prefetch(next + o);
+                }
+                for (int64_t i = 0; i < n; ++i) {
+#if VECTOR
+                    __m512bh kv_[HEAD_DIM / 32];
+                    for (int c = 0; c < HEAD_DIM / 32; ++c)
+                        kv_[c] = (__m512bh)_mm512_loadu_si512(k + i * HEAD_DIM + 32 * c);
+                    for (int g = 0; g < GROUP; ++g) {
+                        __m512 a = _mm512_setzero_ps();
+                        for (int c = 0; c < HEAD_DIM / 32; ++c) a = _mm512_dpbf16_ps(a, kv_[c], qb[g][c]);
+                        const float dot = _mm512_reduce_add_ps(a) * scale;
+                        s[g * max_ctx + start + i] = dot;
+                        m[g] = dot > m[g] ? dot : m[g];
+                    }
+#else
+                    float kf[HEAD_DIM];
+                    for (int d = 0; d < HEAD_DIM; ++d) kf[d] = bf16_to_f32(k[i * HEAD_DIM + d]);
+                    for (int g = 0; g < GROUP; ++g) {
+                        float dot = 0.0f;
+                        for (int d = 0; d < HEAD_DIM; ++d) dot += qf[g][d] * kf[d];
+                        s[g * max_ctx + start + i] = dot;
+                        m[g] = dot > m[g] ? dot : m[g];
+                    }
+#endif
+                }
+            }
+            {
+                const char* first = (const char*)(vbase + table[0] * BS * HEAD_DIM);
+                for (int64_t o = 0; o < BS * HEAD_DIM * 2; o += 64) __builtin_prefetch(first + o);
+            }
+            for (int g = 0; g < GROUP; ++g) {
+                float* sg = s + g * max_ctx;
+                float total = 0.0f;
+                for (int64_t l = 0; l < ctx; ++l) { sg[l] = expf(sg[l] - m[g]); total += sg[l]; }
+                sum[g] = total;
+            }
+            for (int64_t start = 0; start < ctx; start += BS) {
+                const int64_t n = ctx - start < BS ? ctx - start : BS;
+                const uint16_t* v = vbase + table[start / BS] * BS * HEAD_DIM;
+                {
+                    const int64_t nb = start + BS < ctx ? start / BS + 1 : -1;
+                    const char* next = nb >= 0 ? (const char*)(vbase + table[nb] * BS * HEAD_DIM)
+                                               : (const char*)(kbase + table[0] * BS * HEAD_DIM);
+                    if (nb >= 0) for (int64_t o = 0; o < BS * HEAD_DIM * 2; o += 64) __builtin_prefetch(next + o);
+                }
+                for (int64_t i = 0; i < n; ++i) {
+#if VECTOR
+                    __m512 vf[HEAD_DIM / 16];
+                    for (int c = 0; c < HEAD_DIM / 16; ++c) {
+                        __m256i raw = _mm256_loadu_si256((const __m256i*)(v + i * HEAD_DIM + 16 * c));
+                        vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+                    }
+                    for (int g = 0; g < GROUP; ++g) {
+                        const __m512 p = _mm512_set1_ps(s[g * max_ctx + start + i]);
+                        for (int c = 0; c < HEAD_DIM / 16; ++c) va[g][c] = _mm512_fmadd_ps(p, vf[c], va[g][c]);
+                    }
+#else
+                    float vf[HEAD_DIM];
+                    for (int d = 0; d < HEAD_DIM; ++d) vf[d] = bf16_to_f32(v[i * HEAD_DIM + d]);
+                    for (int g = 0; g < GROUP; ++g) {
+                        const float p = s[g * max_ctx + start + i];
+                        for (int d = 0; d < HEAD_DIM; ++d) acc[g][d] += p * vf[d];
+                    }
+#endif
+                }
+            }
+#if VECTOR
+            for (int g = 0; g < GROUP; ++g)
+                for (int c = 0; c < HEAD_DIM / 16; ++c) _mm512_storeu_ps(acc[g] + 16 * c, va[g][c]);
+#endif
+            for (int g = 0; g < GROUP; ++g) {
+                uint16_t* orow = out + b * KV * GROUP * HEAD_DIM + (h * GROUP + g) * HEAD_DIM;
+                const float inv = 1.0f / sum[g];
+                for (int d = 0; d < HEAD_DIM; ++d) orow[d] = f32_to_bf16(acc[g][d] * inv);
+            }
+        }
+    }
+}
+"""
+
+
+def kernel_mode(options: Mapping[str, str]) -> str:
+    """The ``attention_kernel`` serving option (``auto`` when unset). Raises: ModelLoadError."""
+    mode = options.get("attention_kernel", "auto").strip().lower() or "auto"
+    if mode not in KERNEL_MODES:
+        raise ModelLoadError(
+            f"serving option attention_kernel must be one of {KERNEL_MODES}, got {mode!r}"
+        )
+    return mode
+
+
+class DecodeAttentionKernel:
+    """The compiled kernel for one head size and group; call it once per layer and step."""
+
+    __slots__ = ("_fn", "_scratch", "group", "head_dim")
+
+    def __init__(self, fn: Callable[..., None], head_dim: int, group: int) -> None:
+        self._fn = fn
+        self._scratch = torch.empty(0, dtype=torch.float32)
+        self.head_dim = head_dim
+        self.group = group
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        layer_kv: torch.Tensor,
+        tables: torch.Tensor,
+        contexts: torch.Tensor,
+        max_context: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention of decode queries ``q`` (``[B, heads, head_dim]`` bf16, rows may be
+        strided) over their cached context; returns ``[B, heads * head_dim]``.
+
+        Args:
+            layer_kv: ``PagedKVCache.layer(i)``: ``[2, kv_heads, blocks, block_size, d]``.
+            tables: ``[B, >= blocks needed]`` int64 physical blocks, rows contiguous.
+            contexts: ``[B]`` int64 positions each row attends to (its new token included).
+            max_context: ``max(contexts)``.
+        """
+        batch, heads, head_dim = q.shape
+        _, kv_heads, num_blocks, block_size, _ = layer_kv.shape
+        if q.stride(2) != 1 or q.stride(1) != head_dim or not layer_kv.is_contiguous():
+            raise ValueError("decode attention kernel: unexpected operand layout")
+        if tables.stride(1) != 1 or not contexts.is_contiguous():
+            raise ValueError("decode attention kernel: tables and contexts must be contiguous")
+        needed = batch * kv_heads * self.group * max_context
+        if self._scratch.numel() < needed:
+            self._scratch = torch.empty(needed, dtype=torch.float32)
+        out = q.new_empty(batch, heads * head_dim)
+        self._fn(
+            q.data_ptr(),
+            q.stride(0),
+            layer_kv.data_ptr(),
+            tables.data_ptr(),
+            tables.stride(0),
+            contexts.data_ptr(),
+            out.data_ptr(),
+            self._scratch.data_ptr(),
+            batch,
+            kv_heads,
+            num_blocks,
+            block_size,
+            max_context,
+            ctypes.c_float(scale),
+        )
+        return out
+
+
+def build_decode_kernel(
+    *, head_dim: int, group: int, dtype: torch.dtype, device: torch.device, mode: str = "auto"
+) -> DecodeAttentionKernel | None:
+    """Compile and probe the kernel; None where it does not apply or cannot be built.
+
+    Raises:
+        ModelLoadError: ``mode == "on"`` and the kernel is unavailable.
+    """
+    if mode == "off":
+        return None
+    why = _unsupported(head_dim, group, dtype, device)
+    kernel = None
+    if why is None:
+        try:
+            kernel = _compile(head_dim, group)
+            why = _probe(kernel)
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+    if why is None:
+        _log.info("decode attention runs the CPU kernel (head_dim %d, group %d)", head_dim, group)
+        return kernel
+    if mode == "on":
+        raise ModelLoadError(
+            f"attention_kernel=on, but the CPU decode kernel is unavailable: {why}"
+        )
+    _log.info("decode attention uses matmuls (no CPU kernel: %s)", why)
+    return None
+
+
+def _unsupported(head_dim: int, group: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return f"the kernel is for bf16 on a CPU, not {dtype} on {device.type}"
+    if not 1 <= group <= _MAX_GROUP or head_dim % 16 or not 16 <= head_dim <= 256:
+        return f"unsupported shape (head_dim {head_dim}, group {group})"
+    if _compiler() is None:
+        return "no C compiler (cc or gcc) on PATH"
+    return None
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC", ""), "cc", "gcc"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _compile(head_dim: int, group: int) -> DecodeAttentionKernel:
+    compiler = _compiler()
+    assert compiler is not None  # checked by _unsupported
+    defines = f"#define HEAD_DIM {head_dim}\n#define GROUP {group}\n"
+    source = defines + _SOURCE
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    with tempfile.TemporaryDirectory(prefix="lmaas-kernel-") as tmp:
+        src, lib = Path(tmp) / f"attn_{digest}.c", Path(tmp) / f"attn_{digest}.so"
+        src.write_text(source, encoding="utf-8")
+        flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+        done = subprocess.run(
+            [compiler, *flags, "-o", str(lib), str(src), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+        # The mapping outlives the file: the directory can go.
+        fn = ctypes.CDLL(str(lib)).lmaas_decode_attention
+    fn.restype = None
+    fn.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_float,
+    ]
+    return DecodeAttentionKernel(fn, head_dim, group)
+
+
+def reference_decode_attention(
+    q: torch.Tensor,
+    layer_kv: torch.Tensor,
+    tables: torch.Tensor,
+    contexts: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The kernel's formula in float32 torch ops, one sequence at a time (probe and tests)."""
+    batch, heads, head_dim = q.shape
+    kv_heads, block_size = layer_kv.shape[1], layer_kv.shape[3]
+    out = torch.empty(batch, heads, head_dim, dtype=torch.float32)
+    for b in range(batch):
+        ctx = int(contexts[b])
+        blocks = tables[b, : -(-ctx // block_size)]
+        keys = layer_kv[0][:, blocks].reshape(kv_heads, -1, head_dim)[:, :ctx].float()
+        values = layer_kv[1][:, blocks].reshape(kv_heads, -1, head_dim)[:, :ctx].float()
+        queries = q[b].float().view(kv_heads, heads // kv_heads, head_dim)
+        probs = (queries @ keys.transpose(-1, -2) * scale).softmax(-1)
+        out[b] = (probs @ values).reshape(heads, head_dim)
+    return out.reshape(batch, heads * head_dim).to(q.dtype)
+
+
+def _probe(kernel: DecodeAttentionKernel) -> str | None:
+    """Run the kernel on a small random cache against :func:`reference_decode_attention`."""
+    generator = torch.Generator().manual_seed(0)
+    kv_heads, block_size, num_blocks = 2, 4, 9
+    heads, head_dim = kv_heads * kernel.group, kernel.head_dim
+    layer_kv = torch.randn(2, kv_heads, num_blocks, block_size, head_dim, generator=generator)
+    layer_kv = layer_kv.to(torch.bfloat16)
+    q = torch.randn(3, heads, head_dim, generator=generator).to(torch.bfloat16)
+    tables = torch.tensor([[4, 1, 7], [0, 0, 0], [8, 2, 3]], dtype=torch.long)
+    contexts = torch.tensor([10, 1, 12], dtype=torch.long)
+    got = kernel(q, layer_kv, tables, contexts, 12, head_dim**-0.5).float()
+    want = reference_decode_attention(q, layer_kv, tables, contexts, head_dim**-0.5).float()
+    if not torch.allclose(got, want, atol=2e-2, rtol=2e-2):
+        return f"probe mismatch (max error {float((got - want).abs().max()):.3g})"
+    return None

@@ -1,0 +1,127 @@
+"""The C decode-attention kernel: its formula, where it applies, and the runner that uses it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from paged_helpers import GREEDY, load_runner, random_prompts
+
+from lmaas.core.errors import ModelLoadError
+from lmaas.runtimes.llm.batch import SeqSlot, StepBatch
+from lmaas.runtimes.llm.paged import cpu_attention
+from lmaas.runtimes.llm.paged.cpu_attention import (
+    build_decode_kernel,
+    kernel_mode,
+    reference_decode_attention,
+)
+
+CPU = torch.device("cpu")
+needs_compiler = pytest.mark.skipif(
+    cpu_attention._compiler() is None, reason="no C compiler (cc/gcc) on this machine"
+)
+
+
+def _kernel(head_dim: int, group: int) -> cpu_attention.DecodeAttentionKernel:
+    kernel = build_decode_kernel(
+        head_dim=head_dim, group=group, dtype=torch.bfloat16, device=CPU, mode="on"
+    )
+    assert kernel is not None
+    return kernel
+
+
+@needs_compiler
+@pytest.mark.parametrize(("head_dim", "group"), [(64, 3), (128, 4), (32, 1), (48, 2)])
+def test_kernel_matches_the_float32_formula_over_scattered_blocks(
+    head_dim: int, group: int
+) -> None:
+    kernel = _kernel(head_dim, group)
+    generator = torch.Generator().manual_seed(head_dim + group)
+    kv_heads, block_size, num_blocks = 2, 8, 40
+    heads = kv_heads * group
+    layer_kv = torch.randn(2, kv_heads, num_blocks, block_size, head_dim, generator=generator)
+    layer_kv = layer_kv.to(torch.bfloat16)
+    contexts = torch.tensor([1, 8, 9, 31, 64], dtype=torch.long)  # block edges on either side
+    tables = torch.randperm(num_blocks, generator=generator)[:40].view(5, 8).contiguous()
+    # Queries as the model hands them over: a slice of the packed q/k/v rows (strided rows).
+    qkv = torch.randn(5, heads + 2 * kv_heads, head_dim, generator=generator).to(torch.bfloat16)
+    q = qkv[:, :heads]
+    got = kernel(q, layer_kv, tables, contexts, 64, head_dim**-0.5)
+    want = reference_decode_attention(q, layer_kv, tables, contexts, head_dim**-0.5)
+    assert got.shape == (5, heads * head_dim) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    # A context of one attends to that position alone: the output is its value row.
+    value = layer_kv[1][:, tables[0, 0], 0]  # [kv_heads, head_dim]
+    torch.testing.assert_close(
+        got[0].view(kv_heads, group, head_dim).float(),
+        value.float().unsqueeze(1).expand(kv_heads, group, head_dim),
+    )
+
+
+@needs_compiler
+def test_kernel_refuses_operands_it_cannot_address() -> None:
+    kernel = _kernel(64, 2)
+    layer_kv = torch.zeros(2, 1, 4, 8, 64, dtype=torch.bfloat16)
+    tables = torch.zeros(1, 1, dtype=torch.long)
+    contexts = torch.ones(1, dtype=torch.long)
+    transposed = torch.zeros(1, 64, 2, dtype=torch.bfloat16).transpose(1, 2)
+    with pytest.raises(ValueError, match="layout"):
+        kernel(transposed, layer_kv, tables, contexts, 1, 0.125)
+
+
+def test_where_the_kernel_does_not_apply() -> None:
+    for dtype in (torch.float32, torch.float16):
+        assert build_decode_kernel(head_dim=64, group=2, dtype=dtype, device=CPU) is None
+    assert (
+        build_decode_kernel(head_dim=64, group=2, dtype=torch.bfloat16, device=CPU, mode="off")
+        is None
+    )
+    assert build_decode_kernel(head_dim=72, group=2, dtype=torch.bfloat16, device=CPU) is None
+    with pytest.raises(ModelLoadError, match="attention_kernel=on"):
+        build_decode_kernel(head_dim=64, group=2, dtype=torch.float32, device=CPU, mode="on")
+
+
+def test_a_compiler_that_fails_keeps_the_matmul_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "false")  # exists, exits 1
+    assert build_decode_kernel(head_dim=64, group=2, dtype=torch.bfloat16, device=CPU) is None
+    with pytest.raises(ModelLoadError, match="false failed"):
+        build_decode_kernel(head_dim=64, group=2, dtype=torch.bfloat16, device=CPU, mode="on")
+
+
+def test_serving_option_values() -> None:
+    assert kernel_mode({}) == "auto"
+    assert kernel_mode({"attention_kernel": " OFF "}) == "off"
+    with pytest.raises(ModelLoadError, match="attention_kernel must be one of"):
+        kernel_mode({"attention_kernel": "fast"})
+
+
+@needs_compiler
+def test_runner_decodes_with_the_kernel_like_the_matmul_path(
+    tiny_lm_dirs: dict[str, Path],
+) -> None:
+    """A mixed step (decode rows beside a prefill chunk) and a decode-only step, bf16: the
+    kernel and the matmul path give the same logits within bf16 tolerance."""
+    model_dir = tiny_lm_dirs["llama"]
+    with_kernel, _ = load_runner(model_dir, dtype="bfloat16")
+    without, _ = load_runner(model_dir, dtype="bfloat16", options={"attention_kernel": "off"})
+    assert with_kernel.decode_kernel and not without.decode_kernel
+    prompts = random_prompts([11, 6, 19], with_kernel.config.vocab_size, seed=5)
+    tables = [[0, 1], [2], [3, 4, 5]]
+    steps = [
+        # sequence 0 prefills; then it decodes beside 2's prefill; then both decode
+        [SeqSlot(0, prompts[0], 0, tables[0], True, GREEDY)],
+        [
+            SeqSlot(0, [7], 11, tables[0], True, GREEDY),
+            SeqSlot(2, prompts[2], 0, tables[2], True, GREEDY),
+        ],
+        [
+            SeqSlot(0, [9], 12, tables[0], True, GREEDY),
+            SeqSlot(2, [3], 19, tables[2], True, GREEDY),
+        ],
+    ]
+    for slots in steps:
+        ours = with_kernel.compute_logits(StepBatch(slots))
+        ref = without.compute_logits(StepBatch(slots))
+        diff = (torch.log_softmax(ours, -1) - torch.log_softmax(ref, -1)).abs().max()
+        assert diff < 0.05
