@@ -1,10 +1,10 @@
 """Decode attention: the C kernel over the paged cache against the matmul formula.
 
-Times ``lmaas.runtimes.llm.paged.cpu_attention`` (the kernel the paged runner uses for bf16 on
-CPUs, serving option ``attention_kernel``) per decode step — 12 layers, batch 64, 4 KV heads x
-group 3, head_dim 64 — over in-order and over shuffled block tables, against the matmul path of
-``paged/attention.py`` over a contiguous view, and prints the kernel's largest error against its
-float32 reference. Not a test::
+Times the decode-attention kernel of ``lmaas.runtimes.llm.paged.cpu_kernels`` (what the paged
+runner uses for bf16 on CPUs, serving option ``cpu_kernels``) per decode step (12 layers,
+batch 64, 4 KV heads x group 3, head_dim 64) over in-order and over shuffled block tables,
+against the matmul path of ``paged/attention.py`` over a contiguous view, and prints the
+kernel's largest error against its float32 reference. Not a test::
 
     .venv/bin/python benchmarks/decode_kernel.py
 """
@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import torch
 
-from lmaas.runtimes.llm.paged.cpu_attention import (
-    DecodeAttentionKernel,
-    build_decode_kernel,
+from lmaas.runtimes.llm.paged.cpu_kernels import (
+    CpuKernels,
+    build_cpu_kernels,
     reference_decode_attention,
 )
 
@@ -34,7 +34,7 @@ def _step_ms(fn: Callable[[], object], repeats: int = 20) -> float:
 
 
 def _kernel_step(
-    kernel: DecodeAttentionKernel,
+    kernel: CpuKernels,
     q: torch.Tensor,
     cache: list[torch.Tensor],
     tables: torch.Tensor,
@@ -42,7 +42,7 @@ def _kernel_step(
     context: int,
 ) -> None:
     for layer in cache:
-        kernel(q, layer, tables, contexts, context, 0.125)
+        kernel.decode_attention(q, layer, tables, contexts, context, 0.125)
 
 
 def _matmul_step(
@@ -56,7 +56,7 @@ def _matmul_step(
 
 
 def main() -> None:
-    kernel = build_decode_kernel(
+    kernel = build_cpu_kernels(
         head_dim=64, group=3, dtype=torch.bfloat16, device=torch.device("cpu"), mode="on"
     )
     assert kernel is not None
@@ -75,7 +75,7 @@ def main() -> None:
             ("in order", torch.arange(num_blocks)),
         ):
             tables = order[: batch * blocks].view(batch, blocks).contiguous()
-            got = kernel(q, cache[0], tables, contexts, context, 0.125).float()
+            got = kernel.decode_attention(q, cache[0], tables, contexts, context, 0.125).float()
             want = reference_decode_attention(q, cache[0], tables, contexts, 0.125).float()
             error = float((got - want).abs().max())
 

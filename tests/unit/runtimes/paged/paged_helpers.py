@@ -53,8 +53,8 @@ def load_runner(
         block_size=block_size,
         dtype=runner.dtype,
     )
-    # The budget covers the blocks and the decode view (none with the decode kernel).
-    view_bytes = 0 if runner.decode_kernel else decode_view_bytes
+    # The budget covers the blocks and the decode view (none with the C kernels).
+    view_bytes = 0 if runner.cpu_kernels else decode_view_bytes
     layout = runner.allocate_kv_cache(num_blocks * block_bytes + view_bytes, block_size)
     assert layout.num_blocks == num_blocks
     assert layout.extra_bytes == view_bytes

@@ -1,6 +1,6 @@
 """Attention over the paged KV cache for one layer and one step.
 
-Decode rows use the C kernel of ``cpu_attention.py`` where the runner built one (bf16 on a CPU),
+Decode rows use the C kernel of ``cpu_kernels.py`` where the runner built one (bf16 on a CPU),
 reading K/V straight from the cache. Otherwise, two batched bf16 matmuls with a float32 softmax
 instead of SDPA: on the reference CPU, SDPA with one query dispatches to a flash kernel that
 measured ~14x slower at batch 64 (0.41 vs 5.9 ms per layer, benchmarks/runner_step.py). Their
@@ -73,9 +73,9 @@ def _decode(
     scale: float,
     softmax: Softmax,
 ) -> torch.Tensor:
-    if group.kernel is not None:  # straight from the cache (cpu_attention.py)
+    if group.kernel is not None:  # straight from the cache (cpu_kernels.py)
         max_context = max(group.contexts)
-        return group.kernel(
+        return group.kernel.decode_attention(
             q, cache.layer(layer), group.block_table, group.context_lens, max_context, scale
         )
     batch, heads, head_dim = q.shape

@@ -7,6 +7,7 @@ forward over every slot's new tokens, logits for the sampling rows only, then th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -25,11 +26,7 @@ from lmaas.runtimes.device import (
 )
 from lmaas.runtimes.llm.batch import KVCacheLayout, Sampled, SeqSlot, StepBatch
 from lmaas.runtimes.llm.paged.config import GPT2_STYLE, DecoderConfig, read_decoder_config
-from lmaas.runtimes.llm.paged.cpu_attention import (
-    DecodeAttentionKernel,
-    build_decode_kernel,
-    kernel_mode,
-)
+from lmaas.runtimes.llm.paged.cpu_kernels import CpuKernels, build_cpu_kernels, kernel_mode
 from lmaas.runtimes.llm.paged.decode_view import DEFAULT_VIEW_BYTES, DecodeView
 from lmaas.runtimes.llm.paged.fused import (
     EAGER,
@@ -80,7 +77,7 @@ class PagedModelRunner:
         decode_view_bytes: Memory for the decode batch's contiguous K/V view
             (``decode_view.DecodeView``); 0 disables it (attention then gathers every step).
             It is taken out of the KV-cache budget, never added to it; with the decode kernel
-            (``cpu_attention.py``) no view is needed and nothing is reserved.
+            (``cpu_kernels.py``) no view is needed and nothing is reserved.
     """
 
     def __init__(
@@ -99,7 +96,7 @@ class PagedModelRunner:
         self._model: CausalModel | None = None
         self._cache: PagedKVCache | None = None
         self._view: DecodeView | None = None
-        self._decode_kernel: DecodeAttentionKernel | None = None
+        self._cpu_kernels: CpuKernels | None = None
         self._context_length = 0
 
     @property
@@ -108,10 +105,10 @@ class PagedModelRunner:
         return isinstance(self._model, LlamaModel) and self._model.kernels.compiled
 
     @property
-    def decode_kernel(self) -> bool:
-        """Whether decode attention runs the C kernel straight from the cache
-        (``cpu_attention.py``; serving option ``attention_kernel``)."""
-        return self._decode_kernel is not None
+    def cpu_kernels(self) -> bool:
+        """Whether decode attention and RMSNorm run the C kernels (``cpu_kernels.py``; serving
+        option ``cpu_kernels``): attention then reads the cache directly, with no decode view."""
+        return self._cpu_kernels is not None
 
     @property
     def config(self) -> DecoderConfig:
@@ -149,15 +146,15 @@ class PagedModelRunner:
         model_class = GPT2Model if config.style == GPT2_STYLE else LlamaModel
         with torch.inference_mode(), CheckpointReader(model_dir, self._dtype, self._device) as r:
             model = model_class(config, r, self._dtype, self._device)
-        if isinstance(model, LlamaModel):
-            model.kernels = self._kernels(config)
-        self._decode_kernel = build_decode_kernel(
+        self._cpu_kernels = build_cpu_kernels(
             head_dim=config.head_dim,
             group=config.num_heads // config.num_kv_heads,
             dtype=self._dtype,
             device=self._device,
             mode=kernel_mode(self._spec.options),
         )
+        if isinstance(model, LlamaModel):
+            model.kernels = self._kernels(config)
         self._model = model
         self._config = config
         if self._sampler is None:
@@ -179,7 +176,14 @@ class PagedModelRunner:
         compiling falls back to eager."""
         mode = compile_mode(self._spec.options)
         if not wants_compile(mode, self._device):
-            return EAGER
+            if self._cpu_kernels is None:
+                return EAGER
+            # The same formulas, one C pass per row (cpu_kernels.py).
+            return dataclasses.replace(
+                EAGER,
+                rms_norm=self._cpu_kernels.rms_norm,
+                add_rms_norm=self._cpu_kernels.add_rms_norm,
+            )
         kernels = compiled_kernels()
         try:
             seconds = warm_up(
@@ -229,7 +233,7 @@ class PagedModelRunner:
         # most its configured size and never the blocks one full context needs. The decode
         # kernel reads the cache itself and needs no view.
         needed = -(-self._context_length // block_size)
-        wanted = 0 if self._decode_kernel is not None else self._decode_view_bytes
+        wanted = 0 if self._cpu_kernels is not None else self._decode_view_bytes
         view_bytes = max(0, min(wanted, budget_bytes - needed * block_bytes))
         num_blocks = blocks_for_budget(
             budget_bytes - view_bytes,
@@ -272,8 +276,8 @@ class PagedModelRunner:
         inputs = build_step_inputs(batch.slots, self._cache.block_size, self._device)
         if inputs.decode is None:
             self._view.invalidate()
-        elif self._decode_kernel is not None:
-            inputs.decode.kernel = self._decode_kernel
+        elif self._cpu_kernels is not None:
+            inputs.decode.kernel = self._cpu_kernels
         else:
             copied = bool(batch.block_copies)
             inputs.decode.view = self._view.plan(inputs.decode, batch.freed_seq_ids, copied)

@@ -19,7 +19,7 @@ import torch
 
 from lmaas.core.errors import InternalError
 from lmaas.runtimes.llm.batch import SeqSlot
-from lmaas.runtimes.llm.paged.cpu_attention import DecodeAttentionKernel
+from lmaas.runtimes.llm.paged.cpu_kernels import CpuKernels
 
 
 @dataclass(slots=True)
@@ -56,7 +56,7 @@ class DecodeGroup:
     """``[B]`` int64: ``contexts`` as a tensor (the decode kernel's operand)."""
     view: ViewPlan | None = None
     """Set by the runner when the decode view serves this step's keys and values."""
-    kernel: DecodeAttentionKernel | None = None
+    kernel: CpuKernels | None = None
     """Set by the runner when the C kernel attends straight from the cache (no view)."""
 
 

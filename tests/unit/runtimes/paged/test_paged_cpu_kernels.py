@@ -1,4 +1,4 @@
-"""The C decode-attention kernel: its formula, where it applies, and the runner that uses it."""
+"""The C kernels (decode attention, RMSNorm): their formulas, where they apply, the runner."""
 
 from __future__ import annotations
 
@@ -10,21 +10,22 @@ from paged_helpers import GREEDY, load_runner, random_prompts
 
 from lmaas.core.errors import ModelLoadError
 from lmaas.runtimes.llm.batch import SeqSlot, StepBatch
-from lmaas.runtimes.llm.paged import cpu_attention
-from lmaas.runtimes.llm.paged.cpu_attention import (
-    build_decode_kernel,
+from lmaas.runtimes.llm.paged import cpu_kernels
+from lmaas.runtimes.llm.paged.cpu_kernels import (
+    build_cpu_kernels,
     kernel_mode,
     reference_decode_attention,
 )
+from lmaas.runtimes.llm.paged.fused import add_rms_norm, rms_norm
 
 CPU = torch.device("cpu")
 needs_compiler = pytest.mark.skipif(
-    cpu_attention._compiler() is None, reason="no C compiler (cc/gcc) on this machine"
+    cpu_kernels._compiler() is None, reason="no C compiler (cc/gcc) on this machine"
 )
 
 
-def _kernel(head_dim: int, group: int) -> cpu_attention.DecodeAttentionKernel:
-    kernel = build_decode_kernel(
+def _kernel(head_dim: int, group: int) -> cpu_kernels.CpuKernels:
+    kernel = build_cpu_kernels(
         head_dim=head_dim, group=group, dtype=torch.bfloat16, device=CPU, mode="on"
     )
     assert kernel is not None
@@ -47,7 +48,7 @@ def test_kernel_matches_the_float32_formula_over_scattered_blocks(
     # Queries as the model hands them over: a slice of the packed q/k/v rows (strided rows).
     qkv = torch.randn(5, heads + 2 * kv_heads, head_dim, generator=generator).to(torch.bfloat16)
     q = qkv[:, :heads]
-    got = kernel(q, layer_kv, tables, contexts, 64, head_dim**-0.5)
+    got = kernel.decode_attention(q, layer_kv, tables, contexts, 64, head_dim**-0.5)
     want = reference_decode_attention(q, layer_kv, tables, contexts, head_dim**-0.5)
     assert got.shape == (5, heads * head_dim) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
@@ -60,6 +61,31 @@ def test_kernel_matches_the_float32_formula_over_scattered_blocks(
 
 
 @needs_compiler
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 3, 200])
+def test_rms_norm_kernels_round_like_the_eager_ops(rows: int) -> None:
+    kernel = _kernel(64, 2)
+    generator = torch.Generator().manual_seed(rows)
+    hidden, delta = (torch.randn(rows, 384, generator=generator).to(torch.bfloat16) for _ in "hd")
+    weight = torch.randn(384, generator=generator).to(torch.bfloat16)
+    summed, x = kernel.add_rms_norm(hidden, delta, weight, 1e-5)
+    want_summed, want_x = add_rms_norm(hidden, delta, weight, 1e-5)
+    assert torch.equal(summed, want_summed)  # the residual add rounds exactly as eager
+    # Same roundings; only the order of the sum of squares differs (a last-bit flip at most).
+    torch.testing.assert_close(x, want_x, atol=0, rtol=2**-7)
+    torch.testing.assert_close(
+        kernel.rms_norm(hidden, weight, 1e-5), rms_norm(hidden, weight, 1e-5), atol=0, rtol=2**-7
+    )
+    # Strided rows are copied first, not misread.
+    wide = torch.randn(rows, 768, generator=generator).to(torch.bfloat16)
+    torch.testing.assert_close(
+        kernel.rms_norm(wide[:, ::2], weight, 1e-5),
+        rms_norm(wide[:, ::2], weight, 1e-5),
+        atol=0,
+        rtol=2**-7,
+    )
+
+
 def test_kernel_refuses_operands_it_cannot_address() -> None:
     kernel = _kernel(64, 2)
     layer_kv = torch.zeros(2, 1, 4, 8, 64, dtype=torch.bfloat16)
@@ -67,45 +93,45 @@ def test_kernel_refuses_operands_it_cannot_address() -> None:
     contexts = torch.ones(1, dtype=torch.long)
     transposed = torch.zeros(1, 64, 2, dtype=torch.bfloat16).transpose(1, 2)
     with pytest.raises(ValueError, match="layout"):
-        kernel(transposed, layer_kv, tables, contexts, 1, 0.125)
+        kernel.decode_attention(transposed, layer_kv, tables, contexts, 1, 0.125)
 
 
 def test_where_the_kernel_does_not_apply() -> None:
     for dtype in (torch.float32, torch.float16):
-        assert build_decode_kernel(head_dim=64, group=2, dtype=dtype, device=CPU) is None
+        assert build_cpu_kernels(head_dim=64, group=2, dtype=dtype, device=CPU) is None
     assert (
-        build_decode_kernel(head_dim=64, group=2, dtype=torch.bfloat16, device=CPU, mode="off")
+        build_cpu_kernels(head_dim=64, group=2, dtype=torch.bfloat16, device=CPU, mode="off")
         is None
     )
-    assert build_decode_kernel(head_dim=72, group=2, dtype=torch.bfloat16, device=CPU) is None
-    with pytest.raises(ModelLoadError, match="attention_kernel=on"):
-        build_decode_kernel(head_dim=64, group=2, dtype=torch.float32, device=CPU, mode="on")
+    assert build_cpu_kernels(head_dim=72, group=2, dtype=torch.bfloat16, device=CPU) is None
+    with pytest.raises(ModelLoadError, match="cpu_kernels=on"):
+        build_cpu_kernels(head_dim=64, group=2, dtype=torch.float32, device=CPU, mode="on")
 
 
 def test_a_compiler_that_fails_keeps_the_matmul_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CC", "false")  # exists, exits 1
-    assert build_decode_kernel(head_dim=64, group=2, dtype=torch.bfloat16, device=CPU) is None
+    monkeypatch.setenv("CC", "false")  # on PATH, exits 1
+    assert build_cpu_kernels(head_dim=64, group=2, dtype=torch.bfloat16, device=CPU) is None
     with pytest.raises(ModelLoadError, match="false failed"):
-        build_decode_kernel(head_dim=64, group=2, dtype=torch.bfloat16, device=CPU, mode="on")
+        build_cpu_kernels(head_dim=64, group=2, dtype=torch.bfloat16, device=CPU, mode="on")
 
 
 def test_serving_option_values() -> None:
     assert kernel_mode({}) == "auto"
-    assert kernel_mode({"attention_kernel": " OFF "}) == "off"
-    with pytest.raises(ModelLoadError, match="attention_kernel must be one of"):
-        kernel_mode({"attention_kernel": "fast"})
+    assert kernel_mode({"cpu_kernels": " OFF "}) == "off"
+    with pytest.raises(ModelLoadError, match="cpu_kernels must be one of"):
+        kernel_mode({"cpu_kernels": "fast"})
 
 
 @needs_compiler
-def test_runner_decodes_with_the_kernel_like_the_matmul_path(
+def test_runner_with_the_kernels_matches_the_torch_paths(
     tiny_lm_dirs: dict[str, Path],
 ) -> None:
-    """A mixed step (decode rows beside a prefill chunk) and a decode-only step, bf16: the
-    kernel and the matmul path give the same logits within bf16 tolerance."""
+    """A prefill, a mixed step (a decode row beside a prefill chunk) and a decode-only step in
+    bf16: the C kernels and the torch paths give the same logits within bf16 tolerance."""
     model_dir = tiny_lm_dirs["llama"]
     with_kernel, _ = load_runner(model_dir, dtype="bfloat16")
-    without, _ = load_runner(model_dir, dtype="bfloat16", options={"attention_kernel": "off"})
-    assert with_kernel.decode_kernel and not without.decode_kernel
+    without, _ = load_runner(model_dir, dtype="bfloat16", options={"cpu_kernels": "off"})
+    assert with_kernel.cpu_kernels and not without.cpu_kernels
     prompts = random_prompts([11, 6, 19], with_kernel.config.vocab_size, seed=5)
     tables = [[0, 1], [2], [3, 4, 5]]
     steps = [

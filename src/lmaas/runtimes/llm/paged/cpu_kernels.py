@@ -1,22 +1,27 @@
 # ruff: noqa: E501  (the C source keeps its own line lengths)
-"""Decode attention straight from the paged KV cache: a small C kernel for bf16 on CPUs.
+"""Small C kernels for bf16 on CPUs: decode attention from the paged cache, fused RMSNorm.
 
-A decode row attends with one query per head to its own context, so with grouped-query
-attention each (sequence, KV head) pair is a ``[group, head_dim] x [head_dim, context]``
-product: hundreds of tiny matmuls per layer. Batched into ``torch.matmul`` (the path in
-``attention.py``) they run at ~20 GB/s on the 2-core reference CPU (~50 GB/s of memory reads),
-and they need the keys and values contiguous: the decode view (``decode_view.py``), its
-appends and its rebuilds. This kernel reads each sequence's blocks where they lie in the cache
-(prefetching the next block), with the scores, the softmax and the accumulation in float32
-(the matmul path rounds scores and probabilities to bf16), parallel over (sequence, KV head)
-with OpenMP; AVX-512 BF16 dot products where the CPU has them, plain loops otherwise.
+Decode attention: a decode row attends with one query per head to its own context, so with
+grouped-query attention each (sequence, KV head) pair is a ``[group, head_dim] x [head_dim,
+context]`` product: hundreds of tiny matmuls per layer. Batched into ``torch.matmul`` (the path
+in ``attention.py``) they run at ~20 GB/s on the 2-core reference CPU (~50 GB/s of memory
+reads), and they need the keys and values contiguous: the decode view (``decode_view.py``), its
+appends and its rebuilds. The kernel reads each sequence's blocks where they lie in the cache
+(prefetching the next block), with the scores, the softmax and the accumulation in float32 (the
+matmul path rounds scores and probabilities to bf16), parallel over (sequence, KV head) with
+OpenMP; AVX-512 BF16 dot products where the CPU has them, plain loops otherwise.
 
-It is C, compiled when a worker loads (``cc``, ~0.2 s) with the head size and group as
+RMSNorm (with the residual add before it): eager, it is seven ATen ops and as many passes and
+temporaries (float32 statistics, rounding to bf16 between steps); the kernel does one pass per
+row with the same roundings (``fused.rms_norm`` / ``fused.add_rms_norm``), so outputs differ
+only by the order of the sum of squares.
+
+The C is compiled when a worker loads (``cc``, ~0.2 s) with the head size and group as
 constants, and called through ``ctypes``; the shared object's ``libgomp.so.1`` resolves to the
-one torch has already loaded, so both share one thread pool. Serving option
-``attention_kernel``: ``auto`` (default) uses it for bf16 on a CPU when it compiles and its
-probe agrees with :func:`reference_decode_attention`, ``on`` fails the load otherwise, ``off``
-keeps the matmul path. ``benchmarks/decode_kernel.py`` times it against the matmuls.
+one torch has already loaded, so both share one thread pool. Serving option ``cpu_kernels``:
+``auto`` (default) uses them for bf16 on a CPU when they compile and their probe agrees with
+the torch formulas, ``on`` fails the load otherwise, ``off`` keeps the torch paths.
+``benchmarks/decode_kernel.py`` times the attention kernel against the matmuls.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 import torch
 
 from lmaas.core.errors import ModelLoadError
+from lmaas.runtimes.llm.paged.fused import add_rms_norm
 
 _log = logging.getLogger(__name__)
 
@@ -180,31 +186,92 @@ void lmaas_decode_attention(
         }
     }
 }
+
+/* One row per iteration. hidden_out = bf16(hidden + delta) when delta is given (the residual
+   add); then x_out = bf16(weight * bf16(h * rsqrt(mean(h^2) + eps))) with h that row in float32:
+   the roundings of the eager bf16 ops, so results differ only in the sum's order. */
+void lmaas_add_rms_norm(
+    const uint16_t* hidden, const uint16_t* delta, const uint16_t* weight, uint16_t* hidden_out,
+    uint16_t* x_out, int64_t rows, int64_t width, float eps)
+{
+    #pragma omp parallel for schedule(static) if (rows * width >= 65536)
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t* h = hidden + r * width;
+        uint16_t* xo = x_out + r * width;
+        float ss = 0.0f;
+        if (delta) {
+            const uint16_t* d = delta + r * width;
+            uint16_t* ho = hidden_out + r * width;
+            for (int64_t i = 0; i < width; ++i) {
+                const uint16_t sum = f32_to_bf16(bf16_to_f32(h[i]) + bf16_to_f32(d[i]));
+                const float f = bf16_to_f32(sum);
+                ho[i] = sum;
+                ss += f * f;
+            }
+            h = ho;
+        } else {
+            for (int64_t i = 0; i < width; ++i) { const float f = bf16_to_f32(h[i]); ss += f * f; }
+        }
+        const float inv = 1.0f / sqrtf(ss / (float)width + eps);
+        for (int64_t i = 0; i < width; ++i)
+            xo[i] = f32_to_bf16(bf16_to_f32(weight[i]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(h[i]) * inv)));
+    }
+}
 """
 
 
 def kernel_mode(options: Mapping[str, str]) -> str:
-    """The ``attention_kernel`` serving option (``auto`` when unset). Raises: ModelLoadError."""
-    mode = options.get("attention_kernel", "auto").strip().lower() or "auto"
+    """The ``cpu_kernels`` serving option (``auto`` when unset). Raises: ModelLoadError."""
+    mode = options.get("cpu_kernels", "auto").strip().lower() or "auto"
     if mode not in KERNEL_MODES:
         raise ModelLoadError(
-            f"serving option attention_kernel must be one of {KERNEL_MODES}, got {mode!r}"
+            f"serving option cpu_kernels must be one of {KERNEL_MODES}, got {mode!r}"
         )
     return mode
 
 
-class DecodeAttentionKernel:
-    """The compiled kernel for one head size and group; call it once per layer and step."""
+class CpuKernels:
+    """The compiled kernels for one head size and group."""
 
-    __slots__ = ("_fn", "_scratch", "group", "head_dim")
+    __slots__ = ("_attention", "_norm", "_scratch", "group", "head_dim")
 
-    def __init__(self, fn: Callable[..., None], head_dim: int, group: int) -> None:
-        self._fn = fn
+    def __init__(
+        self, attention: Callable[..., None], norm: Callable[..., None], head_dim: int, group: int
+    ) -> None:
+        self._attention = attention
+        self._norm = norm
         self._scratch = torch.empty(0, dtype=torch.float32)
         self.head_dim = head_dim
         self.group = group
 
-    def __call__(
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``fused.rms_norm`` for a bf16 ``[T, width]`` (rows made contiguous if they are not)."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        self._norm(
+            x.data_ptr(), None, weight.data_ptr(), None, out.data_ptr(), x.shape[0], x.shape[1], eps
+        )
+        return out
+
+    def add_rms_norm(
+        self, hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fused.add_rms_norm``: ``(hidden + delta, rms_norm(hidden + delta))`` in one pass."""
+        hidden, delta = hidden.contiguous(), delta.contiguous()
+        summed, out = torch.empty_like(hidden), torch.empty_like(hidden)
+        self._norm(
+            hidden.data_ptr(),
+            delta.data_ptr(),
+            weight.data_ptr(),
+            summed.data_ptr(),
+            out.data_ptr(),
+            hidden.shape[0],
+            hidden.shape[1],
+            eps,
+        )
+        return summed, out
+
+    def decode_attention(
         self,
         q: torch.Tensor,
         layer_kv: torch.Tensor,
@@ -232,7 +299,7 @@ class DecodeAttentionKernel:
         if self._scratch.numel() < needed:
             self._scratch = torch.empty(needed, dtype=torch.float32)
         out = q.new_empty(batch, heads * head_dim)
-        self._fn(
+        self._attention(
             q.data_ptr(),
             q.stride(0),
             layer_kv.data_ptr(),
@@ -251,13 +318,13 @@ class DecodeAttentionKernel:
         return out
 
 
-def build_decode_kernel(
+def build_cpu_kernels(
     *, head_dim: int, group: int, dtype: torch.dtype, device: torch.device, mode: str = "auto"
-) -> DecodeAttentionKernel | None:
-    """Compile and probe the kernel; None where it does not apply or cannot be built.
+) -> CpuKernels | None:
+    """Compile and probe the kernels; None where they do not apply or cannot be built.
 
     Raises:
-        ModelLoadError: ``mode == "on"`` and the kernel is unavailable.
+        ModelLoadError: ``mode == "on"`` and the kernels are unavailable.
     """
     if mode == "off":
         return None
@@ -270,13 +337,13 @@ def build_decode_kernel(
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             why = f"{type(exc).__name__}: {exc}"
     if why is None:
-        _log.info("decode attention runs the CPU kernel (head_dim %d, group %d)", head_dim, group)
+        _log.info(
+            "CPU kernels for decode attention and RMSNorm (head_dim %d, group %d)", head_dim, group
+        )
         return kernel
     if mode == "on":
-        raise ModelLoadError(
-            f"attention_kernel=on, but the CPU decode kernel is unavailable: {why}"
-        )
-    _log.info("decode attention uses matmuls (no CPU kernel: %s)", why)
+        raise ModelLoadError(f"cpu_kernels=on, but the CPU kernels are unavailable: {why}")
+    _log.info("no CPU kernels (decode attention by matmuls, eager norms): %s", why)
     return None
 
 
@@ -297,7 +364,7 @@ def _compiler() -> str | None:
     return None
 
 
-def _compile(head_dim: int, group: int) -> DecodeAttentionKernel:
+def _compile(head_dim: int, group: int) -> CpuKernels:
     compiler = _compiler()
     assert compiler is not None  # checked by _unsupported
     defines = f"#define HEAD_DIM {head_dim}\n#define GROUP {group}\n"
@@ -317,7 +384,11 @@ def _compile(head_dim: int, group: int) -> DecodeAttentionKernel:
         if done.returncode != 0:
             raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
         # The mapping outlives the file: the directory can go.
-        fn = ctypes.CDLL(str(lib)).lmaas_decode_attention
+        library = ctypes.CDLL(str(lib))
+    norm = library.lmaas_add_rms_norm
+    norm.restype = None
+    norm.argtypes = [*([ctypes.c_void_p] * 5), ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+    fn = library.lmaas_decode_attention
     fn.restype = None
     fn.argtypes = [
         ctypes.c_void_p,
@@ -335,7 +406,7 @@ def _compile(head_dim: int, group: int) -> DecodeAttentionKernel:
         ctypes.c_int64,
         ctypes.c_float,
     ]
-    return DecodeAttentionKernel(fn, head_dim, group)
+    return CpuKernels(fn, norm, head_dim, group)
 
 
 def reference_decode_attention(
@@ -360,8 +431,9 @@ def reference_decode_attention(
     return out.reshape(batch, heads * head_dim).to(q.dtype)
 
 
-def _probe(kernel: DecodeAttentionKernel) -> str | None:
-    """Run the kernel on a small random cache against :func:`reference_decode_attention`."""
+def _probe(kernel: CpuKernels) -> str | None:
+    """Run the kernels on small random inputs against :func:`reference_decode_attention` and
+    the eager norms."""
     generator = torch.Generator().manual_seed(0)
     kv_heads, block_size, num_blocks = 2, 4, 9
     heads, head_dim = kv_heads * kernel.group, kernel.head_dim
@@ -370,8 +442,18 @@ def _probe(kernel: DecodeAttentionKernel) -> str | None:
     q = torch.randn(3, heads, head_dim, generator=generator).to(torch.bfloat16)
     tables = torch.tensor([[4, 1, 7], [0, 0, 0], [8, 2, 3]], dtype=torch.long)
     contexts = torch.tensor([10, 1, 12], dtype=torch.long)
-    got = kernel(q, layer_kv, tables, contexts, 12, head_dim**-0.5).float()
+    got = kernel.decode_attention(q, layer_kv, tables, contexts, 12, head_dim**-0.5).float()
     want = reference_decode_attention(q, layer_kv, tables, contexts, head_dim**-0.5).float()
     if not torch.allclose(got, want, atol=2e-2, rtol=2e-2):
-        return f"probe mismatch (max error {float((got - want).abs().max()):.3g})"
+        return f"decode attention probe mismatch (max error {float((got - want).abs().max()):.3g})"
+    hidden, delta, weight = (
+        torch.randn(5, 96, generator=generator).to(torch.bfloat16) for _ in range(3)
+    )
+    weight = weight[0]
+    summed, x = kernel.add_rms_norm(hidden, delta, weight, 1e-6)
+    want_summed, want_x = add_rms_norm(hidden, delta, weight, 1e-6)
+    if not torch.equal(summed, want_summed) or not torch.allclose(
+        x.float(), want_x.float(), atol=2e-2, rtol=2e-2
+    ):
+        return "RMSNorm probe mismatch"
     return None
