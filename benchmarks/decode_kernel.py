@@ -20,7 +20,7 @@ import torch
 from lmaas.runtimes.llm.paged.cpu_kernels import (
     CpuKernels,
     build_cpu_kernels,
-    reference_decode_attention,
+    reference_attention,
 )
 
 
@@ -42,7 +42,7 @@ def _kernel_step(
     context: int,
 ) -> None:
     for layer in cache:
-        kernel.decode_attention(q, layer, tables, contexts, context, 0.125)
+        kernel.attention(q, layer, tables, contexts, context, 0.125)
 
 
 def _matmul_step(
@@ -75,8 +75,8 @@ def main() -> None:
             ("in order", torch.arange(num_blocks)),
         ):
             tables = order[: batch * blocks].view(batch, blocks).contiguous()
-            got = kernel.decode_attention(q, cache[0], tables, contexts, context, 0.125).float()
-            want = reference_decode_attention(q, cache[0], tables, contexts, 0.125).float()
+            got = kernel.attention(q, cache[0], tables, contexts, context, 0.125).float()
+            want = reference_attention(q, cache[0], tables, contexts, 0.125).float()
             error = float((got - want).abs().max())
 
             run = functools.partial(_kernel_step, kernel, q, cache, tables, contexts, context)

@@ -14,7 +14,7 @@ from lmaas.runtimes.llm.paged import cpu_kernels
 from lmaas.runtimes.llm.paged.cpu_kernels import (
     build_cpu_kernels,
     kernel_mode,
-    reference_decode_attention,
+    reference_attention,
 )
 from lmaas.runtimes.llm.paged.fused import add_rms_norm, rms_norm
 
@@ -48,8 +48,8 @@ def test_kernel_matches_the_float32_formula_over_scattered_blocks(
     # Queries as the model hands them over: a slice of the packed q/k/v rows (strided rows).
     qkv = torch.randn(5, heads + 2 * kv_heads, head_dim, generator=generator).to(torch.bfloat16)
     q = qkv[:, :heads]
-    got = kernel.decode_attention(q, layer_kv, tables, contexts, 64, head_dim**-0.5)
-    want = reference_decode_attention(q, layer_kv, tables, contexts, head_dim**-0.5)
+    got = kernel.attention(q, layer_kv, tables, contexts, 64, head_dim**-0.5)
+    want = reference_attention(q, layer_kv, tables, contexts, head_dim**-0.5)
     assert got.shape == (5, heads * head_dim) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     # A context of one attends to that position alone: the output is its value row.
@@ -93,7 +93,7 @@ def test_kernel_refuses_operands_it_cannot_address() -> None:
     contexts = torch.ones(1, dtype=torch.long)
     transposed = torch.zeros(1, 64, 2, dtype=torch.bfloat16).transpose(1, 2)
     with pytest.raises(ValueError, match="layout"):
-        kernel.decode_attention(transposed, layer_kv, tables, contexts, 1, 0.125)
+        kernel.attention(transposed, layer_kv, tables, contexts, 1, 0.125)
 
 
 def test_where_the_kernel_does_not_apply() -> None:

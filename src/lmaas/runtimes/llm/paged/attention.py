@@ -1,7 +1,8 @@
 """Attention over the paged KV cache for one layer and one step.
 
-Decode rows use the C kernel of ``cpu_kernels.py`` where the runner built one (bf16 on a CPU),
-reading K/V straight from the cache. Otherwise, two batched bf16 matmuls with a float32 softmax
+Where the runner built the C kernel of ``cpu_kernels.py`` (bf16 on a CPU), every row (decode
+rows and prompt tokens alike, causal by their context length) attends through it, straight
+from the cache. Otherwise, decode rows use two batched bf16 matmuls with a float32 softmax
 instead of SDPA: on the reference CPU, SDPA with one query dispatches to a flash kernel that
 measured ~14x slower at batch 64 (0.41 vs 5.9 ms per layer, benchmarks/runner_step.py). Their
 keys and values come from
@@ -45,6 +46,11 @@ def paged_attention(
             compiled form).
     """
     cache.write(layer, k, v, inputs.slot_mapping)
+    if inputs.kernel is not None:  # every row straight from the cache (cpu_kernels.py)
+        assert inputs.row_tables is not None and inputs.row_contexts is not None
+        return inputs.kernel.attention(
+            q, cache.layer(layer), inputs.row_tables, inputs.row_contexts, inputs.max_context, scale
+        )
     decode = inputs.decode
     if decode is not None and decode.rows is None:
         return _decode(q, k, v, cache, layer, decode, scale, softmax)
@@ -73,11 +79,6 @@ def _decode(
     scale: float,
     softmax: Softmax,
 ) -> torch.Tensor:
-    if group.kernel is not None:  # straight from the cache (cpu_kernels.py)
-        max_context = max(group.contexts)
-        return group.kernel.decode_attention(
-            q, cache.layer(layer), group.block_table, group.context_lens, max_context, scale
-        )
     batch, heads, head_dim = q.shape
     keys, values = _decode_keys_values(k, v, cache, layer, group)  # [kv, B, L, d]
     kv_heads = keys.shape[0]

@@ -273,11 +273,11 @@ class PagedModelRunner:
         if not batch.slots:
             self._view.invalidate()
             return torch.empty(0, self.config.vocab_size, dtype=torch.float32)
-        inputs = build_step_inputs(batch.slots, self._cache.block_size, self._device)
+        inputs = build_step_inputs(
+            batch.slots, self._cache.block_size, self._device, kernel=self._cpu_kernels
+        )
         if inputs.decode is None:
             self._view.invalidate()
-        elif self._cpu_kernels is not None:
-            inputs.decode.kernel = self._cpu_kernels
         else:
             copied = bool(batch.block_copies)
             inputs.decode.view = self._view.plan(inputs.decode, batch.freed_seq_ids, copied)

@@ -52,12 +52,8 @@ class DecodeGroup:
     """Cache rows of those blocks for every K/V head (``PagedKVCache.gather_rows``)."""
     bias: torch.Tensor
     """``[B, 1, max_blocks * block_size]`` float32: 0 for real positions, -inf for padding."""
-    context_lens: torch.Tensor
-    """``[B]`` int64: ``contexts`` as a tensor (the decode kernel's operand)."""
     view: ViewPlan | None = None
     """Set by the runner when the decode view serves this step's keys and values."""
-    kernel: CpuKernels | None = None
-    """Set by the runner when the C kernel attends straight from the cache (no view)."""
 
 
 @dataclass(slots=True)
@@ -97,15 +93,30 @@ class StepInputs:
     its output projection and MLP for these rows alone (prompt tokens other than a prompt's
     last need only their keys and values, i.e. every layer up to the last one's attention).
     None when every row is sampled."""
+    row_tables: torch.Tensor | None = None
+    """``[T, max_blocks]`` each row's sequence's blocks, and ``row_contexts`` ``[T]`` the
+    positions each row attends to (its position + 1), ``max_context`` their maximum: the
+    operands of the C attention kernel, which treats every row alike (``cpu_kernels.py``)."""
+    row_contexts: torch.Tensor | None = None
+    max_context: int = 0
+    kernel: CpuKernels | None = None
+    """Set by the runner when the C kernel attends for every row (no groups, no decode view)."""
     decode: DecodeGroup | None = None
     fresh: list[FreshPrefill] = field(default_factory=list)
     continued: list[ContinuedPrefill] = field(default_factory=list)
 
 
 def build_step_inputs(
-    slots: Sequence[SeqSlot], block_size: int, device: torch.device
+    slots: Sequence[SeqSlot],
+    block_size: int,
+    device: torch.device,
+    *,
+    kernel: CpuKernels | None = None,
 ) -> StepInputs:
-    """Index tensors for ``slots`` (at least one slot, each with at least one token)."""
+    """Index tensors for ``slots`` (at least one slot, each with at least one token).
+
+    With ``kernel`` (the C attention kernel, CPU only) every row attends through it: the
+    per-row tables and contexts replace the attention groups."""
     lengths = [len(slot.token_ids) for slot in slots]
     starts = [slot.start_pos for slot in slots]
     ends = [start + n for start, n in zip(starts, lengths, strict=True)]
@@ -138,6 +149,12 @@ def build_step_inputs(
         sample_rows=sampled,
         last_layer_rows=None if len(sample_rows) == offsets[-1] else sampled,
     )
+    if kernel is not None:
+        inputs.kernel = kernel
+        inputs.row_tables = table[seq_index] if len(slots) < offsets[-1] else table
+        inputs.row_contexts = positions + 1
+        inputs.max_context = max(ends)
+        return inputs
     seq_ids = [slot.seq_id for slot in slots]
     _add_attention_groups(inputs, seq_ids, lengths, starts, offsets, table, block_size)
     return _to_device(inputs, device)
@@ -187,7 +204,6 @@ def _decode_group(
         block_table=table,
         gather_rows=None,
         bias=bias,
-        context_lens=torch.tensor(contexts, dtype=torch.long),
     )
 
 
@@ -235,7 +251,6 @@ def _to_device(inputs: StepInputs, device: torch.device) -> StepInputs:
     if inputs.decode is not None:
         group = inputs.decode
         group.block_table, group.bias = move(group.block_table), move(group.bias)
-        group.context_lens = move(group.context_lens)
         group.rows = None if group.rows is None else move(group.rows)
     for fresh in inputs.fresh:
         fresh.rows = move(fresh.rows)
