@@ -11,12 +11,15 @@ from paged_helpers import GREEDY, load_runner, random_prompts
 from lmaas.core.errors import ModelLoadError
 from lmaas.runtimes.llm.batch import SeqSlot, StepBatch
 from lmaas.runtimes.llm.paged import cpu_kernels
+from lmaas.runtimes.llm.paged.config import RopeConfig
 from lmaas.runtimes.llm.paged.cpu_kernels import (
     build_cpu_kernels,
     kernel_mode,
     reference_attention,
 )
-from lmaas.runtimes.llm.paged.fused import add_rms_norm, rms_norm
+from lmaas.runtimes.llm.paged.fused import add_rms_norm, rms_norm, rotary
+from lmaas.runtimes.llm.paged.kv_cache import PagedKVCache
+from lmaas.runtimes.llm.paged.rope import RopeTable
 
 CPU = torch.device("cpu")
 needs_compiler = pytest.mark.skipif(
@@ -86,6 +89,42 @@ def test_rms_norm_kernels_round_like_the_eager_ops(rows: int) -> None:
     )
 
 
+@needs_compiler
+@pytest.mark.parametrize("tokens", [1, 70])  # 70: the parallel loop
+def test_rotary_to_cache_is_eager_rope_then_the_cache_write(tokens: int) -> None:
+    kernel = _kernel(64, 3)
+    generator = torch.Generator().manual_seed(tokens)
+    kv_heads, heads, block_size, num_blocks = 2, 6, 8, 12
+    cache = PagedKVCache(
+        num_layers=2,
+        num_kv_heads=kv_heads,
+        head_dim=64,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        dtype=torch.bfloat16,
+        device=CPU,
+    )
+    want_cache = PagedKVCache(
+        num_layers=2,
+        num_kv_heads=kv_heads,
+        head_dim=64,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        dtype=torch.bfloat16,
+        device=CPU,
+    )
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, 64, generator=generator).to(torch.bfloat16)
+    table = RopeTable(RopeConfig(theta=10000.0), 64, 128, torch.bfloat16, CPU)
+    positions = torch.randint(0, 128, (tokens,), generator=generator)
+    cos, sin = table.lookup(positions)
+    slots = torch.randperm(num_blocks * block_size, generator=generator)[:tokens]
+    q = kernel.rotary_to_cache(qkv, cos, sin, cache.layer(1), slots)
+    want_q, k, v = rotary(qkv, cos, sin, None, heads, kv_heads, 1e-6)
+    want_cache.write(1, k, v, slots)
+    assert torch.equal(q, want_q)  # the same roundings, bit for bit
+    assert torch.equal(cache.storage, want_cache.storage)  # layer 0 untouched too
+
+
 def test_kernel_refuses_operands_it_cannot_address() -> None:
     kernel = _kernel(64, 2)
     layer_kv = torch.zeros(2, 1, 4, 8, 64, dtype=torch.bfloat16)
@@ -123,12 +162,13 @@ def test_serving_option_values() -> None:
 
 
 @needs_compiler
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])  # qwen3: q/k norms, eager RoPE
 def test_runner_with_the_kernels_matches_the_torch_paths(
-    tiny_lm_dirs: dict[str, Path],
+    tiny_lm_dirs: dict[str, Path], family: str
 ) -> None:
     """A prefill, a mixed step (a decode row beside a prefill chunk) and a decode-only step in
     bf16: the C kernels and the torch paths give the same logits within bf16 tolerance."""
-    model_dir = tiny_lm_dirs["llama"]
+    model_dir = tiny_lm_dirs[family]
     with_kernel, _ = load_runner(model_dir, dtype="bfloat16")
     without, _ = load_runner(model_dir, dtype="bfloat16", options={"cpu_kernels": "off"})
     assert with_kernel.cpu_kernels and not without.cpu_kernels

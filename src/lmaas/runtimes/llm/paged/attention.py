@@ -46,11 +46,8 @@ def paged_attention(
             compiled form).
     """
     cache.write(layer, k, v, inputs.slot_mapping)
-    if inputs.kernel is not None:  # every row straight from the cache (cpu_kernels.py)
-        assert inputs.row_tables is not None and inputs.row_contexts is not None
-        return inputs.kernel.attention(
-            q, cache.layer(layer), inputs.row_tables, inputs.row_contexts, inputs.max_context, scale
-        )
+    if inputs.kernel is not None:
+        return kernel_attention(q, cache, layer, inputs, scale)
     decode = inputs.decode
     if decode is not None and decode.rows is None:
         return _decode(q, k, v, cache, layer, decode, scale, softmax)
@@ -67,6 +64,16 @@ def paged_attention(
             q[chunk.row_start : end], cache, layer, chunk, scale
         )
     return out
+
+
+def kernel_attention(
+    q: torch.Tensor, cache: PagedKVCache, layer: int, inputs: StepInputs, scale: float
+) -> torch.Tensor:
+    """Every row of the step straight from the cache through the C kernel (``cpu_kernels.py``;
+    the runner set ``inputs.kernel``); this step's keys and values must be written already."""
+    kernel, tables, contexts = inputs.kernel, inputs.row_tables, inputs.row_contexts
+    assert kernel is not None and tables is not None and contexts is not None
+    return kernel.attention(q, cache.layer(layer), tables, contexts, inputs.max_context, scale)
 
 
 def _decode(

@@ -37,13 +37,13 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from lmaas.core.errors import ModelLoadError
-from lmaas.runtimes.llm.paged.fused import add_rms_norm
+from lmaas.runtimes.llm.paged.fused import add_rms_norm, rotary
 
 _log = logging.getLogger(__name__)
 
@@ -229,7 +229,55 @@ void lmaas_add_rms_norm(
             xo[i] = f32_to_bf16(bf16_to_f32(weight[i]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(h[i]) * inv)));
     }
 }
+
+/* RoPE for a step's packed rows, straight into place. qkv: [T, H + 2 KV, HEAD_DIM] (rows
+   contiguous); cos, sin_signed: [T, HEAD_DIM] (rope.RopeTable rows). Writes q_out [T, H, HEAD_DIM]
+   and the rotated keys and the values into one layer of the cache ([2, KV, NB, BS, HEAD_DIM]) at
+   slots[t]. Rounds like the eager bf16 ops: bf16(bf16(x * cos) + bf16(roll(x) * sin)). */
+static inline uint16_t rope1(uint16_t x, uint16_t c, uint16_t rolled, uint16_t sn) {
+    const float a = bf16_to_f32(f32_to_bf16(bf16_to_f32(x) * bf16_to_f32(c)));
+    const float b = bf16_to_f32(f32_to_bf16(bf16_to_f32(rolled) * bf16_to_f32(sn)));
+    return f32_to_bf16(a + b);
+}
+
+void lmaas_rotary_to_cache(
+    const uint16_t* qkv, const uint16_t* cos, const uint16_t* sin, uint16_t* q_out, uint16_t* kv,
+    const int64_t* slots, int64_t T, int64_t KV, int64_t NB, int64_t BS)
+{
+    const int64_t H = KV * GROUP, width = (H + 2 * KV) * HEAD_DIM, plane = NB * BS * HEAD_DIM;
+    #pragma omp parallel for schedule(static) if (T >= 64)
+    for (int64_t t = 0; t < T; ++t) {
+        const uint16_t* row = qkv + t * width;
+        const uint16_t* c = cos + t * HEAD_DIM;
+        const uint16_t* sn = sin + t * HEAD_DIM;
+        for (int64_t h = 0; h < H + KV; ++h) {
+            const uint16_t* x = row + h * HEAD_DIM;
+            uint16_t* o = h < H ? q_out + (t * H + h) * HEAD_DIM
+                                : kv + (h - H) * plane + slots[t] * HEAD_DIM;
+            /* roll(x, HEAD_DIM / 2): the halves swap (two loops, so both vectorize) */
+            for (int d = 0; d < HEAD_DIM / 2; ++d) o[d] = rope1(x[d], c[d], x[d + HEAD_DIM / 2], sn[d]);
+            for (int d = HEAD_DIM / 2; d < HEAD_DIM; ++d) o[d] = rope1(x[d], c[d], x[d - HEAD_DIM / 2], sn[d]);
+        }
+        for (int64_t h = 0; h < KV; ++h) {
+            const uint16_t* x = row + (H + KV + h) * HEAD_DIM;
+            uint16_t* o = kv + (KV + h) * plane + slots[t] * HEAD_DIM;
+            for (int d = 0; d < HEAD_DIM; ++d) o[d] = x[d];
+        }
+    }
+}
 """
+
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_ATTENTION_ARGS = [_P, _I, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float]
+_NORM_ARGS = [_P, _P, _P, _P, _P, _I, _I, ctypes.c_float]
+_ROTARY_ARGS = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
+
+
+def _function(library: ctypes.CDLL, name: str, argtypes: Sequence[type]) -> Callable[..., None]:
+    fn = getattr(library, name)
+    fn.restype, fn.argtypes = None, list(argtypes)
+    return fn  # type: ignore[no-any-return]
 
 
 def kernel_mode(options: Mapping[str, str]) -> str:
@@ -245,19 +293,28 @@ def kernel_mode(options: Mapping[str, str]) -> str:
 class CpuKernels:
     """The compiled kernels for one head size and group."""
 
-    __slots__ = ("_attention", "_max_threads", "_norm", "_scratch", "group", "head_dim")
+    __slots__ = (
+        "_attention",
+        "_max_threads",
+        "_norm",
+        "_rotary",
+        "_scratch",
+        "group",
+        "head_dim",
+    )
 
     def __init__(
         self,
-        attention: Callable[..., None],
-        norm: Callable[..., None],
-        max_threads: Callable[[], int],
+        library: ctypes.CDLL,
         head_dim: int,
         group: int,
     ) -> None:
-        self._attention = attention
-        self._norm = norm
-        self._max_threads = max_threads
+        self._attention = _function(library, "lmaas_paged_attention", _ATTENTION_ARGS)
+        self._norm = _function(library, "lmaas_add_rms_norm", _NORM_ARGS)
+        self._rotary = _function(library, "lmaas_rotary_to_cache", _ROTARY_ARGS)
+        max_threads = library.lmaas_max_threads
+        max_threads.restype, max_threads.argtypes = ctypes.c_int, []
+        self._max_threads: Callable[[], int] = max_threads
         self._scratch = torch.empty(0, dtype=torch.float32)
         self.head_dim = head_dim
         self.group = group
@@ -288,6 +345,37 @@ class CpuKernels:
             eps,
         )
         return summed, out
+
+    def rotary_to_cache(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        layer_kv: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        """``fused.rotary`` (models without q/k norms) and ``PagedKVCache.write`` in one pass:
+        rotates q into a new ``[T, heads, head_dim]`` tensor and the keys, with the values,
+        into ``layer_kv`` at ``slot_mapping``. ``cos``/``sin_signed``: ``RopeTable.lookup``."""
+        tokens = qkv.shape[0]
+        _, kv_heads, num_blocks, block_size, head_dim = layer_kv.shape
+        qkv, cos, sin_signed = qkv.contiguous(), cos.contiguous(), sin_signed.contiguous()
+        if not layer_kv.is_contiguous() or not slot_mapping.is_contiguous():
+            raise ValueError("rotary kernel: the cache and the slots must be contiguous")
+        q = qkv.new_empty(tokens, kv_heads * self.group, head_dim)
+        self._rotary(
+            qkv.data_ptr(),
+            cos.data_ptr(),
+            sin_signed.data_ptr(),
+            q.data_ptr(),
+            layer_kv.data_ptr(),
+            slot_mapping.data_ptr(),
+            tokens,
+            kv_heads,
+            num_blocks,
+            block_size,
+        )
+        return q
 
     def attention(
         self,
@@ -393,7 +481,7 @@ def _compile(head_dim: int, group: int) -> CpuKernels:
     source = defines + _SOURCE
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     with tempfile.TemporaryDirectory(prefix="lmaas-kernel-") as tmp:
-        src, lib = Path(tmp) / f"attn_{digest}.c", Path(tmp) / f"attn_{digest}.so"
+        src, lib = Path(tmp) / f"kernels_{digest}.c", Path(tmp) / f"kernels_{digest}.so"
         src.write_text(source, encoding="utf-8")
         flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
         done = subprocess.run(
@@ -407,31 +495,7 @@ def _compile(head_dim: int, group: int) -> CpuKernels:
             raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
         # The mapping outlives the file: the directory can go.
         library = ctypes.CDLL(str(lib))
-    norm = library.lmaas_add_rms_norm
-    norm.restype = None
-    norm.argtypes = [*([ctypes.c_void_p] * 5), ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
-    fn = library.lmaas_paged_attention
-    fn.restype = None
-    fn.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_float,
-    ]
-    max_threads = library.lmaas_max_threads
-    max_threads.restype = ctypes.c_int
-    max_threads.argtypes = []
-    return CpuKernels(fn, norm, max_threads, head_dim, group)
+    return CpuKernels(library, head_dim, group)
 
 
 def reference_attention(
@@ -481,4 +545,21 @@ def _probe(kernel: CpuKernels) -> str | None:
         x.float(), want_x.float(), atol=2e-2, rtol=2e-2
     ):
         return "RMSNorm probe mismatch"
+    if not _rotary_agrees(kernel, generator):
+        return "RoPE probe mismatch"
     return None
+
+
+def _rotary_agrees(kernel: CpuKernels, generator: torch.Generator) -> bool:
+    kv_heads, heads, head_dim = 2, 2 * kernel.group, kernel.head_dim
+    qkv = torch.randn(3, heads + 2 * kv_heads, head_dim, generator=generator).to(torch.bfloat16)
+    cos, sin = (torch.randn(3, 1, head_dim, generator=generator).to(torch.bfloat16) for _ in "cs")
+    slots = torch.tensor([5, 0, 9], dtype=torch.long)
+    got_kv = torch.zeros(2, kv_heads, 3, 4, head_dim, dtype=torch.bfloat16)
+    got_q = kernel.rotary_to_cache(qkv, cos, sin, got_kv, slots)
+    want_q, want_k, want_v = rotary(qkv, cos, sin, None, heads, kv_heads, 1e-6)
+    want_kv = torch.zeros_like(got_kv)
+    flat = want_kv.view(2, kv_heads, -1, head_dim)
+    flat[0].index_copy_(1, slots, want_k.transpose(0, 1))
+    flat[1].index_copy_(1, slots, want_v.transpose(0, 1))
+    return torch.equal(got_q, want_q) and torch.equal(got_kv, want_kv)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lmaas.core.errors import ModelLoadError
-from lmaas.runtimes.llm.paged.attention import paged_attention
+from lmaas.runtimes.llm.paged.attention import kernel_attention, paged_attention
 from lmaas.runtimes.llm.paged.config import DecoderConfig
 from lmaas.runtimes.llm.paged.fused import EAGER, LayerKernels
 from lmaas.runtimes.llm.paged.kv_cache import PagedKVCache
@@ -76,17 +76,23 @@ class LlamaModel:
             else:
                 hidden, x = kernels.add_rms_norm(hidden, delta, layer.input_norm, eps)
             qkv = layer.qkv(x).view(-1, heads + 2 * kv_heads, config.head_dim)
-            q, k, v = kernels.rotary(qkv, cos, sin, layer.qk_norm, heads, kv_heads, eps)
-            attn = paged_attention(
-                q,
-                k,
-                v,
-                cache=cache,
-                layer=index,
-                inputs=inputs,
-                scale=self._scale,
-                softmax=kernels.decode_softmax,
-            )
+            if inputs.kernel is not None and layer.qk_norm is None:
+                # RoPE and the cache write in one C pass, then the C attention (cpu_kernels.py).
+                layer_kv = cache.layer(index)
+                q = inputs.kernel.rotary_to_cache(qkv, cos, sin, layer_kv, inputs.slot_mapping)
+                attn = kernel_attention(q, cache, index, inputs, self._scale)
+            else:
+                q, k, v = kernels.rotary(qkv, cos, sin, layer.qk_norm, heads, kv_heads, eps)
+                attn = paged_attention(
+                    q,
+                    k,
+                    v,
+                    cache=cache,
+                    layer=index,
+                    inputs=inputs,
+                    scale=self._scale,
+                    softmax=kernels.decode_softmax,
+                )
             rows = inputs.last_layer_rows if index == last else None
             if rows is not None:
                 attn, hidden = attn[rows], hidden[rows]
