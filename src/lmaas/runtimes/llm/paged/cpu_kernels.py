@@ -1,12 +1,11 @@
 # ruff: noqa: E501  (the C source keeps its own line lengths)
-"""Small C kernels for bf16 on CPUs: attention from the paged cache, fused RMSNorm.
+"""Small C kernels for bf16 on CPUs: attention from the paged cache, RMSNorm, RoPE + cache write.
 
 Attention: every row of a step attends through one kernel call per layer, prompt tokens
 included (a prompt token is a query whose context is its position + 1; the step's keys are
 written to the cache first), so the kernel also replaces SDPA for prefill (16 prompts x 128
 tokens: 2.5 ms per layer against 8.8). A decode row attends with one query per head to its own
-context, so with
-grouped-query attention each (sequence, KV head) pair is a ``[group, head_dim] x [head_dim,
+context, so with grouped-query attention each (sequence, KV head) pair is a ``[group, head_dim] x [head_dim,
 context]`` product: hundreds of tiny matmuls per layer. Batched into ``torch.matmul`` (the path
 in ``attention.py``) they run at ~20 GB/s on the 2-core reference CPU (~50 GB/s of memory
 reads), and they need the keys and values contiguous: the decode view (``decode_view.py``), its
