@@ -95,23 +95,17 @@ def test_rotary_to_cache_is_eager_rope_then_the_cache_write(tokens: int) -> None
     kernel = _kernel(64, 3)
     generator = torch.Generator().manual_seed(tokens)
     kv_heads, heads, block_size, num_blocks = 2, 6, 8, 12
-    cache = PagedKVCache(
-        num_layers=2,
-        num_kv_heads=kv_heads,
-        head_dim=64,
-        num_blocks=num_blocks,
-        block_size=block_size,
-        dtype=torch.bfloat16,
-        device=CPU,
-    )
-    want_cache = PagedKVCache(
-        num_layers=2,
-        num_kv_heads=kv_heads,
-        head_dim=64,
-        num_blocks=num_blocks,
-        block_size=block_size,
-        dtype=torch.bfloat16,
-        device=CPU,
+    cache, want_cache = (
+        PagedKVCache(
+            num_layers=2,
+            num_kv_heads=kv_heads,
+            head_dim=64,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            dtype=torch.bfloat16,
+            device=CPU,
+        )
+        for _ in range(2)
     )
     qkv = torch.randn(tokens, heads + 2 * kv_heads, 64, generator=generator).to(torch.bfloat16)
     table = RopeTable(RopeConfig(theta=10000.0), 64, 128, torch.bfloat16, CPU)
